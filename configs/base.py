@@ -1,0 +1,74 @@
+"""Every configuration key, declared once with its default.
+
+Model files start from `get_config()` and change only what differs. Nothing here is meant to be run on
+its own: `configs/default.py` is the small run, `configs/llama_1_36b.py` the full-size one.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "llama"  # model family
+  c.model.vocab_size = 32000
+  c.model.d_model = 2048
+  c.model.num_layers = 24
+  c.model.num_heads = 16
+  c.model.num_kv_heads = 16  # < num_heads for grouped-query attention
+  c.model.head_dim = 128
+  c.model.mlp_dim = 5632
+  c.model.max_seq_len = 4096  # longest train.seq_len this model accepts
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-5
+  c.model.tie_embeddings = False
+  c.model.init_std = 0.02
+  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+  c.model.remat = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
+  c.model.scan_layers = True  # one compiled layer body instead of num_layers copies
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "local_text"  # local_text, or any registered TFDS text dataset (lm1b, ...)
+  c.data.text_files = ""  # local_text only: comma-separated globs; empty = Python stdlib sources
+  c.data.data_dir = ""  # TFDS data_dir and token cache; empty = TFDS default (~/tensorflow_datasets)
+  c.data.text_feature = "text"  # feature holding the text in a TFDS dataset
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.validation_fraction = 0.02  # local_text only: share of files held out for validation
+  c.data.max_documents = 0  # cap on documents read per split; 0 = all
+  c.data.tokenizer = "sentencepiece"  # sentencepiece | byte
+  c.data.tokenizer_path = ""  # a SentencePiece .model; empty = train one on the corpus and cache it
+  c.data.eval_sequences = 64  # fixed validation set size, in packed sequences of train.seq_len
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.seq_len = 2048
+  c.train.micro_batch_size = 8  # sequences per device per forward/backward pass
+  c.train.gradient_accumulation_steps = 1  # micro-batches each device accumulates per optimizer step
+  c.train.num_train_steps = 1000  # optimizer steps; 0 = derive from num_epochs
+  c.train.num_epochs = 0  # passes over the train split, used when num_train_steps is 0
+  c.train.optimizer = "adamw"  # adamw | lion
+  c.train.learning_rate = 3e-4  # peak, reached after warmup
+  c.train.warmup_steps = 100
+  c.train.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.train.final_learning_rate_ratio = 0.1  # end of the decay, as a fraction of the peak
+  c.train.weight_decay = 0.1  # decoupled; never applied to norms or biases
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8  # adamw only
+  c.train.max_grad_norm = 1.0  # clip by global norm; 0 = no clipping
+  c.train.checkpoint_dir = ""  # empty = <workdir>/checkpoints
+  c.train.save_interval_steps = 500
+  c.train.max_to_keep = 3
+  c.train.eval_interval_steps = 500
+  c.train.log_interval_steps = 10
+  c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (CPU: measured once)
+
+  # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c

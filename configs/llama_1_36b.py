@@ -1,0 +1,23 @@
+"""LLaMA 1.36B: d_model 2048, 24 layers, 16 heads of 128, SwiGLU 5632, vocab 32000, untied embeddings.
+
+  python main.py --config=configs/llama_1_36b.py --workdir=gs://BUCKET/llama_1_36b
+
+On 8 devices a step is 8 x 64 x 8 = 4,096 sequences = 8,388,608 tokens. Too large to train on a CPU;
+the tests build its shapes with jax.eval_shape.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()  # the base model shapes are this model's
+  c.model.dtype = "bfloat16"  # compute in bf16, keep float32 parameters and optimizer state
+  c.train.seq_len = 2048
+  c.train.micro_batch_size = 8
+  c.train.gradient_accumulation_steps = 64
+  c.train.num_train_steps = 20000
+  c.train.warmup_steps = 2000
+  c.train.save_interval_steps = 1000
+  c.train.eval_interval_steps = 1000
+  c.data.tokenizer = "sentencepiece"
+  return c

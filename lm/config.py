@@ -1,0 +1,208 @@
+"""Typed configuration: the one place a ConfigDict becomes frozen dataclasses, and their validation.
+
+Library code takes the narrow dataclass it needs (`ModelConfig`, `DataConfig`, ...), never the ConfigDict.
+Every check raises `ConfigError` with the key at fault and what would fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot work; the message names the key and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  rope_theta: float
+  norm_eps: float
+  tie_embeddings: bool
+  init_std: float
+  dtype: str
+  param_dtype: str
+  remat: str
+  scan_layers: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str
+  text_files: str
+  data_dir: str
+  text_feature: str
+  train_split: str
+  eval_split: str
+  validation_fraction: float
+  max_documents: int
+  tokenizer: str
+  tokenizer_path: str
+  eval_sequences: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int
+  seq_len: int
+  micro_batch_size: int
+  gradient_accumulation_steps: int
+  num_train_steps: int
+  num_epochs: int
+  optimizer: str
+  learning_rate: float
+  warmup_steps: int
+  schedule: str
+  final_learning_rate_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  max_grad_norm: float
+  checkpoint_dir: str
+  save_interval_steps: int
+  max_to_keep: int
+  eval_interval_steps: int
+  log_interval_steps: int
+  peak_flops_per_device: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+
+MODEL_NAMES = ("llama",)
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "save_dots")
+OPTIMIZERS = ("adamw", "lion")
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZERS = ("sentencepiece", "byte")
+
+
+def _section(cls, section: str, values: ml_collections.ConfigDict):
+  """Builds one dataclass, checking that the keys and their types match the declaration."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  given = dict(values)
+  missing = sorted(set(fields) - set(given))
+  unknown = sorted(set(given) - set(fields))
+  if missing or unknown:
+    raise ConfigError(
+        f"config.{section}: missing keys {missing}, unknown keys {unknown}. Start the config from "
+        "configs/base.py (`c = base.get_config()`) so every key is declared once.")
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for name, value in given.items():
+    kind = hints[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise ConfigError(
+          f"config.{section}.{name} = {value!r} is a {type(value).__name__}; it must be a "
+          f"{kind.__name__}. Fix the value in the config file or the --config.{section}.{name} override.")
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def from_config_dict(c: ml_collections.ConfigDict) -> Config:
+  """The single ConfigDict -> dataclass conversion, validated."""
+  sections = {f.name: f.type for f in dataclasses.fields(Config)}
+  unknown = sorted(set(c.keys()) - set(sections))
+  if unknown:
+    raise ConfigError(f"config has unknown sections {unknown}; the sections are {sorted(sections)}.")
+  hints = typing.get_type_hints(Config)
+  config = Config(**{name: _section(hints[name], name, c[name]) for name in sections})
+  validate(config)
+  return config
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+  _require(value in allowed,
+           f"config.{section}.{key} = {value!r} is not known; choose one of {', '.join(allowed)}.")
+
+
+def _positive(section: str, obj, *keys: str) -> None:
+  for key in keys:
+    value = getattr(obj, key)
+    _require(value > 0, f"config.{section}.{key} = {value} must be > 0.")
+
+
+def validate(config: Config) -> None:
+  """Checks everything that can be checked without devices or data."""
+  m, d, t, mesh = config.model, config.data, config.train, config.mesh
+  _one_of("model", "name", m.name, MODEL_NAMES)
+  _one_of("model", "dtype", m.dtype, DTYPES)
+  _one_of("model", "param_dtype", m.param_dtype, DTYPES)
+  _one_of("model", "remat", m.remat, REMAT_POLICIES)
+  _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f"config.model.num_heads = {m.num_heads} is not divisible by config.model.num_kv_heads = "
+           f"{m.num_kv_heads}; grouped-query attention shares each key/value head among an equal number "
+           "of query heads. Pick num_kv_heads among the divisors of num_heads.")
+  _require(m.head_dim % 2 == 0, f"config.model.head_dim = {m.head_dim} must be even for rotary embeddings.")
+
+  _one_of("data", "tokenizer", d.tokenizer, TOKENIZERS)
+  _require(d.dataset != "", "config.data.dataset is empty; use local_text or a TFDS dataset name.")
+  _require(0.0 < d.validation_fraction < 1.0,
+           f"config.data.validation_fraction = {d.validation_fraction} must be in (0, 1).")
+  _require(d.max_documents >= 0, f"config.data.max_documents = {d.max_documents} must be >= 0 (0 = all).")
+  _positive("data", d, "eval_sequences")
+
+  _one_of("train", "optimizer", t.optimizer, OPTIMIZERS)
+  _one_of("train", "schedule", t.schedule, SCHEDULES)
+  _positive("train", t, "seq_len", "micro_batch_size", "gradient_accumulation_steps", "learning_rate",
+            "save_interval_steps", "max_to_keep", "eval_interval_steps", "log_interval_steps")
+  _require(t.seq_len <= m.max_seq_len,
+           f"config.train.seq_len = {t.seq_len} is over config.model.max_seq_len = {m.max_seq_len}; "
+           "lower train.seq_len or raise model.max_seq_len.")
+  _require(t.num_train_steps >= 0 and t.num_epochs >= 0,
+           "config.train.num_train_steps and config.train.num_epochs must be >= 0.")
+  _require((t.num_train_steps > 0) != (t.num_epochs > 0),
+           f"config.train.num_train_steps = {t.num_train_steps} and config.train.num_epochs = "
+           f"{t.num_epochs}: set exactly one of them (the other to 0).")
+  _require(t.warmup_steps >= 0, f"config.train.warmup_steps = {t.warmup_steps} must be >= 0.")
+  _require(0.0 <= t.final_learning_rate_ratio <= 1.0,
+           f"config.train.final_learning_rate_ratio = {t.final_learning_rate_ratio} must be in [0, 1].")
+  _require(t.weight_decay >= 0.0, f"config.train.weight_decay = {t.weight_decay} must be >= 0.")
+  _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0,
+           f"config.train.b1 = {t.b1} and config.train.b2 = {t.b2} must be in [0, 1).")
+  _require(t.max_grad_norm >= 0.0, f"config.train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0 = off).")
+  _require(t.peak_flops_per_device >= 0.0,
+           f"config.train.peak_flops_per_device = {t.peak_flops_per_device} must be >= 0 (0 = auto).")
+
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+  _require(all(v == -1 or v > 0 for v in sizes.values()) and list(sizes.values()).count(-1) <= 1,
+           f"config.mesh = {sizes}: each axis must be a positive size, and at most one may be -1 "
+           "(all remaining devices).")
+
+
+def to_dict(config: Config) -> dict:
+  """A plain nested dict, for logging and for storing beside checkpoints."""
+  return dataclasses.asdict(config)

@@ -1,0 +1,87 @@
+"""The optax chain: schedule, clipping, AdamW or Lion with a decay mask, inside `optax.MultiSteps`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm.config import TrainConfig
+
+NO_DECAY = ("scale", "bias")  # parameter names that weight decay skips: norms and biases
+
+
+def learning_rate_schedule(cfg: TrainConfig, num_train_steps: int) -> optax.Schedule:
+  """Learning rate of the update made after `count` earlier updates (count = optimizer step - 1).
+
+  Warmup is linear from peak / warmup_steps (not from 0: the first update is not wasted), then
+  cosine or linear decay to `final_learning_rate_ratio` x peak at the last step, or constant.
+  """
+  peak, warmup = cfg.learning_rate, cfg.warmup_steps
+  final = peak * cfg.final_learning_rate_ratio
+  decay_steps = max(num_train_steps - warmup, 1)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warm = peak * jnp.minimum(count + 1.0, float(max(warmup, 1))) / max(warmup, 1)
+    progress = jnp.clip((count + 1.0 - warmup) / decay_steps, 0.0, 1.0)
+    if cfg.schedule == "cosine":
+      decayed = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif cfg.schedule == "linear":
+      decayed = peak + (final - peak) * progress
+    else:
+      decayed = jnp.asarray(peak, jnp.float32)
+    return jnp.where(count < warmup, warm, decayed)
+
+  return schedule
+
+
+def _leaf_name(path) -> str:
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(names[-1]) if names else ""
+
+
+def decay_mask(params):
+  """True where weight decay applies: every parameter but norm scales and biases (by name, since
+  scanned layers stack a norm's scale into a matrix)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in NO_DECAY, params)
+
+
+class GradNormState(NamedTuple):
+  grad_norm: jax.Array
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+  """Stores the global norm of the incoming (accumulated, unclipped) gradient for the metrics."""
+
+  def init(params):
+    del params
+    return GradNormState(jnp.zeros([], jnp.float32))
+
+  def update(updates, state, params=None):
+    del state, params
+    return updates, GradNormState(optax.global_norm(updates).astype(jnp.float32))
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: TrainConfig, num_train_steps: int) -> optax.MultiSteps:
+  """The inner chain sees the sum of the micro-batch gradients: MultiSteps sums (use_grad_mean=False)
+  and each micro-batch's loss is already divided by the real tokens of the whole optimizer step."""
+  lr = learning_rate_schedule(cfg, num_train_steps)
+  if cfg.optimizer == "adamw":
+    base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)
+  else:
+    base = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+  clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+  inner = optax.chain(record_grad_norm(), *clip, base)
+  return optax.MultiSteps(inner, every_k_schedule=cfg.gradient_accumulation_steps,
+                          use_grad_mean=False)
+
+
+def grad_norm(opt_state: optax.MultiStepsState) -> jax.Array:
+  """Global gradient norm of the last optimizer update."""
+  return opt_state.inner_opt_state[0].grad_norm

@@ -1,0 +1,287 @@
+"""`train_and_evaluate(config, workdir)`: set up or resume, then the loop of optimizer steps.
+
+Batch arithmetic (all per optimizer step):
+  micro_batch_size            sequences per device per forward/backward pass
+  gradient_accumulation_steps micro-batches each device accumulates (per device, so scaling devices
+                              needs no config change)
+  global batch                micro_batch_size x gradient_accumulation_steps x data-parallel devices
+The host draws the global batch of step s (a function of seed and s), then feeds it as
+gradient_accumulation_steps micro-batches, each split over the data-parallel devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from flax import linen as nn
+
+from lm import checkpoint, data, metrics, sharding
+from lm.config import Config, ConfigError, to_dict
+from lm.model import Decoder, param_count
+from lm.optimizer import learning_rate_schedule, make_optimizer
+from lm.train_step import TrainState, eval_step, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  micro_batch_size: int
+  accumulation_steps: int
+  data_parallel: int
+  seq_len: int
+
+  @property
+  def micro_rows(self) -> int:
+    """Rows of one micro-step across all data-parallel devices."""
+    return self.micro_batch_size * self.data_parallel
+
+  @property
+  def global_sequences(self) -> int:
+    return self.micro_rows * self.accumulation_steps
+
+  def describe(self) -> list[str]:
+    return [
+        f"Micro batch: {self.micro_batch_size} sequences per device",
+        f"Gradient accum steps: {self.accumulation_steps} per device | "
+        f"{self.accumulation_steps * self.data_parallel} global",
+        f"Effective batch: {self.micro_batch_size} x {self.accumulation_steps} x {self.data_parallel} = "
+        f"{self.global_sequences:,} sequences = {self.global_sequences * self.seq_len:,} tokens",
+    ]
+
+
+def absolute(path: str) -> str:
+  """Local paths made absolute (orbax requires it); URLs such as gs://bucket/run are kept."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def check_writable(path: str, key: str) -> None:
+  """Fails at startup, not at the first checkpoint, when a directory cannot be written."""
+  try:
+    directory = epath.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_probe_{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # the backends (local, GCS) raise different types
+    raise ConfigError(f"{key} = {path!r} cannot be written ({type(e).__name__}: {e}). "
+                      "Pass a directory you can write to.") from e
+
+
+def _log_startup(lines: list[str]) -> None:
+  for line in lines:
+    logging.info("%s", line)
+
+
+def make_state(model: Decoder, tx, seq_len: int, mesh, seed: int):
+  """The initial train state, created directly in its shardings, and those shardings."""
+
+  def init(rng):
+    # One row per data-parallel device, so that the batch-sharded activation constraints divide.
+    dummy_BxL = jnp.zeros((sharding.data_parallel_size(mesh), seq_len), jnp.int32)
+    params = model.init(rng, dummy_BxL, dummy_BxL + 1, dummy_BxL)["params"]
+    return TrainState(params=params, opt_state=tx.init(params))
+
+  rng = jax.random.key(seed)
+  boxed = jax.eval_shape(init, rng)
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract = checkpoint.abstract_like(sharding.strip_boxes(boxed), state_sharding)
+  create = jax.jit(lambda r: sharding.strip_boxes(init(r)), out_shardings=state_sharding)
+  return create, rng, abstract, state_sharding
+
+
+def _sum_losses(micro_metrics: list[dict]) -> tuple[float, int]:
+  """Loss sum and token count over micro-batches, added in global row order."""
+  fetched = jax.device_get(micro_metrics)
+  losses = np.concatenate([m["sequence_loss"] for m in fetched])
+  tokens = np.concatenate([m["sequence_tokens"] for m in fetched])
+  return math.fsum(losses.astype(np.float64)), int(tokens.sum())
+
+
+def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict[str, float]:
+  loss_sum, tokens = _sum_losses([eval_fn(params, sharding.put_batch(b, mesh)) for b in batches])
+  loss = loss_sum / max(tokens, 1)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+class StepTimer:
+  """Average wall time per optimizer step between log points, leaving out compilation (the first step
+  of the run) and the pauses for eval and checkpoints."""
+
+  def __init__(self):
+    self._start, self._step = None, 0
+
+  def step_seconds(self, step: int) -> float | None:
+    """Called when `step` has finished; returns the average since the last call, or None."""
+    now = time.perf_counter()
+    seconds = None if self._start is None else (now - self._start) / max(step - self._step, 1)
+    self._start, self._step = now, step
+    return seconds
+
+  def pause(self, seconds: float) -> None:
+    if self._start is not None:
+      self._start += seconds
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `train_and_evaluate`."""
+  config: Config
+  workdir: str
+  mesh: jax.sharding.Mesh
+  plan: BatchPlan
+  batches: data.TrainBatches
+  eval_batches: list[dict]
+  step_fn: object
+  eval_fn: object
+  manager: object
+  lr_schedule: object
+  num_train_steps: int
+  flops_per_step: float
+  peak_flops_per_device: float
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, float]:
+  """Trains to `num_train_steps` (resuming from the latest checkpoint) and returns the last metrics."""
+  t = config.train
+  workdir = absolute(workdir)
+  check_writable(workdir, "--workdir")
+  checkpoint_dir = absolute(t.checkpoint_dir) if t.checkpoint_dir else str(epath.Path(workdir) / "checkpoints")
+  check_writable(checkpoint_dir, "config.train.checkpoint_dir")
+
+  devices = jax.devices()
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_divisible(config.model, dict(mesh.shape))
+  plan = BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
+                   sharding.data_parallel_size(mesh), t.seq_len)
+
+  tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+  train_data = data.load_split(config.data, tokenizer, t.seq_len, "train")
+  batches = data.TrainBatches(train_data, t.seed, plan.global_sequences)
+  eval_batches = data.eval_batches(data.load_split(config.data, tokenizer, t.seq_len, "eval"),
+                                   config.data.eval_sequences, plan.micro_rows)
+  num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
+
+  model = Decoder(config.model)
+  tx = make_optimizer(t, num_train_steps)
+  flops = metrics.flops_per_token(config.model, t.seq_len)
+  peak, peak_source = metrics.peak_flops_per_device(devices[0], t.peak_flops_per_device)
+  manager = checkpoint.make_manager(checkpoint_dir, t)
+
+  with sharding.activate(mesh):
+    create, rng, abstract, state_sharding = make_state(model, tx, t.seq_len, mesh, t.seed)
+    state = checkpoint.restore_latest(manager, abstract)
+    resumed = state is not None
+    state = state if resumed else create(rng)
+
+    _log_startup([
+        f"Devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+        f"{jax.process_count()} process(es)",
+        "Mesh: " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items()),
+        f"Model: {config.model.name}, {param_count(config.model):,} parameters",
+        f"Tokenizer: {tokenizer.describe()}",
+        f"Data: {len(train_data):,} train sequences of {t.seq_len} tokens "
+        f"({batches.steps_per_epoch:,} steps per epoch), {len(eval_batches)} eval batches",
+        *plan.describe(),
+        f"Optimizer steps: {num_train_steps:,} ({t.optimizer}, peak learning rate {t.learning_rate:g})",
+        f"Model FLOPs per token: {flops.train:.4g} train = 3 x {flops.forward:.4g} forward "
+        f"(attention projections {flops.attention_projections:.4g}, attention scores "
+        f"{flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output {flops.output:.4g})",
+        f"Peak FLOP/s per device for MFU: {peak:.4g} ({peak_source})",
+        f"Checkpoints: {checkpoint_dir} ("
+        + (f"resumed from step {int(state.step)}" if resumed else "fresh start") + ")",
+    ])
+
+    batch_sharding = {k: sharding.batch_sharding(mesh) for k in ("tokens", "segment_ids", "positions")}
+    replicated = sharding.replicated(mesh)
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx),
+                      in_shardings=(state_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+    run = Run(config, workdir, mesh, plan, batches, eval_batches, step_fn, eval_fn, manager,
+              learning_rate_schedule(t, num_train_steps), num_train_steps,
+              flops.train * plan.global_sequences * t.seq_len, peak)
+    return _loop(run, state)
+
+
+def _loop(run: Run, state: TrainState) -> dict[str, float]:
+  t, plan = run.config.train, run.plan
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main, collection="train")
+  eval_writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
+                                                     collection="eval")
+  progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=writer,
+                                             every_steps=t.log_interval_steps)
+  config_dict = to_dict(run.config)
+  ema, timer = metrics.Ema(), StepTimer()
+  num_devices = run.mesh.devices.size
+  tokens_per_step = plan.global_sequences * t.seq_len
+  last = {}
+
+  def finish(step: int, micro_metrics: list[dict]) -> None:
+    """Host side of a finished step: fetch its metrics and log them."""
+    loss_sum, tokens = _sum_losses(micro_metrics)
+    scalars = {"loss": loss_sum / max(tokens, 1)}
+    scalars["loss_ema"] = ema.update(scalars["loss"])
+    progress(step, time.time())
+    if step == start_step + 1:  # compilation: start timing from here
+      timer.step_seconds(step)
+    if step % t.log_interval_steps and step != run.num_train_steps:
+      return
+    scalars.update(learning_rate=float(run.lr_schedule(step - 1)), tokens_seen=step * tokens_per_step,
+                   grad_norm=float(jax.device_get(micro_metrics[-1]["grad_norm"])))
+    seconds = None if step == start_step + 1 else timer.step_seconds(step)
+    if seconds is not None:
+      scalars.update(step_time=seconds, tokens_per_sec=tokens_per_step / seconds,
+                     tokens_per_sec_per_device=tokens_per_step / seconds / num_devices,
+                     mfu=metrics.mfu(run.flops_per_step, seconds, num_devices, run.peak_flops_per_device))
+    writer.write_scalars(step, scalars)
+    last.update(scalars)
+
+  start_step = int(state.step)
+  pending = None  # (step, micro-step metrics) not fetched yet
+  for step in range(start_step, run.num_train_steps):
+    global_batch = run.batches.get(step)
+    real_tokens = int(data.loss_mask(global_batch["segment_ids"]).sum())
+    loss_scale = np.float32(1.0 / max(real_tokens, 1))
+    micro_metrics = []
+    for i in range(plan.accumulation_steps):
+      rows = slice(i * plan.micro_rows, (i + 1) * plan.micro_rows)
+      micro = sharding.put_batch({k: v[rows] for k, v in global_batch.items()}, run.mesh)
+      state, m = run.step_fn(state, micro, loss_scale)
+      micro_metrics.append(m)
+    # Fetch the previous step's metrics only now, so that the device already has this step queued.
+    if pending is not None:
+      finish(*pending)
+    done = step + 1
+    pending = (done, micro_metrics)
+    evaluate_now = done % t.eval_interval_steps == 0 or done == run.num_train_steps
+    save_now = done % t.save_interval_steps == 0 or done == run.num_train_steps
+    if evaluate_now or save_now:
+      # Eval and the checkpoint's copy to host are not training: keep their time out of the step time.
+      jax.block_until_ready(state)
+      paused = time.perf_counter()
+      if evaluate_now:
+        result = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh)
+        eval_writer.write_scalars(done, {"loss": result["loss"], "perplexity": result["perplexity"]})
+        last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+      if save_now:
+        checkpoint.save(run.manager, done, state, config_dict)
+      timer.pause(time.perf_counter() - paused)
+  if pending is not None:
+    finish(*pending)
+  run.manager.wait_until_finished()
+  writer.flush()
+  eval_writer.flush()
+  last["step"] = run.num_train_steps
+  return last

@@ -1,0 +1,67 @@
+"""Pure functions of the training: the loss, one micro-step of training, one eval batch. No I/O.
+
+Loss accounting is token-exact: a micro-batch's loss is the sum of its per-token cross-entropies divided by
+the number of real tokens in the whole optimizer step (`loss_scale` = 1 / that count), and MultiSteps sums
+the micro-batch gradients. The gradient applied is therefore that of the global token mean, however the
+global batch is split into micro-batches and devices. Per-sequence loss sums come back so that the host
+can add them in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lm import data
+from lm.model import Decoder
+from lm.optimizer import grad_norm
+
+
+class TrainState(struct.PyTreeNode):
+  params: Any
+  opt_state: optax.MultiStepsState
+
+  @property
+  def step(self) -> jax.Array:
+    """Optimizer steps taken (micro-steps do not count)."""
+    return self.opt_state.gradient_step
+
+
+def sequence_losses(model: Decoder, params, batch) -> tuple[jax.Array, jax.Array]:
+  """Sum of per-token cross-entropy and number of real target tokens, per sequence: float32 [B], int32 [B]."""
+  tokens_BxL, segment_ids_BxL = batch["tokens"], batch["segment_ids"]
+  logits_BxLxV = model.apply({"params": params}, tokens_BxL, segment_ids_BxL, batch["positions"])
+  mask_BxL = data.loss_mask(segment_ids_BxL)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), data.targets(tokens_BxL))
+  return jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1), jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)
+
+
+def train_step(state: TrainState, batch, loss_scale, *, model: Decoder, tx: optax.MultiSteps):
+  """One micro-step: gradient of this micro-batch, accumulated; every k-th call also updates params.
+
+  Args:
+    batch: tokens, segment_ids, positions, each [micro_batch_size x data-parallel devices, seq_len].
+    loss_scale: 1 / (real target tokens in the whole optimizer step), float32 scalar.
+  """
+
+  def loss_fn(params):
+    seq_loss_B, seq_tokens_B = sequence_losses(model, params, batch)
+    return jnp.sum(seq_loss_B) * loss_scale, (seq_loss_B, seq_tokens_B)
+
+  grads, (seq_loss_B, seq_tokens_B) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B,
+             "grad_norm": grad_norm(opt_state)}
+  return TrainState(params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model: Decoder):
+  """Loss sum and token count of one batch (padding rows count nothing)."""
+  seq_loss_B, seq_tokens_B = sequence_losses(model, params, batch)
+  return {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates .venv with Python >= 3.12 (current jax releases need it) and installs the project and its tests.
+# Python is taken from $PYTHON, else python3.13 / python3.12 / python3 on PATH, else pyenv's newest 3.12+.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+is_new_enough() {
+  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
+}
+
+find_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3; do
+    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 && is_new_enough "$candidate"; then
+      command -v "$candidate"
+      return
+    fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    for version in $(pyenv versions --bare | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.[0-9]+)?$' | sort -V -r); do
+      candidate="$(pyenv root)/versions/$version/bin/python"
+      if is_new_enough "$candidate"; then
+        echo "$candidate"
+        return
+      fi
+    done
+  fi
+  echo "No Python >= 3.12 found: install one, or point \$PYTHON at it." >&2
+  exit 1
+}
+
+if [ ! -x .venv/bin/python ] || ! is_new_enough .venv/bin/python; then
+  rm -rf .venv
+  "$(find_python)" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'

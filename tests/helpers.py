@@ -1,0 +1,18 @@
+"""Small configs shared by the tests."""
+
+import dataclasses
+
+from configs import base
+from lm.config import Config, from_config_dict
+
+
+def base_config() -> Config:
+  return from_config_dict(base.get_config())
+
+
+def tiny_model(**overrides):
+  """A 2-layer model small enough to compile in a second."""
+  fields = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                mlp_dim=64, max_seq_len=64)
+  fields.update(overrides)
+  return dataclasses.replace(base_config().model, **fields)

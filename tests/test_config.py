@@ -1,0 +1,73 @@
+import dataclasses
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from configs import base
+from lm.config import Config, ConfigError, from_config_dict
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIG_FILES = [f for f in CONFIG_FILES if not f.endswith("__init__.py")]
+
+
+def _load(path) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_loads_converts_and_validates(path):
+  config = from_config_dict(_load(path))
+  assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if not p.endswith("base.py")], ids=os.path.basename)
+def test_config_files_have_a_docstring_with_their_command(path):
+  with open(path) as f:
+    source = f.read()
+  assert source.startswith('"""') and f"--config=configs/{os.path.basename(path)}" in source
+
+
+def test_base_declares_exactly_the_dataclass_fields():
+  c = base.get_config()
+  for section in ("model", "data", "train", "mesh"):
+    fields = {f.name for f in dataclasses.fields(type(getattr(from_config_dict(c), section)))}
+    assert set(c[section].keys()) == fields
+
+
+def _with(section, key, value):
+  # A plain dict round trip: a config written without base.get_config() has no type safety.
+  d = base.get_config().to_dict()
+  d[section][key] = value
+  return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("model", "num_kv_heads", 5, "config.model.num_heads = 16 is not divisible by config.model.num_kv_heads = 5"),
+    ("train", "optimizer", "sgd", "config.train.optimizer = 'sgd' is not known; choose one of adamw, lion"),
+    ("train", "seq_len", 8192, "config.train.seq_len = 8192 is over config.model.max_seq_len = 4096"),
+    ("train", "micro_batch_size", 0, "config.train.micro_batch_size = 0 must be > 0"),
+    ("train", "save_interval_steps", -5, "config.train.save_interval_steps = -5 must be > 0"),
+    ("train", "num_epochs", 2, "set exactly one of them"),
+    ("model", "remat", "some", "config.model.remat = 'some' is not known"),
+    ("mesh", "fsdp", -1, "at most one may be -1"),
+    ("train", "learning_rate", "fast", "config.train.learning_rate = 'fast' is a str; it must be a float"),
+])
+def test_bad_values_name_the_key(section, key, value, expected):
+  with pytest.raises(ConfigError) as e:
+    from_config_dict(_with(section, key, value))
+  assert expected in str(e.value)
+
+
+def test_unknown_key_is_rejected():
+  c = base.get_config()
+  with c.unlocked():
+    c.train.micro_batch = 4
+  with pytest.raises(ConfigError, match=r"unknown keys \['micro_batch'\]"):
+    from_config_dict(c)
