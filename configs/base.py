@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_interval_steps = 500
   c.train.log_interval_steps = 10
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (CPU: measured once)
+  c.train.deterministic = True  # reproducible kernels where the platform needs a switch (GPU)
 
   # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

@@ -29,16 +29,18 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> bool
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-  """The newest checkpoint restored into the shardings of `abstract_state`, or None on a fresh start.
+  """(state, saved run description) of the newest checkpoint, restored into the shardings of
+  `abstract_state`; (None, None) on a fresh start.
 
   Args:
     abstract_state: the train state as `jax.ShapeDtypeStruct`s with `sharding` set.
   """
   step = manager.latest_step()
   if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return restored.state
+    return None, None
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                           config=ocp.args.JsonRestore()))
+  return restored.state, restored.config
 
 
 def abstract_like(shapes, shardings):

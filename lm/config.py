@@ -76,6 +76,7 @@ class TrainConfig:
   eval_interval_steps: int
   log_interval_steps: int
   peak_flops_per_device: float
+  deterministic: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,6 +110,12 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
     raise ConfigError(f"config.data.tokenizer_path = {path!r} has pad id {tokenizer.pad_id}; the model "
                       f"masks padding by id {PAD_ID}. Train it with pad_id=0 (e.g. pad_id=0 unk_id=1 "
                       "bos_id=2 eos_id=3), or leave tokenizer_path empty to train one.")
+  # Packing finds documents by their bos and frames them with eos: both must be real, distinct ids.
+  if not (0 < tokenizer.bos_id < vocab_size and 0 < tokenizer.eos_id < vocab_size
+          and tokenizer.bos_id != tokenizer.eos_id):
+    raise ConfigError(f"config.data.tokenizer_path = {path!r} has bos id {tokenizer.bos_id} and eos id "
+                      f"{tokenizer.eos_id}; packing needs both, distinct and not the pad id 0. Train it "
+                      "with bos_id=2 eos_id=3, or leave tokenizer_path empty to train one.")
   return tokenizer
 
 
@@ -145,6 +151,8 @@ def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> str:
 
 
 def _train_sentencepiece(lines: Iterator[str], model_file, vocab_size: int) -> None:
+  # The sentence sample is random: a fixed seed gives every host and every rerun the same tokenizer.
+  spm.set_random_generator_seed(0)
   spm.SentencePieceTrainer.train(
       sentence_iterator=lines, model_writer=model_file, model_type="bpe", vocab_size=vocab_size,
       pad_id=PAD_ID, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, split_digits=True,
@@ -269,14 +277,27 @@ class PackedSequences:
     return self.tokens.shape[0]
 
 
-def load_split(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, split: str) -> PackedSequences:
-  """The packed `train` or `eval` split, from the cache when it has been packed before."""
+def _split(cfg: DataConfig, builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, str]:
+  """(config key, TFDS split name) of the `train` or `eval` split, checked to exist."""
   key_name, split_name = {"train": ("train_split", cfg.train_split),
                           "eval": ("eval_split", cfg.eval_split)}[split]
-  builder = _builder(cfg)
   if split_name.partition("[")[0] not in builder.info.splits:
     raise ConfigError(f"config.data.{key_name} = {split_name!r} is not a split of {cfg.dataset}; it has "
                       f"{sorted(builder.info.splits.keys())}.")
+  return key_name, split_name
+
+
+def check_splits(cfg: DataConfig) -> None:
+  """Fails at startup, before any tokenizing, when the train or eval split does not exist."""
+  builder = _builder(cfg)
+  for split in ("train", "eval"):
+    _split(cfg, builder, split)
+
+
+def load_split(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, split: str) -> PackedSequences:
+  """The packed `train` or `eval` split, from the cache when it has been packed before."""
+  builder = _builder(cfg)
+  key_name, split_name = _split(cfg, builder, split)
   key = _key(builder.info.full_name, cfg.text_feature, split_name, cfg.max_documents, tokenizer.fingerprint,
              seq_len)
   directory = os.path.join(_cache_dir(cfg), f"packed_{split}_{seq_len}_{key}")

@@ -8,12 +8,14 @@ FLOPs and is not counted.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (per GPU), from the vendors' spec sheets. Matched by substring of
 # `device.device_kind`, first match wins, so the more specific names come first.
@@ -81,8 +83,11 @@ def peak_flops_per_device(device, override: float = 0.0) -> tuple[float, str]:
     if name.lower() in device.device_kind.lower():
       return flops, f"spec sheet for {device.device_kind}"
   if device.platform == "cpu":
-    return measure_matmul_peak(), "measured: float32 matmul probe on this CPU"
-  raise ValueError(
+    # Simulated CPU devices (--xla_force_host_platform_device_count) share the same cores.
+    shared_by = len(jax.local_devices())
+    return (measure_matmul_peak() / shared_by,
+            f"measured: float32 matmul probe on this CPU, shared by {shared_by} device(s)")
+  raise ConfigError(
       f"No peak FLOP/s known for device kind {device.device_kind!r}; set "
       "config.train.peak_flops_per_device (FLOP/s of one device, e.g. 989e12 for an H100 SXM).")
 
@@ -101,3 +106,28 @@ class Ema:
     self.value = self.decay * self.value + (1 - self.decay) * x
     self._weight = self.decay * self._weight + (1 - self.decay)
     return self.value / self._weight
+
+
+class JsonlLog:
+  """`<workdir>/metrics.jsonl`: one JSON object per logged step, floats at full (float64) precision, so
+  that runs can be compared exactly. TensorBoard events hold float32. Object stores cannot append, so
+  for a gs:// workdir only the TensorBoard events are written."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._path = None if "://" in workdir or not enabled else os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, collection: str, step: int, scalars: dict[str, float]) -> None:
+    if self._path is not None:
+      with open(self._path, "a") as f:
+        f.write(json.dumps({"collection": collection, "step": step, **scalars}) + "\n")
+
+
+def read_jsonl(workdir: str, collection: str = "train") -> dict[int, dict[str, float]]:
+  """{step: scalars} of one collection; a step logged twice (a resumed run) keeps its last record."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if row.pop("collection") == collection:
+        out[row.pop("step")] = row
+  return out

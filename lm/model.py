@@ -120,7 +120,7 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tokens, segment ids, positions [B, L] -> logits [B, L, V] in the compute dtype."""
+  """tokens, segment ids, positions [B, L] -> logits [B, L, V] in float32."""
   cfg: ModelConfig
 
   @nn.compact
@@ -150,7 +150,9 @@ class Decoder(nn.Module):
       w_out_DxV = embedding_VxD.T
     else:
       w_out_DxV = _param(self, cfg, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_out_DxV.astype(dtype))
+    # float32 logits: the cross-entropy over a large vocabulary needs the precision.
+    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_out_DxV.astype(dtype),
+                              preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
 

@@ -87,9 +87,11 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Global arrays from this process's rows of the batch (all rows when single-process)."""
+  """Global arrays from the host copy of the whole batch: each process places only the rows of its own
+  devices, so this is right for one process or many."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+          for k, v in batch.items()}
 
 
 def check_divisible(model, sizes: dict[str, int]) -> None:

@@ -17,10 +17,13 @@ import math
 import os
 import time
 import uuid
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -132,7 +135,7 @@ class StepTimer:
       self._start += seconds
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
   """Everything the loop needs, built once by `train_and_evaluate`."""
   config: Config
@@ -140,30 +143,105 @@ class Run:
   mesh: jax.sharding.Mesh
   plan: BatchPlan
   batches: data.TrainBatches
-  eval_batches: list[dict]
-  step_fn: object
-  eval_fn: object
-  manager: object
-  lr_schedule: object
+  eval_batches: list[dict[str, np.ndarray]]
+  step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics), jitted, state donated
+  eval_fn: Callable  # (params, batch) -> metrics, jitted
+  manager: ocp.CheckpointManager
+  lr_schedule: optax.Schedule
   num_train_steps: int
-  flops_per_step: float
+  flops_per_step: float  # model FLOPs of one optimizer step, all micro-batches and devices
   peak_flops_per_device: float
 
+  @property
+  def run_description(self) -> dict:
+    """Stored beside each checkpoint: the config, and the batch arithmetic that fixes the data order."""
+    return {**to_dict(self.config), "global_batch_sequences": self.plan.global_sequences,
+            "data_parallel_devices": self.plan.data_parallel}
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, float]:
-  """Trains to `num_train_steps` (resuming from the latest checkpoint) and returns the last metrics."""
+
+class MetricsLogger:
+  """Writes train and eval figures: CLU writers (TensorBoard + console) and metrics.jsonl, process 0 only."""
+
+  def __init__(self, run: Run, start_step: int):
+    is_main = jax.process_index() == 0
+    self._run, self._start_step = run, start_step
+    self._writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
+                                                        collection="train")
+    self._eval_writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
+                                                             collection="eval")
+    self._progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
+                                                     writer=self._writer,
+                                                     every_steps=run.config.train.log_interval_steps)
+    self._jsonl = metrics.JsonlLog(run.workdir, enabled=is_main)
+    self._ema, self.timer = metrics.Ema(), StepTimer()
+    self.last: dict[str, float] = {}
+
+  def train_step(self, step: int, micro_metrics: list[dict]) -> None:
+    """Host side of a finished optimizer step: fetch its metrics (the step is done) and log them."""
+    run, t = self._run, self._run.config.train
+    loss_sum, tokens = _sum_losses(micro_metrics)
+    scalars = {"loss": loss_sum / max(tokens, 1)}
+    scalars["loss_ema"] = self._ema.update(scalars["loss"])
+    self._progress(step, time.time())
+    first = step == self._start_step + 1  # carries compilation: timing starts at its end
+    if first:
+      self.timer.step_seconds(step)
+    if step % t.log_interval_steps and step != run.num_train_steps:
+      return
+    scalars.update(learning_rate=float(run.lr_schedule(step - 1)),
+                   tokens_seen=step * run.plan.global_sequences * t.seq_len,
+                   grad_norm=float(jax.device_get(micro_metrics[-1]["grad_norm"])))
+    if not first:
+      seconds = self.timer.step_seconds(step)
+      tokens_per_sec = run.plan.global_sequences * t.seq_len / seconds
+      devices = run.mesh.devices.size
+      scalars.update(step_time=seconds, tokens_per_sec=tokens_per_sec,
+                     tokens_per_sec_per_device=tokens_per_sec / devices,
+                     mfu=metrics.mfu(run.flops_per_step, seconds, devices, run.peak_flops_per_device))
+    self._writer.write_scalars(step, scalars)
+    self._jsonl.write("train", step, scalars)
+    self.last.update(scalars)
+
+  def eval(self, step: int, result: dict[str, float]) -> None:
+    self._eval_writer.write_scalars(step, result)
+    self._jsonl.write("eval", step, result)
+    self.last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+
+  def close(self) -> None:
+    self._writer.flush()
+    self._eval_writer.flush()
+
+
+def split_micro_batches(global_batch: dict[str, np.ndarray], plan: BatchPlan) -> list[dict[str, np.ndarray]]:
+  """The global batch as `accumulation_steps` micro-batches of consecutive rows, in order.
+
+  Each micro-batch is then split over the data-parallel devices in order (device d of the batch axes
+  gets its rows d * micro_batch_size ...), so the global batch is the same bytes whatever the split.
+  """
+  rows = plan.micro_rows
+  return [{k: v[i * rows:(i + 1) * rows] for k, v in global_batch.items()}
+          for i in range(plan.accumulation_steps)]
+
+
+def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, float]:
+  """Trains to `num_train_steps` (resuming from the latest checkpoint) and returns the last metrics.
+
+  Args:
+    devices: the devices of the mesh; all of them by default.
+  """
   t = config.train
   workdir = absolute(workdir)
   check_writable(workdir, "--workdir")
   checkpoint_dir = absolute(t.checkpoint_dir) if t.checkpoint_dir else str(epath.Path(workdir) / "checkpoints")
   check_writable(checkpoint_dir, "config.train.checkpoint_dir")
 
-  devices = jax.devices()
+  devices = jax.devices() if devices is None else devices
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_divisible(config.model, dict(mesh.shape))
   plan = BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
                    sharding.data_parallel_size(mesh), t.seq_len)
 
+  data.check_splits(config.data)
   tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
   train_data = data.load_split(config.data, tokenizer, t.seq_len, "train")
   batches = data.TrainBatches(train_data, t.seed, plan.global_sequences)
@@ -179,9 +257,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, float]:
 
   with sharding.activate(mesh):
     create, rng, abstract, state_sharding = make_state(model, tx, t.seq_len, mesh, t.seed)
-    state = checkpoint.restore_latest(manager, abstract)
+    state, saved = checkpoint.restore_latest(manager, abstract)
     resumed = state is not None
     state = state if resumed else create(rng)
+    if resumed and saved.get("global_batch_sequences") != plan.global_sequences:
+      logging.warning(
+          "The checkpoint was written with a global batch of %s sequences, this run has %d (per-device "
+          "micro batch x accumulation x %d data-parallel devices): the steps from here on see a different "
+          "data order than the original run would have.", saved.get("global_batch_sequences"),
+          plan.global_sequences, plan.data_parallel)
 
     _log_startup([
         f"Devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
@@ -216,53 +300,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, float]:
 
 def _loop(run: Run, state: TrainState) -> dict[str, float]:
   t, plan = run.config.train, run.plan
-  is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main, collection="train")
-  eval_writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
-                                                     collection="eval")
-  progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=writer,
-                                             every_steps=t.log_interval_steps)
-  config_dict = to_dict(run.config)
-  ema, timer = metrics.Ema(), StepTimer()
-  num_devices = run.mesh.devices.size
-  tokens_per_step = plan.global_sequences * t.seq_len
-  last = {}
-
-  def finish(step: int, micro_metrics: list[dict]) -> None:
-    """Host side of a finished step: fetch its metrics and log them."""
-    loss_sum, tokens = _sum_losses(micro_metrics)
-    scalars = {"loss": loss_sum / max(tokens, 1)}
-    scalars["loss_ema"] = ema.update(scalars["loss"])
-    progress(step, time.time())
-    if step == start_step + 1:  # compilation: start timing from here
-      timer.step_seconds(step)
-    if step % t.log_interval_steps and step != run.num_train_steps:
-      return
-    scalars.update(learning_rate=float(run.lr_schedule(step - 1)), tokens_seen=step * tokens_per_step,
-                   grad_norm=float(jax.device_get(micro_metrics[-1]["grad_norm"])))
-    seconds = None if step == start_step + 1 else timer.step_seconds(step)
-    if seconds is not None:
-      scalars.update(step_time=seconds, tokens_per_sec=tokens_per_step / seconds,
-                     tokens_per_sec_per_device=tokens_per_step / seconds / num_devices,
-                     mfu=metrics.mfu(run.flops_per_step, seconds, num_devices, run.peak_flops_per_device))
-    writer.write_scalars(step, scalars)
-    last.update(scalars)
-
   start_step = int(state.step)
+  logger = MetricsLogger(run, start_step)
   pending = None  # (step, micro-step metrics) not fetched yet
   for step in range(start_step, run.num_train_steps):
     global_batch = run.batches.get(step)
     real_tokens = int(data.loss_mask(global_batch["segment_ids"]).sum())
     loss_scale = np.float32(1.0 / max(real_tokens, 1))
     micro_metrics = []
-    for i in range(plan.accumulation_steps):
-      rows = slice(i * plan.micro_rows, (i + 1) * plan.micro_rows)
-      micro = sharding.put_batch({k: v[rows] for k, v in global_batch.items()}, run.mesh)
-      state, m = run.step_fn(state, micro, loss_scale)
+    for micro in split_micro_batches(global_batch, plan):
+      state, m = run.step_fn(state, sharding.put_batch(micro, run.mesh), loss_scale)
       micro_metrics.append(m)
     # Fetch the previous step's metrics only now, so that the device already has this step queued.
     if pending is not None:
-      finish(*pending)
+      logger.train_step(*pending)
     done = step + 1
     pending = (done, micro_metrics)
     evaluate_now = done % t.eval_interval_steps == 0 or done == run.num_train_steps
@@ -272,16 +323,12 @@ def _loop(run: Run, state: TrainState) -> dict[str, float]:
       jax.block_until_ready(state)
       paused = time.perf_counter()
       if evaluate_now:
-        result = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh)
-        eval_writer.write_scalars(done, {"loss": result["loss"], "perplexity": result["perplexity"]})
-        last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+        logger.eval(done, evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh))
       if save_now:
-        checkpoint.save(run.manager, done, state, config_dict)
-      timer.pause(time.perf_counter() - paused)
+        checkpoint.save(run.manager, done, state, run.run_description)
+      logger.timer.pause(time.perf_counter() - paused)
   if pending is not None:
-    finish(*pending)
+    logger.train_step(*pending)
   run.manager.wait_until_finished()
-  writer.flush()
-  eval_writer.flush()
-  last["step"] = run.num_train_steps
-  return last
+  logger.close()
+  return {**logger.last, "step": run.num_train_steps}
