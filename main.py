@@ -3,9 +3,14 @@
 import os
 import sys
 
+# TensorFlow (under TFDS and the TensorBoard writer) prints C++ INFO lines at import unless told not to.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only reads data and writes events here
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lm import console
 from lm.config import ConfigError, from_config_dict
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -29,12 +34,17 @@ def set_determinism_flags(deterministic: bool) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # The run's own lines go through the `lm` logger; libraries' INFO logs (orbax reports every save
+    # in ~20 lines) only with --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
+  console.setup(is_main=True)
   try:
     config = from_config_dict(_CONFIG.value)
     determinism = set_determinism_flags(config.train.deterministic)
     from lm import train  # only now: XLA reads its flags when jax initialises
 
-    logging.info("Determinism: %s", determinism)
+    console.logger.info("Determinism: %s", determinism)
     train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     logging.error("Configuration error: %s", e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
@@ -180,6 +181,13 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   """Local text files, one document per file."""
 
   VERSION = tfds.core.Version("1.0.0")
+  _known_configs: dict[str, LocalTextConfig] = {}  # file sets of this process, by name
+
+  @classmethod
+  def get_builder_config(cls, name, version=None):
+    # Configurations are made at run time from the file list; knowing them keeps TFDS from warning
+    # "Using custom data configuration" about every one.
+    return cls._known_configs.get(name)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
@@ -226,9 +234,16 @@ def _local_text_builder(cfg: DataConfig, data_dir: str) -> LocalText:
     raise ConfigError(f"{what} matches only empty files: the corpus is empty.")
   validation = _validation_files(files, cfg.validation_fraction)
   identity = [(p, s.st_size, s.st_mtime_ns) for p, s in zip(files, stats)] + [cfg.validation_fraction]
-  config = LocalTextConfig(name=_key(*identity), version="1.0.0", files=tuple(files),
-                           validation=tuple(validation),
+  return _prepared_local_text(_key(*identity), tuple(files), tuple(validation), data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared_local_text(name: str, files: tuple[str, ...], validation: tuple[str, ...],
+                         data_dir: str) -> LocalText:
+  """Made once per file set: TFDS warns about a custom configuration each time a builder is made."""
+  config = LocalTextConfig(name=name, version="1.0.0", files=files, validation=validation,
                            description=f"{len(files)} files, {len(validation)} for validation")
+  LocalText._known_configs[name] = config
   builder = LocalText(config=config, data_dir=data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder

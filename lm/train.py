@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 import uuid
 from typing import Callable
@@ -24,12 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import linen as nn
 
-from lm import checkpoint, data, metrics, sharding
+from lm import checkpoint, console, data, metrics, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.model import Decoder, param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
@@ -52,13 +52,13 @@ class BatchPlan:
   def global_sequences(self) -> int:
     return self.micro_rows * self.accumulation_steps
 
-  def describe(self) -> list[str]:
+  def describe(self) -> list[tuple[str, str]]:
     return [
-        f"Micro batch: {self.micro_batch_size} sequences per device",
-        f"Gradient accum steps: {self.accumulation_steps} per device | "
-        f"{self.accumulation_steps * self.data_parallel} global",
-        f"Effective batch: {self.micro_batch_size} x {self.accumulation_steps} x {self.data_parallel} = "
-        f"{self.global_sequences:,} sequences = {self.global_sequences * self.seq_len:,} tokens",
+        ("Micro batch", f"{self.micro_batch_size} sequences per device"),
+        ("Gradient accum steps", f"{self.accumulation_steps} per device | "
+                                 f"{self.accumulation_steps * self.data_parallel} global"),
+        ("Effective batch", f"{self.micro_batch_size} x {self.accumulation_steps} x {self.data_parallel} = "
+                            f"{self.global_sequences:,} sequences = {self.global_sequences * self.seq_len:,} tokens"),
     ]
 
 
@@ -80,26 +80,65 @@ def check_writable(path: str, key: str) -> None:
                       "Pass a directory you can write to.") from e
 
 
-def _log_startup(lines: list[str]) -> None:
-  for line in lines:
-    logging.info("%s", line)
+def checkpoint_disk(abstract_state, checkpoint_dir: str, max_to_keep: int) -> str:
+  """Disk the kept checkpoints need (one more while a save is written), and a warning if short."""
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  needed = size * (max_to_keep + 1)
+  text = f"{max_to_keep} kept + 1 being written x {size / 2**20:,.1f} MiB = {needed / 2**20:,.1f} MiB"
+  if "://" in checkpoint_dir:
+    return text
+  free = shutil.disk_usage(checkpoint_dir).free
+  if free < needed:
+    console.logger.warning("Only %.1f MiB free under %s, the checkpoints need %.1f MiB: lower "
+                           "config.train.max_to_keep or free disk space.", free / 2**20, checkpoint_dir,
+                           needed / 2**20)
+  return f"{text} ({free / 2**30:,.1f} GiB free)"
 
 
-def make_state(model: Decoder, tx, seq_len: int, mesh, seed: int):
-  """The initial train state, created directly in its shardings, and those shardings."""
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """The jitted functions of a run and the shardings they use; build them inside `sharding.activate`."""
+  create_state: Callable  # () -> initial TrainState, created directly in its shardings
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore and AOT-compile target
+  state_sharding: TrainState
+  batch_sharding: dict[str, jax.sharding.NamedSharding]
+  step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics); state donated
+  eval_fn: Callable  # (params, batch) -> metrics
+
+  def abstract_micro_batch(self, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=s)
+            for k, s in self.batch_sharding.items()}
+
+
+def build_step_functions(config: Config, mesh: jax.sharding.Mesh, num_train_steps: int) -> StepFunctions:
+  """Model, optimizer, shardings and the jitted train and eval steps: everything but the data."""
+  t = config.train
+  model = Decoder(config.model)
+  tx = make_optimizer(t, num_train_steps)
 
   def init(rng):
     # One row per data-parallel device, so that the batch-sharded activation constraints divide.
-    dummy_BxL = jnp.zeros((sharding.data_parallel_size(mesh), seq_len), jnp.int32)
+    dummy_BxL = jnp.zeros((sharding.data_parallel_size(mesh), t.seq_len), jnp.int32)
     params = model.init(rng, dummy_BxL, dummy_BxL + 1, dummy_BxL)["params"]
     return TrainState(params=params, opt_state=tx.init(params))
 
-  rng = jax.random.key(seed)
+  rng = jax.random.key(t.seed)
   boxed = jax.eval_shape(init, rng)
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  abstract = checkpoint.abstract_like(sharding.strip_boxes(boxed), state_sharding)
   create = jax.jit(lambda r: sharding.strip_boxes(init(r)), out_shardings=state_sharding)
-  return create, rng, abstract, state_sharding
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in ("tokens", "segment_ids", "positions")}
+  replicated = sharding.replicated(mesh)
+  return StepFunctions(
+      create_state=lambda: create(rng),
+      abstract_state=checkpoint.abstract_like(sharding.strip_boxes(boxed), state_sharding),
+      state_sharding=state_sharding,
+      batch_sharding=batch_sharding,
+      step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx),
+                      in_shardings=(state_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated), donate_argnums=0),
+      eval_fn=jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated),
+  )
 
 
 def _sum_losses(micro_metrics: list[dict]) -> tuple[float, int]:
@@ -165,10 +204,10 @@ class MetricsLogger:
   def __init__(self, run: Run, start_step: int):
     is_main = jax.process_index() == 0
     self._run, self._start_step = run, start_step
-    self._writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
-                                                        collection="train")
-    self._eval_writer = metric_writers.create_default_writer(run.workdir, just_logging=not is_main,
-                                                             collection="eval")
+    # TensorBoard events from process 0; the console line is ours (console.step_line).
+    self._writer, self._eval_writer = (
+        metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(run.workdir, name)))
+        if is_main else metric_writers.MultiWriter([]) for name in ("train", "eval"))
     self._progress = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps,
                                                      writer=self._writer,
                                                      every_steps=run.config.train.log_interval_steps)
@@ -201,11 +240,15 @@ class MetricsLogger:
     self._writer.write_scalars(step, scalars)
     self._jsonl.write("train", step, scalars)
     self.last.update(scalars)
+    seconds = self.last.get("step_time")
+    eta = None if seconds is None else seconds * (run.num_train_steps - step)
+    console.logger.info("%s", console.step_line(step, run.num_train_steps, scalars, eta))
 
   def eval(self, step: int, result: dict[str, float]) -> None:
     self._eval_writer.write_scalars(step, result)
     self._jsonl.write("eval", step, result)
     self.last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+    console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
 
   def close(self) -> None:
     self._writer.flush()
@@ -230,6 +273,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
     devices: the devices of the mesh; all of them by default.
   """
   t = config.train
+  console.setup(is_main=jax.process_index() == 0)
   workdir = absolute(workdir)
   check_writable(workdir, "--workdir")
   checkpoint_dir = absolute(t.checkpoint_dir) if t.checkpoint_dir else str(epath.Path(workdir) / "checkpoints")
@@ -249,50 +293,43 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
                                    config.data.eval_sequences, plan.micro_rows)
   num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
 
-  model = Decoder(config.model)
-  tx = make_optimizer(t, num_train_steps)
   flops = metrics.flops_per_token(config.model, t.seq_len)
   peak, peak_source = metrics.peak_flops_per_device(devices[0], t.peak_flops_per_device)
   manager = checkpoint.make_manager(checkpoint_dir, t)
 
   with sharding.activate(mesh):
-    create, rng, abstract, state_sharding = make_state(model, tx, t.seq_len, mesh, t.seed)
-    state, saved = checkpoint.restore_latest(manager, abstract)
+    fns = build_step_functions(config, mesh, num_train_steps)
+    state, saved = checkpoint.restore_latest(manager, fns.abstract_state)
     resumed = state is not None
-    state = state if resumed else create(rng)
+    state = state if resumed else fns.create_state()
     if resumed and saved.get("global_batch_sequences") != plan.global_sequences:
-      logging.warning(
+      console.logger.warning(
           "The checkpoint was written with a global batch of %s sequences, this run has %d (per-device "
           "micro batch x accumulation x %d data-parallel devices): the steps from here on see a different "
           "data order than the original run would have.", saved.get("global_batch_sequences"),
           plan.global_sequences, plan.data_parallel)
 
-    _log_startup([
-        f"Devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
-        f"{jax.process_count()} process(es)",
-        "Mesh: " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items()),
-        f"Model: {config.model.name}, {param_count(config.model):,} parameters",
-        f"Tokenizer: {tokenizer.describe()}",
-        f"Data: {len(train_data):,} train sequences of {t.seq_len} tokens "
-        f"({batches.steps_per_epoch:,} steps per epoch), {len(eval_batches)} eval batches",
+    console.block([
+        ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
+        ("Devices", f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+                    f"{jax.process_count()} process(es)"),
+        ("Mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
+        ("Tokenizer", tokenizer.describe()),
+        ("Data", f"{len(train_data):,} train sequences of {t.seq_len} tokens "
+                 f"({batches.steps_per_epoch:,} steps per epoch), {len(eval_batches)} eval batches"),
         *plan.describe(),
-        f"Optimizer steps: {num_train_steps:,} ({t.optimizer}, peak learning rate {t.learning_rate:g})",
-        f"Model FLOPs per token: {flops.train:.4g} train = 3 x {flops.forward:.4g} forward "
-        f"(attention projections {flops.attention_projections:.4g}, attention scores "
-        f"{flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output {flops.output:.4g})",
-        f"Peak FLOP/s per device for MFU: {peak:.4g} ({peak_source})",
-        f"Checkpoints: {checkpoint_dir} ("
-        + (f"resumed from step {int(state.step)}" if resumed else "fresh start") + ")",
+        ("Optimizer", f"{num_train_steps:,} steps, {t.optimizer}, peak learning rate {t.learning_rate:g}"),
+        ("FLOPs per token", f"{flops.train:.4g} model FLOPs in training = 3 x {flops.forward:.4g} forward "
+                                  f"(attention projections {flops.attention_projections:.4g}, attention "
+                                  f"scores {flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output "
+                                  f"{flops.output:.4g})"),
+        ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
+        ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {int(state.step)}" if resumed
+                                                  else "fresh start") + ")"),
+        ("Checkpoint disk", checkpoint_disk(fns.abstract_state, checkpoint_dir, t.max_to_keep)),
     ])
 
-    batch_sharding = {k: sharding.batch_sharding(mesh) for k in ("tokens", "segment_ids", "positions")}
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx),
-                      in_shardings=(state_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
-    run = Run(config, workdir, mesh, plan, batches, eval_batches, step_fn, eval_fn, manager,
+    run = Run(config, workdir, mesh, plan, batches, eval_batches, fns.step_fn, fns.eval_fn, manager,
               learning_rate_schedule(t, num_train_steps), num_train_steps,
               flops.train * plan.global_sequences * t.seq_len, peak)
     return _loop(run, state)

@@ -59,11 +59,16 @@ def test_train_checkpoint_and_resume(tmp_path, corpus):
   first = run_main("run", data_dir, corpus, "--config.train.num_train_steps=4", cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   log = first.stderr
-  for line in ("Mesh: data=4 x fsdp=2 x tensor=1", "Micro batch: 2 sequences per device",
+  for line in ("Mesh:                 data=4 x fsdp=2 x tensor=1",
+               "Micro batch:          2 sequences per device",
                "Gradient accum steps: 2 per device | 16 global",
-               "Effective batch: 2 x 2 x 8 = 32 sequences = 2,048 tokens", "Model FLOPs per token:",
-               "Peak FLOP/s per device for MFU:", "fresh start", "Devices: 8 x"):
+               "Effective batch:      2 x 2 x 8 = 32 sequences = 2,048 tokens",
+               "FLOPs per token:", "Peak FLOP/s:", "per device, for MFU", "fresh start",
+               "Devices:              8 x", "Determinism:", "--xla_gpu_deterministic_ops=true"):
     assert line in log, line
+  # One console line per logged step, eval lines marked; library INFO chatter (orbax) stays off.
+  assert "step 4/4 | loss" in log and ">>> eval  step 4: loss" in log
+  assert "orbax" not in log and "Setting work unit notes" not in log
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
   train = scalars(workdir / "train")
