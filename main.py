@@ -11,7 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import console
-from lm.config import ConfigError, from_config_dict
+from lm.config import from_config_dict
+from lm.errors import ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and metrics.")
@@ -47,9 +48,11 @@ def main(argv):
     console.logger.info("Determinism: %s", determinism)
     train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
-    logging.error("Configuration error: %s", e)
     print(f"Configuration error: {e}", file=sys.stderr)
     sys.exit(2)
+  except TrainingError as e:
+    print(f"Training stopped: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.02
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
-  c.model.remat = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
+  c.model.remat = "none"  # none | full | save_dots (keep weight matmul outputs, recompute the rest)
   c.model.scan_layers = True  # one compiled layer body instead of num_layers copies
 
   c.data = ml_collections.ConfigDict()
@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_interval_steps = 10
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (CPU: measured once)
   c.train.deterministic = True  # reproducible kernels where the platform needs a switch (GPU)
+  c.train.skip_nonfinite_updates = False  # False: stop at a NaN/Inf; True: skip such updates, count them
 
   # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import TrainConfig
+from lm.config import ConfigError, TrainConfig
 
 
 def make_manager(directory: str, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -41,6 +41,43 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            config=ocp.args.JsonRestore()))
   return restored.state, restored.config
+
+
+# What decides the shapes and structure of the saved state: a checkpoint can only resume a run that
+# agrees on all of these.
+STATE_KEYS = {
+    "model": ("name", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "tie_embeddings", "param_dtype", "scan_layers"),
+    "train": ("optimizer", "skip_nonfinite_updates"),
+}
+
+
+def check_compatible(manager: ocp.CheckpointManager, config: dict) -> int | None:
+  """The newest step, after checking that its run description agrees with `config` on the state's
+  shapes; raises ConfigError (before anything is restored or written) when it does not."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  differences = [f"{section}.{key} = {saved[section][key]!r} there, {config[section][key]!r} here"
+                 for section, keys in STATE_KEYS.items() for key in keys
+                 if saved.get(section, {}).get(key) != config[section][key]]
+  if differences:
+    raise ConfigError(
+        f"config.train.checkpoint_dir = {str(manager.directory)!r} holds a checkpoint (step {step}) of "
+        f"another model or optimizer: {'; '.join(differences)}. Use a new --workdir (or "
+        "config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.")
+  return step
+
+
+def restore_on_one_device(state_path: str):
+  """A saved train state as host arrays, whatever mesh wrote it (for inspection and comparisons)."""
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(state_path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return jax.device_get(checkpointer.restore(state_path, target))
 
 
 def abstract_like(shapes, shardings):

@@ -77,6 +77,7 @@ class TrainConfig:
   log_interval_steps: int
   peak_flops_per_device: float
   deterministic: bool
+  skip_nonfinite_updates: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,11 @@ def validate(config: Config) -> None:
            f"config.train.num_train_steps = {t.num_train_steps} and config.train.num_epochs = "
            f"{t.num_epochs}: set exactly one of them (the other to 0).")
   _require(t.warmup_steps >= 0, f"config.train.warmup_steps = {t.warmup_steps} must be >= 0.")
+  _require(t.num_train_steps == 0 or t.warmup_steps < t.num_train_steps,
+           f"config.train.warmup_steps = {t.warmup_steps} is not below config.train.num_train_steps = "
+           f"{t.num_train_steps}: the learning rate would never leave warmup. Lower warmup_steps.")
+  _require(t.eps > 0.0, f"config.train.eps = {t.eps} must be > 0 (it keeps AdamW's division finite).")
+  _require(t.seed >= 0, f"config.train.seed = {t.seed} must be >= 0.")
   _require(0.0 <= t.final_learning_rate_ratio <= 1.0,
            f"config.train.final_learning_rate_ratio = {t.final_learning_rate_ratio} must be in [0, 1].")
   _require(t.weight_decay >= 0.0, f"config.train.weight_decay = {t.weight_decay} must be >= 0.")

@@ -23,17 +23,18 @@ def learning_rate_schedule(cfg: TrainConfig, num_train_steps: int) -> optax.Sche
   final = peak * cfg.final_learning_rate_ratio
   decay_steps = max(num_train_steps - warmup, 1)
 
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = peak * jnp.minimum(count + 1.0, float(max(warmup, 1))) / max(warmup, 1)
-    progress = jnp.clip((count + 1.0 - warmup) / decay_steps, 0.0, 1.0)
+  def schedule(count, xp=jnp):
+    """`xp=np` evaluates it on the host, without queueing behind the device's work."""
+    count = xp.asarray(count, xp.float32)
+    warm = peak * xp.minimum(count + 1.0, float(max(warmup, 1))) / max(warmup, 1)
+    progress = xp.clip((count + 1.0 - warmup) / decay_steps, 0.0, 1.0)
     if cfg.schedule == "cosine":
-      decayed = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+      decayed = final + (peak - final) * 0.5 * (1.0 + xp.cos(xp.pi * progress))
     elif cfg.schedule == "linear":
       decayed = peak + (final - peak) * progress
     else:
-      decayed = jnp.asarray(peak, jnp.float32)
-    return jnp.where(count < warmup, warm, decayed)
+      decayed = xp.asarray(peak, xp.float32)
+    return xp.where(count < warmup, warm, decayed)
 
   return schedule
 
@@ -67,6 +68,22 @@ def record_grad_norm() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+class _ResettingMultiSteps(optax.MultiSteps):
+  """MultiSteps whose accumulator restarts from exact zeros after each update.
+
+  optax resets it by multiplying with 0, which leaves NaN where a skipped non-finite gradient was
+  accumulated, so that every later step would be skipped too."""
+
+  def update(self, updates, state, params=None, **extra_args):
+    updates, state = super().update(updates, state, params, **extra_args)
+    restarted = state.mini_step == 0
+    acc_grads = jax.tree.map(lambda a: jnp.where(restarted, jnp.zeros_like(a), a), state.acc_grads)
+    return updates, state._replace(acc_grads=acc_grads)
+
+  def gradient_transformation(self) -> optax.GradientTransformation:
+    return optax.GradientTransformation(init=self.init, update=self.update)
+
+
 def make_optimizer(cfg: TrainConfig, num_train_steps: int) -> optax.MultiSteps:
   """The inner chain sees the sum of the micro-batch gradients: MultiSteps sums (use_grad_mean=False)
   and each micro-batch's loss is already divided by the real tokens of the whole optimizer step."""
@@ -77,11 +94,25 @@ def make_optimizer(cfg: TrainConfig, num_train_steps: int) -> optax.MultiSteps:
   else:
     base = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
   clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
-  inner = optax.chain(record_grad_norm(), *clip, base)
-  return optax.MultiSteps(inner, every_k_schedule=cfg.gradient_accumulation_steps,
-                          use_grad_mean=False)
+  update = optax.chain(*clip, base)
+  multi_steps = optax.MultiSteps
+  if cfg.skip_nonfinite_updates:
+    # Checks the summed gradient of the whole step, so a skipped step still consumes exactly its own
+    # micro-batches (MultiSteps' own skip works per micro-batch and would shift the step boundaries).
+    update = optax.apply_if_finite(update, max_consecutive_errors=2**30)
+    multi_steps = _ResettingMultiSteps
+  inner = optax.chain(record_grad_norm(), update)
+  return multi_steps(inner, every_k_schedule=cfg.gradient_accumulation_steps, use_grad_mean=False)
 
 
 def grad_norm(opt_state: optax.MultiStepsState) -> jax.Array:
   """Global gradient norm of the last optimizer update."""
   return opt_state.inner_opt_state[0].grad_norm
+
+
+def skipped_updates(opt_state: optax.MultiStepsState) -> jax.Array:
+  """Optimizer steps skipped so far for a non-finite gradient (0 unless skip_nonfinite_updates)."""
+  update_state = opt_state.inner_opt_state[1]
+  if isinstance(update_state, optax.ApplyIfFiniteState):
+    return update_state.total_notfinite
+  return jnp.zeros([], jnp.int32)

@@ -16,6 +16,8 @@ import functools
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from typing import Callable
@@ -31,6 +33,7 @@ from flax import linen as nn
 
 from lm import checkpoint, console, data, metrics, sharding
 from lm.config import Config, ConfigError, to_dict
+from lm.errors import TrainingError
 from lm.model import Decoder, param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
 from lm.train_step import TrainState, eval_step, train_step
@@ -219,17 +222,19 @@ class MetricsLogger:
     """Host side of a finished optimizer step: fetch its metrics (the step is done) and log them."""
     run, t = self._run, self._run.config.train
     loss_sum, tokens = _sum_losses(micro_metrics)
-    scalars = {"loss": loss_sum / max(tokens, 1)}
-    scalars["loss_ema"] = self._ema.update(scalars["loss"])
+    last = jax.device_get(micro_metrics[-1])
+    scalars = {"loss": loss_sum / max(tokens, 1), "grad_norm": float(last["grad_norm"]),
+               "skipped_updates": int(last["skipped_updates"])}
+    self._check_finite(step, scalars)
+    scalars["loss_ema"] = self._ema.update(scalars["loss"]) if math.isfinite(scalars["loss"]) else math.nan
     self._progress(step, time.time())
     first = step == self._start_step + 1  # carries compilation: timing starts at its end
     if first:
       self.timer.step_seconds(step)
     if step % t.log_interval_steps and step != run.num_train_steps:
       return
-    scalars.update(learning_rate=float(run.lr_schedule(step - 1)),
-                   tokens_seen=step * run.plan.global_sequences * t.seq_len,
-                   grad_norm=float(jax.device_get(micro_metrics[-1]["grad_norm"])))
+    scalars.update(learning_rate=float(run.lr_schedule(step - 1, xp=np)),
+                   tokens_seen=step * run.plan.global_sequences * t.seq_len)
     if not first:
       seconds = self.timer.step_seconds(step)
       tokens_per_sec = run.plan.global_sequences * t.seq_len / seconds
@@ -243,6 +248,22 @@ class MetricsLogger:
     seconds = self.last.get("step_time")
     eta = None if seconds is None else seconds * (run.num_train_steps - step)
     console.logger.info("%s", console.step_line(step, run.num_train_steps, scalars, eta))
+
+  def _check_finite(self, step: int, scalars: dict[str, float]) -> None:
+    """Stops at a NaN/Inf loss or gradient, unless such updates are skipped (and then counted)."""
+    bad = [name for name in ("loss", "grad_norm") if not math.isfinite(scalars[name])]
+    if not bad:
+      return
+    if self._run.config.train.skip_nonfinite_updates:
+      console.logger.warning("Step %d: non-finite %s; the update was skipped (%d skipped so far).", step,
+                             " and ".join(bad), scalars["skipped_updates"])
+      return
+    raise TrainingError(
+        f"Step {step}: the {' and the '.join(n.replace('_', ' ') for n in bad)} became "
+        f"{scalars[bad[0]]} (loss {scalars['loss']}, gradient norm {scalars['grad_norm']}). Nothing of this "
+        "step was saved; the newest checkpoint is intact. Lower config.train.learning_rate, keep "
+        "config.train.max_grad_norm > 0, or set config.train.skip_nonfinite_updates=True to skip such "
+        "updates.")
 
   def eval(self, step: int, result: dict[str, float]) -> None:
     self._eval_writer.write_scalars(step, result)
@@ -285,6 +306,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   plan = BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
                    sharding.data_parallel_size(mesh), t.seq_len)
 
+  manager = checkpoint.make_manager(checkpoint_dir, t)
+  checkpoint.check_compatible(manager, to_dict(config))
   data.check_splits(config.data)
   tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
   train_data = data.load_split(config.data, tokenizer, t.seq_len, "train")
@@ -295,7 +318,6 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
 
   flops = metrics.flops_per_token(config.model, t.seq_len)
   peak, peak_source = metrics.peak_flops_per_device(devices[0], t.peak_flops_per_device)
-  manager = checkpoint.make_manager(checkpoint_dir, t)
 
   with sharding.activate(mesh):
     fns = build_step_functions(config, mesh, num_train_steps)
@@ -332,13 +354,54 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
     run = Run(config, workdir, mesh, plan, batches, eval_batches, fns.step_fn, fns.eval_fn, manager,
               learning_rate_schedule(t, num_train_steps), num_train_steps,
               flops.train * plan.global_sequences * t.seq_len, peak)
-    return _loop(run, state)
+    try:
+      return _loop(run, state)
+    finally:
+      _finish_saves(manager)
+
+
+class PreemptionNotice:
+  """Set by SIGTERM (how Cloud TPU, GKE and SLURM announce a preemption) or by JAX's preemption sync
+  point, which every process reaches at the same step."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager, self._signalled = manager, False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    return self._manager.reached_preemption(step) or self._signalled
+
+
+def _save(run: Run, step: int, state: TrainState) -> None:
+  try:
+    checkpoint.save(run.manager, step, state, run.run_description)
+    run.manager.check_for_errors()
+  except Exception as e:  # orbax re-raises the writer's own error (OSError, tensorstore, ...)
+    raise TrainingError(
+        f"Saving the checkpoint of step {step} under {run.manager.directory} failed ({type(e).__name__}: "
+        f"{e}). Training stopped rather than go on without checkpoints; the newest complete checkpoint is "
+        f"step {run.manager.latest_step()}. Free disk space or fix the permissions of "
+        "config.train.checkpoint_dir and run again to resume.") from e
+
+
+def _finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Lets a save in flight complete even when the run stops on an error: its state was good."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # the save's own failure is reported where it surfaced first
+    console.logger.warning("A checkpoint save in flight failed too: %s", e)
 
 
 def _loop(run: Run, state: TrainState) -> dict[str, float]:
   t, plan = run.config.train, run.plan
   start_step = int(state.step)
   logger = MetricsLogger(run, start_step)
+  preemption = PreemptionNotice(run.manager)
   pending = None  # (step, micro-step metrics) not fetched yet
   for step in range(start_step, run.num_train_steps):
     global_batch = run.batches.get(step)
@@ -353,19 +416,28 @@ def _loop(run: Run, state: TrainState) -> dict[str, float]:
       logger.train_step(*pending)
     done = step + 1
     pending = (done, micro_metrics)
+    preempted = preemption.reached(done)
     evaluate_now = done % t.eval_interval_steps == 0 or done == run.num_train_steps
-    save_now = done % t.save_interval_steps == 0 or done == run.num_train_steps
+    save_now = done % t.save_interval_steps == 0 or done == run.num_train_steps or preempted
     if evaluate_now or save_now:
+      # This step's figures first: a non-finite step must stop the run before it is saved.
+      logger.train_step(*pending)
+      pending = None
       # Eval and the checkpoint's copy to host are not training: keep their time out of the step time.
-      jax.block_until_ready(state)
       paused = time.perf_counter()
       if evaluate_now:
         logger.eval(done, evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh))
       if save_now:
-        checkpoint.save(run.manager, done, state, run.run_description)
+        _save(run, done, state)
       logger.timer.pause(time.perf_counter() - paused)
+    if preempted:
+      run.manager.wait_until_finished()
+      console.logger.info("Preempted: finished step %d, saved its checkpoint, exiting. Run the same "
+                          "command again to resume.", done)
+      break
   if pending is not None:
     logger.train_step(*pending)
   run.manager.wait_until_finished()
+  run.manager.check_for_errors()
   logger.close()
-  return {**logger.last, "step": run.num_train_steps}
+  return {**logger.last, "step": int(state.step)}

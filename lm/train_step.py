@@ -18,7 +18,7 @@ from flax import struct
 
 from lm import data
 from lm.model import Decoder
-from lm.optimizer import grad_norm
+from lm.optimizer import grad_norm, skipped_updates
 
 
 class TrainState(struct.PyTreeNode):
@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch, loss_scale, *, model: Decoder, tx: opta
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B,
-             "grad_norm": grad_norm(opt_state)}
+             "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)}
   return TrainState(params=params, opt_state=opt_state), metrics
 
 

@@ -43,10 +43,10 @@ def run_split(split, workdir: str, steps: int) -> None:
 
 def final_params(workdir: str, step: int):
   import jax
-  import orbax.checkpoint as ocp
-  state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), "checkpoints",
-                                                          str(step), "state"))
-  return jax.tree.leaves(jax.device_get(state["params"]))
+  from lm import checkpoint
+  state = checkpoint.restore_on_one_device(os.path.join(os.path.abspath(workdir), "checkpoints",
+                                                        str(step), "state"))
+  return jax.tree.leaves(state["params"])
 
 
 def relative_l2(a, b) -> float:

@@ -1,0 +1,279 @@
+"""Faults: kill -9 at any moment, SIGTERM preemption, NaN/Inf, a full disk, and twenty-odd bad inputs.
+
+Every crash must resume from the newest complete checkpoint and then log the very losses (bit for bit) of
+a run that was never stopped; every bad input must stop at startup with the key at fault and a fix,
+without touching the checkpoints of an earlier run.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from lm import checkpoint, data, metrics
+from lm.config import ConfigError, from_config_dict
+from lm.errors import TrainingError
+from lm.optimizer import make_optimizer
+from lm.train import train_and_evaluate
+from tests.test_train import MAIN_ENV, ROOT, TINY, corpus, main_command, run_main  # noqa: F401
+
+STEPS = ["--config.train.num_train_steps=8", "--config.train.save_interval_steps=2",
+         "--config.train.eval_interval_steps=8"]
+
+
+def _checkpoints(workdir) -> list[str]:
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(os.listdir(directory), key=str) if os.path.isdir(directory) else []
+
+
+def _complete(workdir) -> list[int]:
+  return sorted(int(name) for name in _checkpoints(workdir) if name.isdigit())
+
+
+def _logged(workdir) -> set[int]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return set(metrics.read_jsonl(str(workdir))) if os.path.exists(path) else set()
+
+
+def _start(workdir, data_dir, corpus_dir):
+  return subprocess.Popen(main_command(workdir, data_dir, corpus_dir, *STEPS), cwd=ROOT, env=MAIN_ENV,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait(process, condition, what, timeout=300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      return
+    if process.poll() is not None:
+      raise AssertionError(f"training ended before {what}: {process.stderr.read()[-2000:]}")
+    time.sleep(0.002)
+  raise AssertionError(f"no {what} within {timeout} s")
+
+
+MID_SAVE = "kill -9 during an asynchronous save"
+# Each fault: how to wait for its moment, and the signal sent then.
+FAULTS = {
+    "kill -9 during a step": (lambda w: 3 in _logged(w), signal.SIGKILL),
+    # The save of step 4 starts right after step 4 is logged; listing the directory is the last, quick
+    # check before the kill.
+    MID_SAVE: (
+        lambda w: 4 in _logged(w) and any("tmp" in name for name in _checkpoints(w)), signal.SIGKILL),
+    "kill -9 between saves": (lambda w: 5 in _logged(w) and 4 in _complete(w), signal.SIGKILL),
+    "SIGTERM (preemption)": (lambda w: 3 in _logged(w), signal.SIGTERM),
+}
+
+
+def test_every_fault_resumes_bit_identical(tmp_path, corpus):
+  data_dir = tmp_path / "data"
+  straight = run_main(tmp_path / "straight", data_dir, corpus, *STEPS)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  expected = metrics.read_jsonl(str(tmp_path / "straight"))
+  survived = []
+  for name, (moment, sig) in FAULTS.items():
+    for attempt in range(3):  # a save lasts a fraction of a second: the kill may come too late
+      workdir = str(tmp_path / f"{name.replace(' ', '_')}_{attempt}")
+      process = _start(workdir, data_dir, corpus)
+      _wait(process, lambda: moment(workdir), name)
+      process.send_signal(sig)
+      _, stderr = process.communicate(timeout=300)
+      # A kill meant to land mid-save must leave a partial checkpoint behind.
+      if name != MID_SAVE or any("tmp" in n for n in _checkpoints(workdir)):
+        break
+    else:
+      raise AssertionError(f"{name}: the save always finished before the kill: {_checkpoints(workdir)}")
+    if sig == signal.SIGTERM:  # finishes the step, saves it, exits cleanly
+      assert process.returncode == 0, stderr[-2000:]
+      assert "Preempted: finished step" in stderr
+    newest = _complete(workdir)[-1] if _complete(workdir) else None
+
+    resumed = run_main(workdir, data_dir, corpus, *STEPS)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (f"resumed from step {newest}" if newest else "fresh start") in resumed.stderr, name
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [(r["step"], r["loss"]) for r in records if r["collection"] == "train"]
+    assert {step for step, _ in train} == set(range(1, 9))
+    for step, loss in train:  # steps logged twice (before the crash and after the resume) agree too
+      assert loss == expected[step]["loss"], (name, step)
+    assert metrics.read_jsonl(workdir, "eval")[8] == metrics.read_jsonl(str(tmp_path / "straight"), "eval")[8]
+    survived.append(name)
+  print(f"\nfaults: {len(FAULTS)} tried, {len(survived)} resumed with bit-identical losses: "
+        + "; ".join(survived))
+  assert len(survived) == len(FAULTS)
+
+
+def _config(tmp_path, corpus_dir, **train):
+  c = default.get_config()
+  for flag in TINY:
+    key, value = flag.removeprefix("--config.").split("=")
+    section, name = key.split(".")
+    c[section][name] = type(c[section][name])(value)
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.text_files = f"{corpus_dir}/*.py"
+  for name, value in train.items():
+    c.train[name] = value
+  return c
+
+
+def test_nan_stops_with_the_step_and_saves_nothing_bad(tmp_path, corpus):
+  config = from_config_dict(_config(tmp_path, corpus, learning_rate=1e30, num_train_steps=6,
+                                    save_interval_steps=1, warmup_steps=0))
+  with pytest.raises(TrainingError) as e:
+    train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(e.value)
+  bad_step = int(message.split(":")[0].removeprefix("Step "))
+  assert "became" in message and "skip_nonfinite_updates" in message and bad_step >= 2
+  assert _complete(tmp_path / "run") == list(range(1, bad_step))  # the bad step was never saved
+
+
+def test_nonfinite_updates_are_skipped_and_counted_when_asked():
+  from tests.test_train_step import _batch, _init, _train_cfg
+  from tests.helpers import tiny_model
+  from lm.model import Decoder
+  from lm.train_step import train_step
+  import functools
+  model = Decoder(tiny_model())
+  tx = make_optimizer(dataclasses.replace(_train_cfg(2), skip_nonfinite_updates=True), 10)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  state = _init(model, tx)
+  poisoned = state.params["embedding"].at[7].set(jnp.inf)  # any batch holding token 7 goes non-finite
+  state = state.replace(params={**state.params, "embedding": poisoned})
+  clean = _batch(4, seed=1)
+  clean["tokens"][clean["tokens"] == 7] = 8
+  bad = {k: v.copy() for k, v in clean.items()}
+  bad["tokens"][1, 2] = 7
+
+  def optimizer_step(state, batch):
+    for i in range(2):
+      state, m = step(state, {k: v[2 * i:2 * i + 2] for k, v in batch.items()}, np.float32(0.01))
+    return state, m
+
+  before = state.params["lm_head"]
+  state, m = optimizer_step(state, bad)
+  assert int(m["skipped_updates"]) == 1 and not np.isfinite(float(m["grad_norm"]))
+  np.testing.assert_array_equal(state.params["lm_head"], before)  # skipped: nothing moved
+  assert int(state.step) == 1  # but the step was consumed with exactly its own micro-batches
+  state, m = optimizer_step(state, clean)
+  assert int(m["skipped_updates"]) == 1 and np.isfinite(float(m["grad_norm"]))
+  assert not np.array_equal(state.params["lm_head"], before)
+
+
+def _tmpfs(path, size: str) -> bool:
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_full_disk_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, corpus):
+  disk = tmp_path / "small_disk"
+  if not _tmpfs(disk, "3m"):
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    config = from_config_dict(_config(tmp_path, corpus, num_train_steps=8, save_interval_steps=1,
+                                      checkpoint_dir=str(disk / "ckpt"), max_to_keep=5))
+    with pytest.raises(TrainingError, match="Saving the checkpoint of step .* failed") as e:
+      train_and_evaluate(config, str(tmp_path / "run"))
+    assert "Free disk space" in str(e.value)
+    complete = sorted(int(n) for n in os.listdir(disk / "ckpt") if n.isdigit())
+    assert complete, "at least one checkpoint fitted"
+    state = checkpoint.restore_on_one_device(str(disk / "ckpt" / str(complete[-1]) / "state"))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def _files(directory) -> dict[str, str]:
+  """Every file under a directory with the hash of its bytes."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory, corpus):
+  """A workdir holding the checkpoints of an earlier run, which no mistake below may touch."""
+  root = tmp_path_factory.mktemp("earlier")
+  config = from_config_dict(_config(root, corpus, num_train_steps=2))
+  train_and_evaluate(config, str(root / "run"))
+  return root
+
+
+MISTAKES = [  # (overrides of the tiny config, what the message must say)
+    ({"model.num_kv_heads": 3}, "config.model.num_heads = 4 is not divisible by config.model.num_kv_heads = 3"),
+    ({"model.head_dim": 15}, "config.model.head_dim = 15 must be even"),
+    ({"model.name": "gpt5"}, "config.model.name = 'gpt5' is not known"),
+    ({"model.dtype": "float16"}, "config.model.dtype = 'float16' is not known"),
+    ({"model.remat": "some"}, "config.model.remat = 'some' is not known"),
+    ({"train.optimizer": "sgd"}, "config.train.optimizer = 'sgd' is not known"),
+    ({"train.schedule": "step"}, "config.train.schedule = 'step' is not known"),
+    ({"train.seq_len": 128}, "config.train.seq_len = 128 is over config.model.max_seq_len = 64"),
+    ({"train.micro_batch_size": 0}, "config.train.micro_batch_size = 0 must be > 0"),
+    ({"train.gradient_accumulation_steps": -2}, "config.train.gradient_accumulation_steps = -2 must be > 0"),
+    ({"train.save_interval_steps": 0}, "config.train.save_interval_steps = 0 must be > 0"),
+    ({"train.eval_interval_steps": -1}, "config.train.eval_interval_steps = -1 must be > 0"),
+    ({"train.num_epochs": 2}, "set exactly one of them"),
+    ({"train.warmup_steps": 5}, "config.train.warmup_steps = 5 is not below config.train.num_train_steps = 2"),
+    ({"train.learning_rate": "fast"}, "config.train.learning_rate = 'fast' is a str; it must be a float"),
+    ({"train.max_grad_norm": -1.0}, "config.train.max_grad_norm = -1.0 must be >= 0"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one may be -1"),
+    ({"mesh.data": 16}, "needs 32 devices but 8 are present"),
+    ({"mesh.data": -1, "mesh.tensor": 3}, "config.mesh.data = -1 cannot fill 8 devices"),
+    ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, "config.model.num_heads = 4 does not split over config.mesh.tensor = 8"),
+    ({"data.dataset": "no_such_dataset"}, "config.data.dataset = 'no_such_dataset' is not a registered TFDS dataset"),
+    ({"data.text_files": "/nonexistent/*.txt"}, "config.data.text_files"),
+    ({"data.text_files": "EMPTY"}, "the corpus is empty"),
+    ({"data.eval_split": "test"}, "config.data.eval_split = 'test' is not a split of local_text"),
+    ({"data.tokenizer": "sentencepiece", "data.tokenizer_path": "/nonexistent/spm.model"}, "config.data.tokenizer_path = '/nonexistent/spm.model' cannot be read"),
+    ({"model.vocab_size": 200}, "config.model.vocab_size = 200 is below the 259 ids of the byte tokenizer"),
+    ({"train.micro_batch_size": 4096}, "fewer than one global batch"),
+    ({"model.d_model": 96}, "holds a checkpoint (step 2) of another model or optimizer: model.d_model = 64 there, 96 here"),
+    ({"train.optimizer": "lion"}, "of another model or optimizer: train.optimizer = 'adamw' there, 'lion' here"),
+    ({"train.unknown_key": 1}, "unknown keys ['unknown_key']"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", MISTAKES, ids=[" ".join(map(str, m[0].items())) for m in MISTAKES])
+def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_path, overrides, message):
+  before = _files(earlier_run / "run")
+  # A plain dict: no type safety, as in a hand-written config. Two steps, as the earlier run: a mistake
+  # that slipped through would resume that run (and fail the check below) rather than train for long.
+  d = _config(earlier_run, corpus, num_train_steps=2).to_dict()
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    if value == "EMPTY":
+      (tmp_path / "empty").mkdir()
+      for i in range(3):
+        (tmp_path / "empty" / f"{i}.py").write_text("")
+      value = f"{tmp_path}/empty/*.py"
+    d[section][name] = value
+  # A vocabulary change is caught first as "another model" in the earlier workdir: try it on a new one.
+  workdir = tmp_path / "new" if "model.vocab_size" in overrides else earlier_run / "run"
+  with pytest.raises(ConfigError) as e:
+    train_and_evaluate(from_config_dict(ml_collections.ConfigDict(d)), str(workdir))
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)  # one paragraph
+  assert _files(earlier_run / "run") == before
+
+
+def test_loading_never_unpickles():
+  sources = {}
+  for name in os.listdir(os.path.join(ROOT, "lm")):
+    if name.endswith(".py"):
+      with open(os.path.join(ROOT, "lm", name)) as f:
+        sources[name] = f.read()
+  assert not [n for n, s in sources.items() if "import pickle" in s or "allow_pickle=True" in s]
+  assert "allow_pickle=False" in sources["data.py"] or "np.load(" not in sources["data.py"]
