@@ -1,8 +1,11 @@
-"""Model FLOPs per token, peak FLOP/s per device, MFU, and the loss EMA.
+"""Model FLOPs per token, XLA's FLOP count of a compiled step, peak FLOP/s per device, MFU and HFU, and
+the loss EMA.
 
 MFU is global: model FLOPs of the whole optimizer step (every micro-batch on every device) divided by
 (wall time of the step x number of devices x peak FLOP/s per device). Remat recomputation is not model
-FLOPs and is not counted.
+FLOPs and is not counted. HFU (hardware FLOPs utilisation) divides instead the FLOPs XLA compiled the step
+into: remat recomputation, the masked half of causal attention, elementwise ops and the optimizer update
+that `optax.MultiSteps` runs in every micro-step.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from lm.config import ConfigError, ModelConfig
+from lm.config import Config, ConfigError, ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (per GPU), from the vendors' spec sheets. Matched by substring of
 # `device.device_kind`, first match wins, so the more specific names come first.
@@ -62,6 +66,66 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
   )
 
 
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled function on one device, as XLA's cost analysis counts them.
+
+  Every op the device runs is counted (matmuls, elementwise ops, remat recomputation), but the body of a
+  while loop only once: a scan over layers counts one layer (see `hardware_flops_per_device`). Under SPMD
+  the compiled program is one device's share.
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jaxlibs: one dict per program
+  return float(cost["flops"])
+
+
+def hardware_flops_per_device(compiled, model_cfg: ModelConfig,
+                              compile_unrolled: Callable[[int], Any] | None = None) -> float:
+  """XLA FLOPs of one call of a compiled train micro-step on one device, every layer counted.
+
+  Args:
+    compiled: the step as compiled for the run; its count is used as is when the layers are unrolled.
+    compile_unrolled: n -> the same step compiled with `num_layers=n, scan_layers=False`; needed when
+      the model scans its layers, since XLA counts a scan's body once. The count is then extrapolated
+      from 1 and 2 unrolled layers (exact: every layer compiles to the same ops; tests/test_flops.py).
+  """
+  if not model_cfg.scan_layers:
+    return xla_flops(compiled)
+  if compile_unrolled is None:
+    raise ValueError("a scanned model needs compile_unrolled: XLA counts the scan body once")
+  one, two = (xla_flops(compile_unrolled(n)) for n in (1, 2))
+  return one + (model_cfg.num_layers - 1) * (two - one)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """FLOPs of one optimizer step, all micro-steps on all devices."""
+  model: float  # analytic (`flops_per_token`): what MFU divides
+  hardware: float  # counted by XLA in the compiled step: what HFU divides
+
+  def utilisation(self, step_seconds: float, num_devices: int, peak_per_device: float) -> tuple[float, float]:
+    """(MFU, HFU) of a step that took `step_seconds`."""
+    return (mfu(self.model, step_seconds, num_devices, peak_per_device),
+            mfu(self.hardware, step_seconds, num_devices, peak_per_device))
+
+
+def step_flops(compiled, config: Config, num_devices: int, data_parallel: int,
+               compile_unrolled: Callable[[int], Any] | None = None) -> StepFlops:
+  """Model and hardware FLOPs of one optimizer step of a compiled train micro-step.
+
+  Args:
+    compiled: `step_fn.lower(abstract_state, abstract_micro_batch, loss_scale).compile()`.
+    data_parallel: devices the batch is split over (mesh data x fsdp).
+    compile_unrolled: see `hardware_flops_per_device`; only for scanned layers.
+  """
+  t = config.train
+  tokens = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel * t.seq_len
+  model = flops_per_token(config.model, t.seq_len).train * tokens
+  per_micro_step = hardware_flops_per_device(compiled, config.model, compile_unrolled)
+  # Every micro-step runs the same program (MultiSteps included), on every device its share.
+  return StepFlops(model=float(model),
+                   hardware=per_micro_step * t.gradient_accumulation_steps * num_devices)
+
+
 def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a square matmul on the default device: the practical peak of a CPU."""
   a = jnp.ones((size, size), dtype)
@@ -75,13 +139,21 @@ def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -
   return 2 * size**3 / best
 
 
+def spec_peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of a device kind from `PEAK_FLOPS`, or None for an unknown kind."""
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
 def peak_flops_per_device(device, override: float = 0.0) -> tuple[float, str]:
   """Peak FLOP/s of one device and where the figure comes from."""
   if override > 0:
     return override, "config.train.peak_flops_per_device"
-  for name, flops in PEAK_FLOPS:
-    if name.lower() in device.device_kind.lower():
-      return flops, f"spec sheet for {device.device_kind}"
+  flops = spec_peak_flops(device.device_kind)
+  if flops is not None:
+    return flops, f"spec sheet for {device.device_kind}"
   if device.platform == "cpu":
     # Simulated CPU devices (--xla_force_host_platform_device_count) share the same cores.
     shared_by = len(jax.local_devices())

@@ -1,0 +1,342 @@
+"""Throughput of the project's train path next to a minimal jax.jit step, on synthetic tokens.
+
+  python scripts/benchmark.py --config=configs/bench_60m.py
+
+Measures the float32 and bfloat16 matmul peak of the machine (a 4096 x 4096 matmul), then runs each
+variant (float32 / bfloat16 compute; accumulation 1 / 4 at the same global batch; the minimal step) for
+--warmup + --steps optimizer steps, and prints one JSON line: per variant the median step time, tokens/s,
+MFU against the measured peak of its dtype, compile time and peak resident memory, and the ratios that
+show the framework's cost. The project path is `lm.train._loop` itself: the AOT-compiled sharded step
+with MultiSteps, the delayed metrics fetch, per-step logging, and an asynchronous orbax save in the middle
+of the timed steps. Only the eval function is a stub (eval time is not step time anyway). Numbers and
+their analysis: docs/performance.md.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import resource
+import signal
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402  (after the path set-up)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from lm import checkpoint, data, metrics, sharding, train  # noqa: E402
+from lm.config import Config, from_config_dict  # noqa: E402
+from lm.model import Decoder  # noqa: E402
+from lm.optimizer import learning_rate_schedule  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed optimizer steps per variant.")
+_WARMUP = flags.DEFINE_integer("warmup", 0, "Untimed optimizer steps per variant after compilation (the "
+                               "project path also never times its first step).")
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (see VARIANTS); default the DEFAULT ones.")
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Side of the square matmul that measures the peak.")
+_OUTPUT = flags.DEFINE_string("output", "", "Also write the JSON line to this file.")
+_DEVICE_ONLY_ROUNDS = flags.DEFINE_integer(
+    "device_only_rounds", 0, "Afterwards, time this many optimizer steps of each variant's compiled "
+    "programs alone (no host work, variants interleaved): robust to other load on the machine.")
+flags.mark_flags_as_required(["config"])
+
+BOS_ID = 1  # ids 0..2 are pad, bos, eos in both tokenizers
+MEAN_DOCUMENT_TOKENS = 600  # synthetic documents: a typical mix of whole and split documents per row
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  path: str  # "project" (lm.train's loop) or "minimal" (a plain jax.jit step)
+  dtype: str  # compute dtype
+  accumulation: int  # micro-batches per optimizer step; the micro-batch shrinks to keep the global batch
+  global_fraction: int = 1  # 4: a quarter of the global batch, to time one accumulation micro-step alone
+
+
+# Per dtype: the minimal reference, the project at accumulation 1 and 4 (same global batch), and one
+# project step on a quarter of the batch: the cost of accumulating 4 of those is accum4 / (4 x it).
+VARIANTS = tuple(v for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")) for v in (
+    Variant(f"minimal_{short}", "minimal", dtype, 1),
+    Variant(f"project_{short}_accum1", "project", dtype, 1),
+    Variant(f"project_{short}_accum4", "project", dtype, 4),
+    Variant(f"project_{short}_accum1_quarter", "project", dtype, 1, global_fraction=4),
+))
+# About 5 minutes for bench_60m on 2 idle cores: the accumulation comparison in float32 only.
+DEFAULT = ("minimal_f32", "project_f32_accum1", "project_f32_accum4", "project_f32_accum1_quarter",
+           "minimal_bf16", "project_bf16_accum1")
+
+
+def variant_config(config: Config, variant: Variant) -> Config:
+  """The config with the variant's dtype and batch split; the global batch is the config's (or a part)."""
+  t = config.train
+  per_device_sequences = t.micro_batch_size * t.gradient_accumulation_steps // variant.global_fraction
+  if per_device_sequences % variant.accumulation:
+    raise ValueError(f"{variant.name}: {per_device_sequences} sequences per device do not split into "
+                     f"{variant.accumulation} micro-batches")
+  train_cfg = dataclasses.replace(t, micro_batch_size=per_device_sequences // variant.accumulation,
+                                  gradient_accumulation_steps=variant.accumulation)
+  return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=variant.dtype),
+                             train=train_cfg)
+
+
+def synthetic_sequences(config: Config, rows: int, seed: int = 0) -> data.PackedSequences:
+  """Uniform random tokens in documents of random length, packed as the real data is."""
+  rng = np.random.default_rng(seed)
+  stream = rng.integers(3, config.model.vocab_size, rows * config.train.seq_len, dtype=np.int32)
+  stream[rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS] = BOS_ID
+  return data.PackedSequences(**data.pack(stream, BOS_ID, config.train.seq_len))
+
+
+class PeakRss:
+  """Peak resident memory of this process since `reset`: Linux's VmHWM, which /proc/self/clear_refs
+  resets; elsewhere getrusage's maximum over the whole process life."""
+
+  def reset(self) -> float:
+    """Starts a new peak; returns the resident memory now (MB), what earlier variants still hold."""
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    except OSError:
+      pass
+    return self._status("VmRSS") or 0.0
+
+  def megabytes(self) -> float:
+    return self._status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB
+
+  @staticmethod
+  def _status(key: str) -> float | None:
+    try:
+      with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+      return None
+
+
+def _stub_eval(params, batch):
+  """Eval is left out: the loop pauses the step timer for it, and its compile would cost a minute."""
+  del params
+  rows = batch["tokens"].shape[0]
+  return {"sequence_loss": np.zeros(rows, np.float32), "sequence_tokens": np.zeros(rows, np.int32)}
+
+
+def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: float) -> dict:
+  """lm.train's loop on synthetic data; the step times are those its StepTimer logs to metrics.jsonl."""
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  plan = train.BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
+                         sharding.data_parallel_size(mesh), t.seq_len)
+  # +1: the loop times a step from the end of the one before, so the first step is never timed.
+  num_steps = 1 + warmup + steps
+  batches = data.TrainBatches(synthetic_sequences(config, 4 * plan.global_sequences), t.seed,
+                              plan.global_sequences)
+  # One asynchronous save in the middle of the timed steps (its write overlaps them), one at the end.
+  t = dataclasses.replace(t, log_interval_steps=1, eval_interval_steps=num_steps,
+                          save_interval_steps=max(1 + warmup + steps // 2, 1))
+  config = dataclasses.replace(config, train=t)
+  with sharding.activate(mesh):
+    fns = train.build_step_functions(config, mesh, num_steps)
+    state = fns.create_state()
+    start = time.perf_counter()
+    # Compiled ahead of time, so that the compile time is measured apart and no step carries it.
+    abstract_args = (fns.abstract_state, fns.abstract_micro_batch(plan.micro_rows, t.seq_len), np.float32(1.0))
+    step_fns = {name: getattr(fns, name).lower(*abstract_args).compile()
+                for name in ("step_fn", "accumulate_fn") if hasattr(fns, name)}
+    compile_seconds = time.perf_counter() - start
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
+    flops = metrics.flops_per_token(config.model, t.seq_len).train * plan.global_sequences * t.seq_len
+    run = train.Run(config=config, workdir=workdir, mesh=mesh, plan=plan, batches=batches,
+                    eval_batches=[batches.get(0)], eval_fn=_stub_eval, manager=manager,
+                    lr_schedule=learning_rate_schedule(t, num_steps), num_train_steps=num_steps,
+                    flops_per_step=flops, peak_flops_per_device=peak, **step_fns)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+      train._loop(run, state)  # pylint: disable=protected-access
+    finally:
+      signal.signal(signal.SIGTERM, sigterm)  # the loop's preemption handler would outlive it
+    replay = _project_replay(fns.create_state, step_fns, batches.get(0), plan, mesh)
+  logged = metrics.read_jsonl(workdir)
+  seconds = [logged[s]["step_time"] for s in sorted(logged) if "step_time" in logged[s]]
+  return {"compile_seconds": compile_seconds, "step_times": seconds[warmup:],
+          "xla_temp_mb": step_fns["step_fn"].memory_analysis().temp_size_in_bytes / 2**20}, replay
+
+
+def _project_replay(create_state, step_fns: dict, global_batch: dict, plan, mesh) -> Callable[[], None]:
+  """One optimizer step of the compiled programs alone, inputs already on the device: no host work. The
+  state is made at the first call, so that it does not weigh on the memory of the variants after."""
+  micro_batches = [sharding.put_batch(m, mesh) for m in train.split_micro_batches(global_batch, plan)]
+  last = len(micro_batches) - 1
+  holder = [None]
+
+  def replay():
+    if holder[0] is None:
+      with sharding.activate(mesh):
+        holder[0] = create_state()
+    for i, micro in enumerate(micro_batches):
+      step_fn = step_fns["step_fn"] if i == last else step_fns.get("accumulate_fn", step_fns["step_fn"])
+      holder[0], _ = step_fn(holder[0], micro, np.float32(1e-4))
+    jax.block_until_ready(holder[0])
+
+  return replay
+
+
+def minimal_step(config: Config):
+  """The reference: what one would write by hand. Same model and loss, plain AdamW, one device, no
+  sharding, accumulation or metrics. Returns (init, jitted step)."""
+  t = config.train
+  model = Decoder(config.model)
+  tx = optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+  def init(rng, batch):
+    params = nn.unbox(model.init(rng, batch["tokens"], batch["segment_ids"], batch["positions"])["params"])
+    return params, tx.init(params)
+
+  def loss_fn(params, batch):
+    logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, data.targets(batch["tokens"]))
+    mask_BxL = data.loss_mask(batch["segment_ids"])
+    return jnp.sum(ce_BxL * mask_BxL) / jnp.maximum(jnp.sum(mask_BxL), 1)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(init), step
+
+
+def run_minimal(config: Config, steps: int, warmup: int) -> dict:
+  """The minimal step on the first device, on the project's global batch; each step timed to its end."""
+  t = config.train
+  global_sequences = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices())
+  batches = data.TrainBatches(synthetic_sequences(config, 4 * global_sequences), t.seed, global_sequences)
+  init, step = minimal_step(config)
+  params, opt_state = init(jax.random.key(t.seed), batches.get(0))
+  start = time.perf_counter()
+  compiled = step.lower(params, opt_state, batches.get(0)).compile()
+  compile_seconds = time.perf_counter() - start
+  seconds = []
+  for s in range(warmup + steps):
+    batch = batches.get(s)
+    start = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, batch)
+    loss.block_until_ready()
+    seconds.append(time.perf_counter() - start)
+  holder, device_batch = [params, opt_state], jax.device_put(batches.get(0))
+
+  def replay():
+    holder[0], holder[1], loss = compiled(holder[0], holder[1], device_batch)
+    loss.block_until_ready()
+
+  return {"compile_seconds": compile_seconds, "step_times": seconds[warmup:],
+          "xla_temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}, replay
+
+
+def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dict[str, float],
+            rss: PeakRss) -> tuple[dict, Callable[[], None]]:
+  """One variant: its figures, with tokens/s and MFU from the median step time, and its replay."""
+  cfg = variant_config(config, variant)
+  rss_before = rss.reset()
+  if variant.path == "minimal":
+    result, replay = run_minimal(cfg, steps, warmup)
+  else:
+    with tempfile.TemporaryDirectory() as workdir:
+      result, replay = run_project(cfg, steps, warmup, workdir, peak[variant.dtype] / len(jax.devices()))
+  t = cfg.train
+  tokens = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices()) * t.seq_len
+  median = float(np.median(result["step_times"]))
+  flops = metrics.flops_per_token(cfg.model, t.seq_len).train * tokens
+  return {"name": variant.name, "path": variant.path, "dtype": variant.dtype,
+          "micro_batch_size": t.micro_batch_size, "accumulation_steps": t.gradient_accumulation_steps,
+          "tokens_per_step": tokens, "step_time_median": median,
+          "step_times": result["step_times"], "tokens_per_sec": tokens / median,
+          # Against the whole machine's peak: simulated CPU devices share its cores.
+          "mfu": metrics.mfu(flops, median, 1, peak[variant.dtype]),
+          "compile_seconds": result["compile_seconds"], "peak_rss_mb": rss.megabytes(),
+          "rss_before_mb": rss_before,
+          "xla_temp_mb": result["xla_temp_mb"]}, replay
+
+
+def replay_interleaved(replays: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+  """Median time of one optimizer step of each variant's compiled programs alone (no host work), the
+  variants taking turns so that a change in the machine's load hits all of them alike."""
+  seconds = {name: [] for name in replays}
+  for _ in range(rounds):
+    for name, replay in replays.items():
+      start = time.perf_counter()
+      replay()
+      seconds[name].append(time.perf_counter() - start)
+  return {name: float(np.median(s)) for name, s in seconds.items()}
+
+
+def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str = "") -> dict[str, float]:
+  """The targets: project / minimal step time (<= 1 wanted) and the cost of accumulating 4 micro-steps
+  against 4 single steps of the same micro-batch (< 1.05 wanted)."""
+  out = {}
+  for short in ("f32", "bf16"):
+    names = {"minimal": f"minimal_{short}", "accum1": f"project_{short}_accum1",
+             "accum4": f"project_{short}_accum4", "quarter": f"project_{short}_accum1_quarter"}
+    time_of = {k: results[name][key] for k, name in names.items() if key in results.get(name, {})}
+    if {"minimal", "accum1"} <= set(time_of):
+      out[f"project_over_minimal_{short}{suffix}"] = time_of["accum1"] / time_of["minimal"]
+    if {"accum1", "accum4"} <= set(time_of):
+      out[f"accum4_over_accum1_{short}{suffix}"] = time_of["accum4"] / time_of["accum1"]
+    if {"accum4", "quarter"} <= set(time_of):
+      out[f"accum4_over_4_quarter_steps_{short}{suffix}"] = time_of["accum4"] / (4 * time_of["quarter"])
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = from_config_dict(_CONFIG.value)
+  names = _VARIANTS.value or DEFAULT
+  unknown = sorted(set(names) - {v.name for v in VARIANTS})
+  if unknown:
+    raise app.UsageError(f"unknown variants {unknown}; known: {[v.name for v in VARIANTS]}")
+  dtypes = {v.dtype for v in VARIANTS if v.name in names}
+  # The peak of the whole machine: one matmul uses every core, whatever the simulated device count.
+  peak = {d: metrics.measure_matmul_peak(jnp.dtype(d), _PEAK_SIZE.value, repeats=3) for d in sorted(dtypes)}
+  load_before = os.getloadavg()[0]
+  rss, results = PeakRss(), {}
+  replays = {}
+  for variant in VARIANTS:
+    if variant.name in names:
+      logging.info("Benchmarking %s", variant.name)
+      results[variant.name], replays[variant.name] = measure(config, variant, _STEPS.value, _WARMUP.value,
+                                                             peak, rss)
+  if _DEVICE_ONLY_ROUNDS.value:
+    logging.info("Replaying the compiled steps, %d rounds", _DEVICE_ONLY_ROUNDS.value)
+    for name, seconds in replay_interleaved(replays, _DEVICE_ONLY_ROUNDS.value).items():
+      results[name]["device_step_time_median"] = seconds
+  del replays  # their states
+  line = json.dumps({
+      "config": config_flags.get_config_filename(flags.FLAGS["config"]), "devices": len(jax.devices()),
+      "device_kind": jax.devices()[0].device_kind, "steps": _STEPS.value, "warmup": _WARMUP.value,
+      "peak_flops": peak, "variants": list(results.values()),
+      "ratios": {**ratios(results), **ratios(results, "device_step_time_median", "_device_only")},
+      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      # Other work on the machine slows every figure: the 1-minute load average before and after.
+      "load_average": [load_before, os.getloadavg()[0]], "cpu_count": os.cpu_count(),
+  })
+  print(line, flush=True)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,352 @@
+"""Will a config fit, and how fast would it run? Compiles the real train step ahead of time and says.
+
+  python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --device_kind=h100
+  python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --memory_table=16,24,40,80,141
+
+The train micro-step of `lm.train.build_step_functions` is compiled for a mesh of --devices simulated CPU
+devices (a -1 mesh axis resolves against them). Printed per device: parameter, optimizer-state and
+accumulator bytes (from the state's shardings), temporary bytes (XLA's memory analysis of the compiled
+step: activations, gradients, the logits), their total against the device's memory; then FLOPs per
+optimizer step and the step time and tokens/s they imply at --mfu. When the step does not fit, smaller
+micro-batches (same global batch: more accumulation), stronger remat and a larger fsdp axis are
+compiled until one fits. --memory_table instead lists, per memory size, the largest micro-batch each
+remat policy fits. Memory comes from XLA's CPU compile of the same program: an estimate of TPU/GPU
+memory, whose compilers schedule and fuse differently. Any config key can be overridden
+(--config.train.micro_batch_size=4).
+"""
+
+import os
+import re
+import sys
+
+
+def _force_cpu_devices(argv: list[str]) -> None:
+  """XLA reads the device count when jax starts, so --devices must reach XLA_FLAGS before any import of
+  jax; CPU also on a GPU or TPU machine, whose memory would not be what is planned for."""
+  count = "8"
+  for i, arg in enumerate(argv):
+    if arg.startswith("--devices="):
+      count = arg.split("=", 1)[1]
+    elif arg == "--devices" and i + 1 < len(argv):
+      count = argv[i + 1]
+  flags_without_count = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{flags_without_count} --xla_force_host_platform_device_count={count}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+if __name__ == "__main__":
+  _force_cpu_devices(sys.argv)
+
+import dataclasses  # noqa: E402  (after the device count is set)
+import math  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lm import metrics, sharding, train  # noqa: E402
+from lm.config import Config, from_config_dict  # noqa: E402
+
+GB = 1e9  # decimal, as vendors quote memory; conservative against the GiB devices have
+
+# --device_kind: (a device_kind that lm.metrics.PEAK_FLOPS knows, memory per device in GB)
+DEVICE_KINDS = {
+    "v4": ("TPU v4", 32), "v5e": ("TPU v5e", 16), "v5p": ("TPU v5p", 95), "v6e": ("TPU v6e", 32),
+    "a100_40": ("A100", 40), "a100_80": ("A100", 80), "h100": ("H100", 80), "h200": ("H200", 141),
+}
+REMAT_ORDER = ("none", "save_dots", "full")  # least to most recomputation, most to least memory
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (simulated on the CPU).")
+_DEVICE_KIND = flags.DEFINE_enum("device_kind", "h100", sorted(DEVICE_KINDS), "Accelerator planned for.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", 0.0, "Memory per device in GB; 0 = that of --device_kind.")
+_USABLE = flags.DEFINE_float("usable_fraction", 0.9,
+                             "Share of the memory a step may use: runtime reserves, fragmentation and the "
+                             "estimate's error need the rest. GPUs: JAX preallocates 0.75 by default.")
+_MEMORY_TABLE = flags.DEFINE_list("memory_table", [], "Memory sizes in GB: print the choices per size.")
+_MIN_MICRO_TOKENS = flags.DEFINE_integer(
+    "min_micro_tokens", 4096, "--memory_table suggests micro-steps of at least this many tokens per device "
+    "when one fits: the costs of a micro-step that do not shrink with it (FSDP's parameter all-gathers and "
+    "gradient reduce-scatter, MultiSteps' optimizer pass) outweigh a few percent of recomputation below.")
+flags.mark_flags_as_required(["config"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """Per-device bytes of one compiled train micro-step."""
+  config: Config
+  mesh_shape: dict[str, int]
+  params: int
+  optimizer: int  # opt_state.inner_opt_state: Adam moments (or Lion's momentum), clipping, norm
+  accumulator: int  # opt_state.acc_grads of MultiSteps
+  temporary: int  # XLA temp buffers: activations kept for the backward pass, gradients, logits
+  total: int  # everything live: arguments + outputs not aliased to them + temporaries
+  compile_seconds: float
+  compiled: object = dataclasses.field(repr=False)
+
+  @property
+  def label(self) -> str:
+    t, m = self.config.train, self.config.model
+    mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+    return (f"micro_batch_size={t.micro_batch_size} gradient_accumulation_steps={t.gradient_accumulation_steps} "
+            f"remat={m.remat} mesh({mesh})")
+
+  def overrides(self, original: Config) -> str:
+    """The command-line overrides that turn `original` into this estimate's config."""
+    changed = [(f"train.{k}", getattr(self.config.train, k)) for k in ("micro_batch_size", "gradient_accumulation_steps")
+               if getattr(self.config.train, k) != getattr(original.train, k)]
+    if self.config.model.remat != original.model.remat:
+      changed.append(("model.remat", self.config.model.remat))
+    changed += [(f"mesh.{k}", getattr(self.config.mesh, k)) for k in ("data", "fsdp", "tensor")
+                if getattr(self.config.mesh, k) != getattr(original.mesh, k)]
+    return " ".join(f"--config.{k}={v}" for k, v in changed)
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def with_changes(config: Config, micro_batch_size: int | None = None, remat: str | None = None,
+                 mesh: dict[str, int] | None = None, **model) -> Config:
+  """The config with another micro-batch (accumulation adjusted to keep the global batch), remat, mesh
+  or model fields."""
+  t, m = config.train, config.model
+  if micro_batch_size is not None:
+    per_device = t.micro_batch_size * t.gradient_accumulation_steps
+    t = dataclasses.replace(t, micro_batch_size=micro_batch_size,
+                            gradient_accumulation_steps=per_device // micro_batch_size)
+  m = dataclasses.replace(m, **({"remat": remat} if remat else {}), **model)
+  new_mesh = dataclasses.replace(config.mesh, **mesh) if mesh else config.mesh
+  return dataclasses.replace(config, train=t, model=m, mesh=new_mesh)
+
+
+def compile_step(config: Config, num_devices: int):
+  """(compiled train micro-step, its StepFunctions, mesh, seconds to lower and compile)."""
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
+  sharding.check_divisible(config.model, dict(mesh.shape))
+  t = config.train
+  start = time.perf_counter()
+  with sharding.activate(mesh):
+    fns = train.build_step_functions(config, mesh, max(t.num_train_steps, 1))
+    rows = t.micro_batch_size * sharding.data_parallel_size(mesh)
+    compiled = fns.step_fn.lower(fns.abstract_state, fns.abstract_micro_batch(rows, t.seq_len),
+                                 np.float32(1.0)).compile()
+  return compiled, fns, mesh, time.perf_counter() - start
+
+
+def estimate(config: Config, num_devices: int) -> Estimate:
+  compiled, fns, mesh, seconds = compile_step(config, num_devices)
+  memory = compiled.memory_analysis()
+  state = fns.abstract_state
+  return Estimate(
+      config=config, mesh_shape=dict(mesh.shape), params=device_bytes(state.params),
+      optimizer=device_bytes(state.opt_state.inner_opt_state),
+      accumulator=device_bytes(state.opt_state.acc_grads), temporary=memory.temp_size_in_bytes,
+      total=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes),
+      compile_seconds=seconds, compiled=compiled)
+
+
+def flops_of(est: Estimate, num_devices: int) -> metrics.StepFlops:
+  """Model FLOPs (analytic) and hardware FLOPs (XLA, every layer: see metrics.hardware_flops_per_device)."""
+  unrolled = lambda n: compile_step(with_changes(est.config, num_layers=n, scan_layers=False), num_devices)[0]
+  data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
+  return metrics.step_flops(est.compiled, est.config, num_devices, data_parallel, unrolled)
+
+
+class Estimator:
+  """Compiles each config once: the searches revisit candidates."""
+
+  def __init__(self, num_devices: int):
+    self.num_devices, self._cache = num_devices, {}
+
+  def __call__(self, config: Config) -> Estimate:
+    if config not in self._cache:
+      self._cache[config] = estimate(config, self.num_devices)
+    return self._cache[config]
+
+
+def micro_batch_choices(config: Config) -> list[int]:
+  """Micro-batch sizes that keep the global batch: divisors of the sequences per device, descending."""
+  per_device = config.train.micro_batch_size * config.train.gradient_accumulation_steps
+  return [m for m in range(per_device, 0, -1) if per_device % m == 0]
+
+
+def largest_fitting(estimator: Estimator, config: Config, limit: float, sizes: list[int]) -> Estimate | None:
+  """The largest micro-batch of `sizes` (descending) that fits in `limit` bytes, by bisection: memory
+  grows with the micro-batch."""
+  low, high = 0, len(sizes) - 1  # sizes[high] is the smallest
+  if estimator(with_changes(config, micro_batch_size=sizes[high])).total > limit:
+    return None
+  while low < high:  # invariant: sizes[high] fits
+    middle = (low + high) // 2
+    if estimator(with_changes(config, micro_batch_size=sizes[middle])).total <= limit:
+      high = middle
+    else:
+      low = middle + 1
+  return estimator(with_changes(config, micro_batch_size=sizes[high]))
+
+
+def alternatives(config: Config, num_devices: int) -> list[Config]:
+  """What to try when the step does not fit, in order: the current remat and mesh, then each stronger
+  remat, then all data-parallel devices on fsdp (parameters and optimizer state split over all)."""
+  stronger = REMAT_ORDER[REMAT_ORDER.index(config.model.remat):]
+  meshes = [None]
+  mesh = sharding.mesh_shape(config.mesh, num_devices)
+  if mesh["data"] > 1 and config.model.d_model % (mesh["data"] * mesh["fsdp"]) == 0:
+    meshes.append({"data": 1, "fsdp": mesh["data"] * mesh["fsdp"], "tensor": mesh["tensor"]})
+  return [with_changes(config, remat=r, mesh=m) for m in meshes for r in stronger]
+
+
+def search(estimator: Estimator, config: Config, limit: float) -> tuple[Estimate | None, list[Estimate]]:
+  """The first alternative with the largest micro-batch that fits, and every estimate compiled on the way."""
+  for candidate in alternatives(config, estimator.num_devices):
+    sizes = [m for m in micro_batch_choices(candidate) if m <= candidate.train.micro_batch_size]
+    found = largest_fitting(estimator, candidate, limit, sizes)
+    if found is not None:
+      return found, list(estimator._cache.values())  # pylint: disable=protected-access
+  return None, list(estimator._cache.values())  # pylint: disable=protected-access
+
+
+def _gb(n: float) -> str:
+  return f"{n / GB:,.3f}"
+
+
+def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
+  t = est.config.train
+  dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
+  sequences = t.micro_batch_size * t.gradient_accumulation_steps * dp
+  limit = memory_gb * GB * usable
+  verdict = "fits" if est.total <= limit else "does NOT fit"
+  return [
+      "Mesh: " + " x ".join(f"{k}={v}" for k, v in est.mesh_shape.items()),
+      f"Batch: micro_batch_size {t.micro_batch_size} x gradient_accumulation_steps "
+      f"{t.gradient_accumulation_steps} x {dp} data-parallel devices = {sequences:,} sequences = "
+      f"{sequences * t.seq_len:,} tokens per step",
+      f"Remat: {est.config.model.remat}, compute {est.config.model.dtype}, parameters "
+      f"{est.config.model.param_dtype}",
+      "Memory per device (GB):",
+      f"  parameters          {_gb(est.params):>9}",
+      f"  optimizer state     {_gb(est.optimizer):>9}   (opt_state.inner_opt_state)",
+      f"  accumulator         {_gb(est.accumulator):>9}   (opt_state.acc_grads)",
+      f"  temporary           {_gb(est.temporary):>9}   (activations, gradients, logits: XLA memory analysis)",
+      f"  total               {_gb(est.total):>9}   of {memory_gb:g} GB, {usable:g} usable = "
+      f"{limit / GB:,.3g} GB: {verdict}",
+      f"Compiled in {est.compile_seconds:.1f} s",
+  ]
+
+
+def describe_speed(flops: metrics.StepFlops, est: Estimate, num_devices: int, peak: float,
+                   mfu: float) -> list[str]:
+  t = est.config.train
+  dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
+  tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len
+  seconds = flops.model / (num_devices * peak * mfu)
+  return [
+      f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half), "
+      f"{flops.hardware:.4g} hardware (XLA: remat recomputation, full attention square, elementwise, "
+      f"optimizer in every micro-step) = {flops.hardware / flops.model:.3f} x model",
+      f"At MFU {mfu:g} on {num_devices} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
+      f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / num_devices:,.0f} per device), "
+      f"HFU {mfu * flops.hardware / flops.model:.3f}",
+  ]
+
+
+NOTE = ("Note: memory is XLA's analysis of the CPU compile of the same program: an estimate of TPU/GPU "
+        "memory (their compilers fuse, schedule and rematerialise differently); keep a margin.")
+
+
+def report(config: Config, num_devices: int, device_kind: str, memory_gb: float, usable: float,
+           mfu: float, hardware_flops: bool = True) -> list[str]:
+  """The plan of one config, and if it does not fit, what would."""
+  name, device_memory = DEVICE_KINDS[device_kind]
+  memory_gb = memory_gb or device_memory
+  peak = metrics.spec_peak_flops(name)
+  estimator = Estimator(num_devices)
+  est = estimator(config)
+  lines = [f"Plan: {num_devices} x {device_kind} ({memory_gb:g} GB, {peak:.4g} bf16 FLOP/s peak per device)",
+           *describe(est, memory_gb, usable)]
+  if hardware_flops:
+    lines += describe_speed(flops_of(est, num_devices), est, num_devices, peak, mfu)
+  limit = memory_gb * GB * usable
+  if est.total > limit:
+    found, tried = search(estimator, config, limit)
+    lines.append("Does not fit. Tried (total GB per device):")
+    lines += [f"  {e.label}: {_gb(e.total)}" + (" fits" if e.total <= limit else "") for e in tried]
+    if found is None:
+      lines.append("Nothing tried fits: more devices, a larger fsdp or tensor axis, or a shorter seq_len.")
+    else:
+      lines.append(f"Suggestion: {found.label} ({_gb(found.total)} GB per device): {found.overrides(config)}")
+      lines += ["  " + line for line in describe(found, memory_gb, usable)]
+  return lines + [NOTE]
+
+
+def memory_table(config: Config, num_devices: int, sizes_gb: list[float], usable: float,
+                 min_micro_tokens: int = 4096) -> list[str]:
+  """Per memory size, the largest micro-batch of each remat policy that fits (same global batch), and
+  each policy's hardware FLOPs. The suggestion: the least recomputation whose micro-step has at least
+  `min_micro_tokens` tokens per device, else the largest micro-batch that fits."""
+  estimator = Estimator(num_devices)
+  limit = max(sizes_gb) * GB * usable
+  totals = {}  # remat -> [(micro_batch_size, total bytes)], ascending micro-batch
+  for remat in REMAT_ORDER:
+    totals[remat] = []
+    for micro in reversed(micro_batch_choices(config)):
+      est = estimator(with_changes(config, micro_batch_size=micro, remat=remat))
+      totals[remat].append((micro, est.total))
+      if est.total > limit:
+        break
+  per_device = config.train.micro_batch_size * config.train.gradient_accumulation_steps
+  ratio = {}
+  for remat in REMAT_ORDER:
+    small = estimator(with_changes(config, micro_batch_size=totals[remat][0][0], remat=remat))
+    flops = flops_of(small, num_devices)
+    ratio[remat] = flops.hardware / flops.model
+  lines = ["| memory (GB) | " + " | ".join(f"remat={r} ({ratio[r]:.2f} x model FLOPs)" for r in REMAT_ORDER)
+           + " | suggestion |", "|---" * (len(REMAT_ORDER) + 2) + "|"]
+  for size in sizes_gb:
+    cells, best = [], {}  # remat -> largest fitting micro-batch
+    for remat in REMAT_ORDER:
+      fitting = [(m, b) for m, b in totals[remat] if b <= size * GB * usable]
+      if fitting:
+        best[remat], total = fitting[-1]
+        cells.append(f"{best[remat]} x {per_device // best[remat]} ({_gb(total)} GB)")
+      else:
+        cells.append("does not fit")
+    large = [r for r in best if best[r] * config.train.seq_len >= min_micro_tokens]
+    remat = large[0] if large else max(best, key=best.get, default=None)
+    suggestion = (f"remat={remat}, micro_batch_size={best[remat]}, accumulation {per_device // best[remat]}"
+                  if remat else "none")
+    lines.append(f"| {size:g} | " + " | ".join(cells) + f" | {suggestion} |")
+  return lines + ["", "Cells: micro_batch_size x gradient_accumulation_steps per device (total GB per device); "
+                  f"usable fraction {usable:g}. Suggestion: the least recomputation with micro-steps of at "
+                  f"least {min_micro_tokens} tokens per device, else the largest micro-batch.", NOTE]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if len(jax.devices()) < _DEVICES.value:
+    raise app.UsageError(f"--devices={_DEVICES.value} but jax has {len(jax.devices())} devices: run this "
+                         "file as a script, which sets XLA_FLAGS before jax starts.")
+  config = from_config_dict(_CONFIG.value)
+  header = f"Config: {config_flags.get_config_filename(flags.FLAGS['config'])}"
+  if _MEMORY_TABLE.value:
+    lines = memory_table(config, _DEVICES.value, [float(s) for s in _MEMORY_TABLE.value], _USABLE.value,
+                         _MIN_MICRO_TOKENS.value)
+  else:
+    lines = report(config, _DEVICES.value, _DEVICE_KIND.value, _MEMORY_GB.value, _USABLE.value, _MFU.value)
+  print("\n".join([header, *lines]), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,105 @@
+"""The analytic FLOPs per token against XLA's count of the compiled train step; hardware FLOPs and HFU."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from lm import metrics, sharding
+from lm.train import build_step_functions
+from tests.helpers import base_config
+
+SEQ_LEN = 128
+
+
+def config(rows: int = 8, accumulation: int = 1, **model):
+  """A model whose matmuls dominate: d_model 256 against 64 keys and a 512-token vocabulary."""
+  c = base_config()
+  fields = dict(vocab_size=512, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                mlp_dim=768, max_seq_len=SEQ_LEN, scan_layers=False)
+  fields.update(model)
+  return dataclasses.replace(
+      c, model=dataclasses.replace(c.model, **fields),
+      train=dataclasses.replace(c.train, seq_len=SEQ_LEN, micro_batch_size=rows,
+                                gradient_accumulation_steps=accumulation),
+      mesh=dataclasses.replace(c.mesh, data=-1, fsdp=1, tensor=1))
+
+
+@functools.cache  # configs are frozen dataclasses: the tests share compiles
+def compile_step(cfg, num_devices: int = 1):
+  devices = jax.devices()[:num_devices]
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  with sharding.activate(mesh):
+    fns = build_step_functions(cfg, mesh, 10)
+    rows = cfg.train.micro_batch_size * sharding.data_parallel_size(mesh)
+    return fns.step_fn.lower(fns.abstract_state, fns.abstract_micro_batch(rows, cfg.train.seq_len),
+                             np.float32(1.0)).compile()
+
+
+def unrolled(cfg, num_devices: int = 1):
+  """n -> the step compiled with n unscanned layers: what hardware_flops_per_device extrapolates from."""
+  return lambda n: compile_step(dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, num_layers=n, scan_layers=False)), num_devices)
+
+
+@pytest.fixture(scope="module")
+def plain():
+  cfg = config()
+  return cfg, compile_step(cfg)
+
+
+def test_analytic_flops_match_xla_without_remat(plain):
+  cfg, compiled = plain
+  tokens = cfg.train.micro_batch_size * SEQ_LEN
+  per_token = metrics.flops_per_token(cfg.model, SEQ_LEN)
+  xla = metrics.xla_flops(compiled)
+  # XLA multiplies the whole attention square, masked half included: add that half to compare like
+  # with like. What remains is elementwise work (norms, rotary, softmax, AdamW) that XLA counts too.
+  executed = (per_token.train + 3 * per_token.attention_scores) * tokens
+  assert 1.0 <= xla / executed < 1.03, (xla, executed)
+  assert 1.0 <= xla / (per_token.train * tokens) < 1.06
+
+
+def test_sharded_step_counts_one_device_share(plain):
+  cfg, compiled = plain
+  sharded = compile_step(cfg, num_devices=8)  # 8 rows on each of 8 devices
+  assert metrics.xla_flops(sharded) == pytest.approx(metrics.xla_flops(compiled), rel=0.01)
+  flops = metrics.step_flops(sharded, cfg, num_devices=8, data_parallel=8)
+  assert flops.hardware == pytest.approx(8 * metrics.xla_flops(compiled), rel=0.01)
+  assert flops.model == metrics.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
+
+
+def test_accumulation_counts_every_micro_step(plain):
+  cfg, compiled = plain
+  accumulating = config(accumulation=4)
+  flops = metrics.step_flops(compile_step(accumulating), accumulating, num_devices=1, data_parallel=1)
+  # MultiSteps runs the inner optimizer in every micro-step (and keeps the result of the last): one
+  # micro-step costs what a whole step without accumulation does.
+  assert flops.hardware == pytest.approx(4 * metrics.xla_flops(compiled), rel=1e-3)
+  assert flops.model == 4 * metrics.step_flops(compiled, cfg, 1, 1).model
+
+
+def test_scanned_layers_are_extrapolated_from_unrolled_ones():
+  scanned = config(num_layers=3, scan_layers=True)  # unrolled, 2 layers of it is the `plain` step
+  compiled = compile_step(scanned)
+  three = metrics.xla_flops(unrolled(scanned)(3))
+  # XLA counts the scan's body once: the scanned step alone misses two of the three layers.
+  assert metrics.xla_flops(compiled) < 0.6 * three
+  hardware = metrics.hardware_flops_per_device(compiled, scanned.model, unrolled(scanned))
+  assert hardware == pytest.approx(three, rel=1e-4)
+  with pytest.raises(ValueError, match="compile_unrolled"):
+    metrics.hardware_flops_per_device(compiled, scanned.model)
+
+
+def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
+  cfg, compiled = plain
+  remat = config(remat="full")
+  flops = metrics.step_flops(compile_step(remat), remat, 1, 1)
+  assert flops.model == metrics.step_flops(compiled, cfg, 1, 1).model
+  # The backward pass recomputes most of each layer's forward: the layers are about 2/3 of the FLOPs
+  # here, the forward a third of them, minus what the backward does not need again.
+  assert 1.15 < flops.hardware / flops.model < 1.35
+  mfu, hfu = flops.utilisation(step_seconds=1.0, num_devices=1, peak_per_device=flops.hardware * 2)
+  assert mfu < hfu == pytest.approx(0.5)
