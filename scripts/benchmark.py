@@ -8,14 +8,17 @@ variant (float32 / bfloat16 compute; accumulation 1 / 4 at the same global batch
 MFU against the measured peak of its dtype, compile time and peak resident memory, and the ratios that
 show the framework's cost. The project path is `lm.train._loop` itself: the AOT-compiled sharded step
 with MultiSteps, the delayed metrics fetch, per-step logging, and an asynchronous orbax save in the middle
-of the timed steps. Only the eval function is a stub (eval time is not step time anyway). Numbers and
-their analysis: docs/performance.md.
+of the timed steps. Only the eval function is a stub (eval time is not step time anyway).
+--device_only_rounds=N then replays each variant's compiled programs alone (no host work), the variants
+taking turns: the in-graph cost of the framework, robust to other load on the machine (the *_device_only
+ratios use the fastest replay). Numbers and their analysis: docs/performance.md.
 """
 
 import dataclasses
 import functools
 import json
 import os
+import random
 import re
 import resource
 import signal
@@ -261,7 +264,7 @@ def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dic
   flops = metrics.flops_per_token(cfg.model, t.seq_len).train * tokens
   return {"name": variant.name, "path": variant.path, "dtype": variant.dtype,
           "micro_batch_size": t.micro_batch_size, "accumulation_steps": t.gradient_accumulation_steps,
-          "tokens_per_step": tokens, "step_time_median": median,
+          "tokens_per_step": tokens, "step_time_median": median, "step_time_min": min(result["step_times"]),
           "step_times": result["step_times"], "tokens_per_sec": tokens / median,
           # Against the whole machine's peak: simulated CPU devices share its cores.
           "mfu": metrics.mfu(flops, median, 1, peak[variant.dtype]),
@@ -270,16 +273,19 @@ def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dic
           "xla_temp_mb": result["xla_temp_mb"]}, replay
 
 
-def replay_interleaved(replays: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-  """Median time of one optimizer step of each variant's compiled programs alone (no host work), the
-  variants taking turns so that a change in the machine's load hits all of them alike."""
+def replay_interleaved(replays: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str, float]]:
+  """Time of one optimizer step of each variant's compiled programs alone (no host work): the variants
+  take turns in a shuffled order, so that a change in the machine's load hits all of them alike; the
+  minimum is the least disturbed run."""
   seconds = {name: [] for name in replays}
+  order = random.Random(0)
   for _ in range(rounds):
-    for name, replay in replays.items():
+    for name in order.sample(list(replays), len(replays)):
       start = time.perf_counter()
-      replay()
+      replays[name]()
       seconds[name].append(time.perf_counter() - start)
-  return {name: float(np.median(s)) for name, s in seconds.items()}
+  return {name: {"device_step_time_median": float(np.median(s)), "device_step_time_min": min(s)}
+          for name, s in seconds.items()}
 
 
 def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str = "") -> dict[str, float]:
@@ -320,14 +326,14 @@ def main(argv):
                                                              peak, rss)
   if _DEVICE_ONLY_ROUNDS.value:
     logging.info("Replaying the compiled steps, %d rounds", _DEVICE_ONLY_ROUNDS.value)
-    for name, seconds in replay_interleaved(replays, _DEVICE_ONLY_ROUNDS.value).items():
-      results[name]["device_step_time_median"] = seconds
+    for name, figures in replay_interleaved(replays, _DEVICE_ONLY_ROUNDS.value).items():
+      results[name].update(figures)
   del replays  # their states
   line = json.dumps({
       "config": config_flags.get_config_filename(flags.FLAGS["config"]), "devices": len(jax.devices()),
       "device_kind": jax.devices()[0].device_kind, "steps": _STEPS.value, "warmup": _WARMUP.value,
       "peak_flops": peak, "variants": list(results.values()),
-      "ratios": {**ratios(results), **ratios(results, "device_step_time_median", "_device_only")},
+      "ratios": {**ratios(results), **ratios(results, "device_step_time_min", "_device_only")},
       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       # Other work on the machine slows every figure: the 1-minute load average before and after.
       "load_average": [load_before, os.getloadavg()[0]], "cpu_count": os.cpu_count(),

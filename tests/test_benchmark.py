@@ -10,7 +10,7 @@ TINY = ["--config.model.vocab_size=512", "--config.model.d_model=64", "--config.
         "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
         "--config.model.mlp_dim=128", "--config.model.max_seq_len=64", "--config.train.seq_len=64"]
 VARIANT_KEYS = {"name", "path", "dtype", "micro_batch_size", "accumulation_steps", "tokens_per_step",
-                "step_time_median", "step_times", "tokens_per_sec", "mfu", "compile_seconds", "peak_rss_mb",
+                "step_time_median", "step_time_min", "step_times", "tokens_per_sec", "mfu", "compile_seconds", "peak_rss_mb",
                 "rss_before_mb", "xla_temp_mb"}
 
 
