@@ -174,6 +174,9 @@ class Estimator:
       self._cache[config] = estimate(config, self.num_devices)
     return self._cache[config]
 
+  def tried(self) -> list[Estimate]:
+    return list(self._cache.values())
+
 
 def micro_batch_choices(config: Config) -> list[int]:
   """Micro-batch sizes that keep the global batch: divisors of the sequences per device, descending."""
@@ -213,8 +216,8 @@ def search(estimator: Estimator, config: Config, limit: float) -> tuple[Estimate
     sizes = [m for m in micro_batch_choices(candidate) if m <= candidate.train.micro_batch_size]
     found = largest_fitting(estimator, candidate, limit, sizes)
     if found is not None:
-      return found, list(estimator._cache.values())  # pylint: disable=protected-access
-  return None, list(estimator._cache.values())  # pylint: disable=protected-access
+      return found, estimator.tried()
+  return None, estimator.tried()
 
 
 def _gb(n: float) -> str:
