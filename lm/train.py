@@ -36,7 +36,7 @@ from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import Decoder, param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
-from lm.train_step import TrainState, eval_step, train_step
+from lm.train_step import TrainState, accumulate_step, eval_step, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,12 @@ class BatchPlan:
 def absolute(path: str) -> str:
   """Local paths made absolute (orbax requires it); URLs such as gs://bucket/run are kept."""
   return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def checkpoint_directory(config: Config, workdir: str) -> str:
+  """config.train.checkpoint_dir, or <workdir>/checkpoints when it is empty."""
+  path = config.train.checkpoint_dir
+  return absolute(path) if path else str(epath.Path(absolute(workdir)) / "checkpoints")
 
 
 def check_writable(path: str, key: str) -> None:
@@ -106,6 +112,7 @@ class StepFunctions:
   state_sharding: TrainState
   batch_sharding: dict[str, jax.sharding.NamedSharding]
   step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics); state donated
+  accumulate_fn: Callable  # the same for the micro-steps before the last of an optimizer step
   eval_fn: Callable  # (params, batch) -> metrics
 
   def abstract_micro_batch(self, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -139,6 +146,9 @@ def build_step_functions(config: Config, mesh: jax.sharding.Mesh, num_train_step
       step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx),
                       in_shardings=(state_sharding, batch_sharding, replicated),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
+      accumulate_fn=jax.jit(functools.partial(accumulate_step, model=model),
+                            in_shardings=(state_sharding, batch_sharding, replicated),
+                            out_shardings=(state_sharding, replicated), donate_argnums=0),
       eval_fn=jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated),
   )
@@ -187,6 +197,7 @@ class Run:
   batches: data.TrainBatches
   eval_batches: list[dict[str, np.ndarray]]
   step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics), jitted, state donated
+  accumulate_fn: Callable  # the same for the micro-steps before the last of an optimizer step
   eval_fn: Callable  # (params, batch) -> metrics, jitted
   manager: ocp.CheckpointManager
   lr_schedule: optax.Schedule
@@ -297,7 +308,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   console.setup(is_main=jax.process_index() == 0)
   workdir = absolute(workdir)
   check_writable(workdir, "--workdir")
-  checkpoint_dir = absolute(t.checkpoint_dir) if t.checkpoint_dir else str(epath.Path(workdir) / "checkpoints")
+  checkpoint_dir = checkpoint_directory(config, workdir)
   check_writable(checkpoint_dir, "config.train.checkpoint_dir")
 
   devices = jax.devices() if devices is None else devices
@@ -351,8 +362,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
         ("Checkpoint disk", checkpoint_disk(fns.abstract_state, checkpoint_dir, t.max_to_keep)),
     ])
 
-    run = Run(config, workdir, mesh, plan, batches, eval_batches, fns.step_fn, fns.eval_fn, manager,
-              learning_rate_schedule(t, num_train_steps), num_train_steps,
+    run = Run(config, workdir, mesh, plan, batches, eval_batches, fns.step_fn, fns.accumulate_fn,
+              fns.eval_fn, manager, learning_rate_schedule(t, num_train_steps), num_train_steps,
               flops.train * plan.global_sequences * t.seq_len, peak)
     try:
       return _loop(run, state)
@@ -362,12 +373,20 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
 
 class PreemptionNotice:
   """Set by SIGTERM (how Cloud TPU, GKE and SLURM announce a preemption) or by JAX's preemption sync
-  point, which every process reaches at the same step."""
+  point, which every process reaches at the same step. A context manager: the previous SIGTERM handler
+  comes back when the loop ends."""
 
   def __init__(self, manager: ocp.CheckpointManager):
-    self._manager, self._signalled = manager, False
+    self._manager, self._signalled, self._previous = manager, False, None
+
+  def __enter__(self) -> PreemptionNotice:
     if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._on_signal)
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _on_signal(self, signum, frame):
     del signum, frame
@@ -398,18 +417,28 @@ def _finish_saves(manager: ocp.CheckpointManager) -> None:
 
 
 def _loop(run: Run, state: TrainState) -> dict[str, float]:
+  logger = MetricsLogger(run, int(state.step))
+  with PreemptionNotice(run.manager) as preemption:
+    state = _steps(run, state, logger, preemption)
+  run.manager.wait_until_finished()
+  run.manager.check_for_errors()
+  logger.close()
+  return {**logger.last, "step": int(state.step)}
+
+
+def _steps(run: Run, state: TrainState, logger: MetricsLogger, preemption: PreemptionNotice) -> TrainState:
+  """The optimizer steps from the state's to the last (or to a preemption); returns the final state."""
   t, plan = run.config.train, run.plan
-  start_step = int(state.step)
-  logger = MetricsLogger(run, start_step)
-  preemption = PreemptionNotice(run.manager)
   pending = None  # (step, micro-step metrics) not fetched yet
-  for step in range(start_step, run.num_train_steps):
+  for step in range(int(state.step), run.num_train_steps):
     global_batch = run.batches.get(step)
     real_tokens = int(data.loss_mask(global_batch["segment_ids"]).sum())
     loss_scale = np.float32(1.0 / max(real_tokens, 1))
     micro_metrics = []
-    for micro in split_micro_batches(global_batch, plan):
-      state, m = run.step_fn(state, sharding.put_batch(micro, run.mesh), loss_scale)
+    for i, micro in enumerate(split_micro_batches(global_batch, plan)):
+      # Only the last micro-step runs the optimizer; the others add their gradient to the accumulator.
+      step_fn = run.step_fn if i == plan.accumulation_steps - 1 else run.accumulate_fn
+      state, m = step_fn(state, sharding.put_batch(micro, run.mesh), loss_scale)
       micro_metrics.append(m)
     # Fetch the previous step's metrics only now, so that the device already has this step queued.
     if pending is not None:
@@ -437,7 +466,4 @@ def _loop(run: Run, state: TrainState) -> dict[str, float]:
       break
   if pending is not None:
     logger.train_step(*pending)
-  run.manager.wait_until_finished()
-  run.manager.check_for_errors()
-  logger.close()
-  return {**logger.last, "step": int(state.step)}
+  return state

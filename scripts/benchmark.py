@@ -21,7 +21,6 @@ import os
 import random
 import re
 import resource
-import signal
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ _DEVICE_ONLY_ROUNDS = flags.DEFINE_integer(
     "programs alone (no host work, variants interleaved): robust to other load on the machine.")
 flags.mark_flags_as_required(["config"])
 
-BOS_ID = 1  # ids 0..2 are pad, bos, eos in both tokenizers
+BOS_ID = 1  # the byte tokenizer's: pad 0, bos 1, eos 2 (only the packing's document starts need it)
 MEAN_DOCUMENT_TOKENS = 600  # synthetic documents: a typical mix of whole and split documents per row
 
 
@@ -129,14 +128,16 @@ class PeakRss:
 
 
 def _stub_eval(params, batch):
-  """Eval is left out: the loop pauses the step timer for it, and its compile would cost a minute."""
+  """Eval is left out: the loop pauses the step timer for it, and its compile would lengthen the run."""
   del params
   rows = batch["tokens"].shape[0]
   return {"sequence_loss": np.zeros(rows, np.float32), "sequence_tokens": np.zeros(rows, np.int32)}
 
 
-def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: float) -> dict:
-  """lm.train's loop on synthetic data; the step times are those its StepTimer logs to metrics.jsonl."""
+def run_project(config: Config, steps: int, warmup: int, workdir: str,
+                peak: float) -> tuple[dict, Callable[[], None]]:
+  """lm.train's loop on synthetic data, and a replay of its compiled programs. The step times are those
+  the loop's StepTimer logs to metrics.jsonl."""
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
   plan = train.BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
@@ -156,7 +157,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
     # Compiled ahead of time, so that the compile time is measured apart and no step carries it.
     abstract_args = (fns.abstract_state, fns.abstract_micro_batch(plan.micro_rows, t.seq_len), np.float32(1.0))
     step_fns = {name: getattr(fns, name).lower(*abstract_args).compile()
-                for name in ("step_fn", "accumulate_fn") if hasattr(fns, name)}
+                for name in ("step_fn", "accumulate_fn")}
     compile_seconds = time.perf_counter() - start
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
     flops = metrics.flops_per_token(config.model, t.seq_len).train * plan.global_sequences * t.seq_len
@@ -164,11 +165,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
                     eval_batches=[batches.get(0)], eval_fn=_stub_eval, manager=manager,
                     lr_schedule=learning_rate_schedule(t, num_steps), num_train_steps=num_steps,
                     flops_per_step=flops, peak_flops_per_device=peak, **step_fns)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-      train._loop(run, state)  # pylint: disable=protected-access
-    finally:
-      signal.signal(signal.SIGTERM, sigterm)  # the loop's preemption handler would outlive it
+    train._loop(run, state)  # pylint: disable=protected-access
     replay = _project_replay(fns.create_state, step_fns, batches.get(0), plan, mesh)
   logged = metrics.read_jsonl(workdir)
   seconds = [logged[s]["step_time"] for s in sorted(logged) if "step_time" in logged[s]]
@@ -188,7 +185,7 @@ def _project_replay(create_state, step_fns: dict, global_batch: dict, plan, mesh
       with sharding.activate(mesh):
         holder[0] = create_state()
     for i, micro in enumerate(micro_batches):
-      step_fn = step_fns["step_fn"] if i == last else step_fns.get("accumulate_fn", step_fns["step_fn"])
+      step_fn = step_fns["step_fn"] if i == last else step_fns["accumulate_fn"]
       holder[0], _ = step_fn(holder[0], micro, np.float32(1e-4))
     jax.block_until_ready(holder[0])
 
@@ -221,7 +218,7 @@ def minimal_step(config: Config):
   return jax.jit(init), step
 
 
-def run_minimal(config: Config, steps: int, warmup: int) -> dict:
+def run_minimal(config: Config, steps: int, warmup: int) -> tuple[dict, Callable[[], None]]:
   """The minimal step on the first device, on the project's global batch; each step timed to its end."""
   t = config.train
   global_sequences = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices())
@@ -315,7 +312,9 @@ def main(argv):
     raise app.UsageError(f"unknown variants {unknown}; known: {[v.name for v in VARIANTS]}")
   dtypes = {v.dtype for v in VARIANTS if v.name in names}
   # The peak of the whole machine: one matmul uses every core, whatever the simulated device count.
-  peak = {d: metrics.measure_matmul_peak(jnp.dtype(d), _PEAK_SIZE.value, repeats=3) for d in sorted(dtypes)}
+  measure_peak = lambda: {d: metrics.measure_matmul_peak(jnp.dtype(d), _PEAK_SIZE.value, repeats=3)
+                          for d in sorted(dtypes)}
+  peak = measure_peak()
   load_before = os.getloadavg()[0]
   rss, results = PeakRss(), {}
   replays = {}
@@ -329,10 +328,16 @@ def main(argv):
     for name, figures in replay_interleaved(replays, _DEVICE_ONLY_ROUNDS.value).items():
       results[name].update(figures)
   del replays  # their states
+  # Measured again at the end, the larger counts: other work on the machine only ever lowers it.
+  peak_end = measure_peak()
+  for result in results.values():
+    best = max(peak[result["dtype"]], peak_end[result["dtype"]])
+    result["mfu"] *= peak[result["dtype"]] / best
+  peak_start, peak = peak, {d: max(peak[d], peak_end[d]) for d in peak}
   line = json.dumps({
       "config": config_flags.get_config_filename(flags.FLAGS["config"]), "devices": len(jax.devices()),
       "device_kind": jax.devices()[0].device_kind, "steps": _STEPS.value, "warmup": _WARMUP.value,
-      "peak_flops": peak, "variants": list(results.values()),
+      "peak_flops": peak, "peak_flops_start_end": [peak_start, peak_end], "variants": list(results.values()),
       "ratios": {**ratios(results), **ratios(results, "device_step_time_min", "_device_only")},
       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       # Other work on the machine slows every figure: the 1-minute load average before and after.

@@ -6,13 +6,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from lm import data, sharding
 from lm.config import MeshConfig
 from lm.model import Decoder
 from lm.optimizer import make_optimizer
-from lm.train_step import TrainState, train_step
+from lm.train_step import TrainState, accumulate_step, train_step
 from tests.helpers import base_config, tiny_model
 
 L = 16
@@ -149,3 +150,25 @@ def test_sharded_equals_unsharded():
       None, "fsdp", "tensor")
   assert abs(total * scale - plain_loss[0]) < 1e-6 * plain_loss[0]
   assert _relative_l2(state.params, plain.params) < 1e-6
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_accumulate_step_is_bitwise_the_multisteps_micro_step(skip_nonfinite):
+  """The loop runs `accumulate_step` for all micro-steps but the last: it must leave exactly the state
+  (accumulator, counters, params, optimizer state) that MultiSteps' own micro-step leaves."""
+  model, k = Decoder(tiny_model()), 3
+  cfg = dataclasses.replace(_train_cfg(k), skip_nonfinite_updates=skip_nonfinite)
+  tx = make_optimizer(cfg, 10)
+  full = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  accumulate = jax.jit(functools.partial(accumulate_step, model=model))
+  batch = _batch(2 * k)
+  scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
+  micro = [{n: v[i * 2:(i + 1) * 2] for n, v in batch.items()} for i in range(k)]
+  reference = fast = _init(model, tx)
+  for _ in range(2):  # two optimizer steps: the accumulator must restart the same way too
+    for i, m_batch in enumerate(micro):
+      reference, ref_metrics = full(reference, m_batch, scale)
+      fast, fast_metrics = (full if i == k - 1 else accumulate)(fast, m_batch, scale)
+      jax.tree.map(np.testing.assert_array_equal, fast, reference)
+      jax.tree.map(np.testing.assert_array_equal, fast_metrics, ref_metrics)
+  assert int(fast.step) == 2 and _grad_norm(fast) > 0
