@@ -1,4 +1,8 @@
-"""Trains a decoder-only language model: `python main.py --config=configs/default.py --workdir=runs/default`."""
+"""Trains a decoder-only language model: `python main.py --config=configs/default.py --workdir=runs/default`.
+
+`--mode=eval` evaluates the run's checkpoints instead, in a separate process (any mesh, a CPU too):
+`python main.py --config=configs/default.py --workdir=runs/default --mode=eval [--step=N] [--follow]`.
+"""
 
 import os
 import sys
@@ -16,6 +20,14 @@ from lm.errors import ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and metrics.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (resuming from the latest checkpoint). eval: evaluate checkpoints of "
+                          "the run in --workdir on the validation set, without writing to them.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to evaluate (default: the latest).")
+_FOLLOW = flags.DEFINE_bool("follow", False, "--mode=eval: then evaluate each new checkpoint as it appears, "
+                            "until config.train.num_train_steps or --follow_timeout.")
+_FOLLOW_TIMEOUT = flags.DEFINE_float("follow_timeout", 3600.0,
+                                     "--mode=eval --follow: stop after this many seconds without a new checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,10 +55,16 @@ def main(argv):
   try:
     config = from_config_dict(_CONFIG.value)
     determinism = set_determinism_flags(config.train.deterministic)
-    from lm import train  # only now: XLA reads its flags when jax initialises
+    if _MODE.value != "eval" and (_STEP.value is not None or _FOLLOW.value):
+      raise app.UsageError("--step and --follow are for --mode=eval.")
+    from lm import evaluate, train  # only now: XLA reads its flags when jax initialises
 
     console.logger.info("Determinism: %s", determinism)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    if _MODE.value == "eval":
+      evaluate.run(config, _WORKDIR.value, step=_STEP.value, follow=_FOLLOW.value,
+                   follow_timeout=_FOLLOW_TIMEOUT.value)
+    else:
+      train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     print(f"Configuration error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -7,6 +7,7 @@ step is the data position. The run's config is stored beside the state as JSON, 
 from __future__ import annotations
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 
 from lm.config import ConfigError, TrainConfig
@@ -20,6 +21,22 @@ def make_manager(directory: str, cfg: TrainConfig) -> ocp.CheckpointManager:
       cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp dir, never a valid step
   )
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+
+
+def reader(directory: str) -> ocp.CheckpointManager:
+  """A manager that only reads: for eval and sampling beside a training run that owns the directory
+  (it neither saves, deletes, nor cleans up the trainer's in-progress temporary directories)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, cleanup_tmp_directories=False, create=False,
+                                         save_interval_steps=0, max_to_keep=None)
+  # orbax warns that the directory is read only: that is the point.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    # The PyTree handler reads what StandardSave wrote, and can restore a part of it (the params alone).
+    return ocp.CheckpointManager(directory, options=options, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> bool:

@@ -1,0 +1,203 @@
+"""`main.py --mode=eval`: the loss of saved checkpoints on the fixed validation set, in its own process.
+
+Restores the parameters alone (not the optimizer or accumulator state) straight into the shardings of the
+mesh this process runs on, whatever mesh wrote them; evaluates exactly as training does (same sequences,
+same per-sequence sums added in the same order), so on the training mesh the figure is bitwise the one
+logged in training. Never writes into the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import orbax.checkpoint as ocp
+from clu import metric_writers
+from etils import epath
+
+from lm import checkpoint, console, data, metrics, sharding, train
+from lm.config import Config, ConfigError
+from lm.errors import TrainingError
+from lm.model import param_count
+
+
+def checkpoint_steps(directory: str, manager: ocp.CheckpointManager) -> list[int]:
+  """Complete checkpoints (orbax's own listing); raises TrainingError naming what is there instead."""
+  path = epath.Path(directory)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    found = sorted(p.name for p in path.iterdir())
+    raise TrainingError(f"No complete checkpoint in {directory}: found {found or 'nothing'}. Train first, or "
+                        "wait for the first save (config.train.save_interval_steps).")
+  return steps
+
+
+def partial_checkpoints(directory: str) -> list[str]:
+  """Saves that were cut off before orbax committed them (temporary directories)."""
+  return sorted(p.name for p in epath.Path(directory).iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+  """Raises ConfigError naming the first tensors whose saved shape differs from this config's."""
+  saved = manager.item_metadata(step)["state"]
+  saved = getattr(saved, "tree", saved)["params"]
+  saved_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+                  for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  wanted = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  problems = [f"params{name}: {saved_shapes.get(name, 'missing')} in the checkpoint, {shape} in this config"
+              for name, shape in wanted.items() if saved_shapes.get(name) != shape]
+  problems += [f"params{name}: {shape} in the checkpoint, not in this config"
+               for name, shape in saved_shapes.items() if name not in wanted]
+  if problems:
+    raise ConfigError(
+        f"The checkpoint {manager.directory / str(step)} does not fit config.model: "
+        f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. Pass the config that trained it.")
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
+  """The parameters of a checkpoint, in the shardings of `abstract_params`; nothing else is read."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
+  return restored.state["params"]
+
+
+class ParamsSource:
+  """The parameters of a run's checkpoints for a given mesh: latest, a chosen step, or each new one."""
+
+  def __init__(self, checkpoint_dir: str, abstract_params):
+    if not epath.Path(checkpoint_dir).exists():
+      raise TrainingError(f"No checkpoint: {checkpoint_dir} does not exist. Pass the --workdir of a "
+                          "training run (or its config.train.checkpoint_dir).")
+    self.directory, self._abstract = checkpoint_dir, abstract_params
+    self.manager = checkpoint.reader(checkpoint_dir)
+    self.steps = checkpoint_steps(checkpoint_dir, self.manager)
+
+  def _restore(self, step: int):
+    check_shapes(self.manager, step, self._abstract)
+    return restore_params(self.manager, step, self._abstract)
+
+  def latest(self) -> tuple[int, object]:
+    """The newest checkpoint that can be read; a partial or unreadable one is skipped and said so."""
+    for name in partial_checkpoints(self.directory):
+      console.logger.warning("%s/%s is a partially written checkpoint (a save cut off): not used.",
+                             self.directory, name)
+    for step in reversed(self.steps):
+      try:
+        return step, self._restore(step)
+      except ConfigError:  # the checkpoint is fine, the config is not
+        raise
+      except Exception as e:  # orbax and tensorstore raise many types for missing or corrupt files
+        console.logger.warning("%s/%d cannot be read (%s: %s); falling back to an older checkpoint.",
+                               self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+    raise TrainingError(f"No checkpoint in {self.directory} can be read (steps {self.steps}); see the "
+                        "warnings above for each.")
+
+  def at(self, step: int) -> object:
+    if step not in self.steps:
+      raise TrainingError(f"--step={step}: there is no checkpoint of step {step} in {self.directory}; it "
+                          f"holds steps {self.steps}.")
+    try:
+      return self._restore(step)
+    except ConfigError:
+      raise
+    except Exception as e:
+      raise TrainingError(f"{self.directory}/{step} cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}). Its save was probably cut off; the complete "
+                          f"steps are {self.steps}.") from e
+
+  def follow(self, done: set[int], last_step: int, timeout: float) -> Iterator[tuple[int, object]]:
+    """Each checkpoint not in `done` as it appears, until `last_step` is evaluated or nothing new comes
+    for `timeout` seconds."""
+    for step in ocp.checkpoint_utils.checkpoints_iterator(self.directory, timeout=timeout):
+      if step in done:
+        continue
+      try:
+        params = self._restore(step)
+      except ConfigError:
+        raise
+      except Exception as e:  # removed by the trainer's max_to_keep meanwhile, for example
+        console.logger.warning("Skipping %s/%d: %s", self.directory, step, str(e).splitlines()[0][:300])
+        continue
+      yield step, params
+      if step >= last_step:
+        return
+
+
+def run(config: Config, workdir: str, *, step: int | None = None, follow: bool = False,
+        follow_timeout: float = 3600.0, devices=None) -> dict[int, dict[str, float]]:
+  """Evaluates the latest checkpoint (or `step`), then optionally each new one; returns {step: figures}.
+
+  Figures go to TensorBoard under <workdir>/eval (the same tags as training's eval, at the checkpoint's
+  step), to <workdir>/eval/metrics.jsonl, and to the console.
+  """
+  t = config.train
+  console.setup(is_main=jax.process_index() == 0)
+  workdir = train.absolute(workdir)
+  checkpoint_dir = train.checkpoint_directory(config, workdir)
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_divisible(config.model, dict(mesh.shape))
+  plan = train.BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
+                         sharding.data_parallel_size(mesh), t.seq_len)
+  with sharding.activate(mesh):
+    fns = train.build_step_functions(config, mesh, max(t.num_train_steps, 1))
+    source = ParamsSource(checkpoint_dir, fns.abstract_state.params)
+    data.check_splits(config.data)
+    tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+    # The validation set of training; batches of one micro-step's rows on this mesh, as training's.
+    batches = data.eval_batches(data.load_split(config.data, tokenizer, t.seq_len, "eval"),
+                                config.data.eval_sequences, plan.micro_rows)
+    console.block([
+        ("Mode", "eval" + (f", following new checkpoints (timeout {follow_timeout:g} s)" if follow else "")),
+        ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
+        ("Devices", f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"),
+        ("Mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
+        ("Checkpoints", f"{checkpoint_dir} (steps {source.steps})"),
+        ("Eval data", f"{sum(len(b['tokens']) for b in batches)} rows of {t.seq_len} tokens in "
+                      f"{len(batches)} batches of {plan.micro_rows}"),
+    ])
+    out_dir = os.path.join(workdir, "eval")
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(out_dir, just_logging=not is_main, asynchronous=False)
+    log = metrics.JsonlLog(out_dir, enabled=is_main)
+    if is_main and "://" not in out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+
+    def evaluate(step: int, params) -> dict[str, float]:
+      result = train.evaluate(fns.eval_fn, params, batches, mesh)
+      writer.write_scalars(step, result)
+      writer.flush()
+      log.write("eval", step, result)
+      console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
+      return result
+
+    results = {}
+    if step is not None:
+      results[step] = evaluate(step, source.at(step))
+    else:
+      latest, params = source.latest()
+      results[latest] = evaluate(latest, params)
+    if follow:
+      last = t.num_train_steps or max(results)
+      if max(results) < last:
+        for new_step, params in source.follow(set(results), last, follow_timeout):
+          results[new_step] = evaluate(new_step, params)
+    writer.close()
+    return results
+
+
+def params_for_inference(config: Config, workdir: str, *, step: int | None = None, devices=None):
+  """(step, params, mesh) of the latest checkpoint (or `step`) for sampling, on this process's mesh."""
+  workdir = train.absolute(workdir)
+  mesh = sharding.make_mesh(config.mesh, jax.devices() if devices is None else devices)
+  with sharding.activate(mesh):
+    fns = train.build_step_functions(config, mesh, max(config.train.num_train_steps, 1))
+    source = ParamsSource(train.checkpoint_directory(config, workdir), fns.abstract_state.params)
+    if step is None:
+      step, params = source.latest()
+    else:
+      params = source.at(step)
+  return step, params, mesh

@@ -1,0 +1,102 @@
+"""Autoregressive decoding with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+`generate` is one jitted program: a prefill of the prompt, then a `while_loop` that feeds one token at a
+time through the cache until every row has produced end-of-sequence or `max_new_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lm.model import Decoder, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 0.0  # 0: greedy (argmax)
+  top_k: int = 0  # 0: no top-k cut
+  top_p: float = 1.0  # 1.0: no nucleus cut
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"{self}: needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1.")
+
+
+def next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """One token per row from the last position's logits."""
+  if cfg.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / cfg.temperature
+  if cfg.top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, cfg.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if cfg.top_p < 1:
+    # The smallest set of most likely tokens whose probability reaches top_p (always at least one).
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the tokens ranked above
+    kept_BxV = before_BxV < cfg.top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
+             sampling: SamplingConfig, eos_id: int) -> jax.Array:
+  """New tokens [B, max_new_tokens] after the prompt; after a row's end-of-sequence, `eos_id` repeats.
+
+  The prompt rows share one length (a batch of samples of one prompt, or prompts of equal length).
+  """
+  B, P = prompt_BxP.shape
+  cfg = model.cfg
+  if P + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) is over "
+                     f"config.model.max_seq_len = {cfg.max_seq_len}.")
+  cache = KVCache.zeros(cfg, B, P + max_new_tokens)
+
+  def forward(tokens_BxL, cache):
+    positions_BxL = cache.index + jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, jnp.ones_like(tokens_BxL),
+                                      positions_BxL, cache)
+    return logits_BxLxV[:, -1], cache
+
+  logits_BxV, cache = forward(prompt_BxP, cache)
+  out_BxT = jnp.full((B, max_new_tokens), eos_id, jnp.int32)
+  done_B = jnp.zeros((B,), jnp.bool_)
+
+  def cond(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, logits_BxV, cache, out_BxT, done_B, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    token_B = jnp.where(done_B, eos_id, next_token(logits_BxV, step_rng, sampling))
+    out_BxT = out_BxT.at[:, i].set(token_B)
+    done_B = done_B | (token_B == eos_id)
+    logits_BxV, cache = forward(token_B[:, None], cache)
+    return i + 1, logits_BxV, cache, out_BxT, done_B, rng
+
+  carry = (jnp.int32(0), logits_BxV, cache, out_BxT, done_B, rng)
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def generate_without_cache(params, prompt_BxP, *, model: Decoder, max_new_tokens: int, eos_id: int):
+  """Greedy decoding that runs the model over the whole sequence for every new token: the reference
+  for tests. The sequence lives in a buffer of the final length (one compilation); causal attention
+  keeps the not yet written positions from mattering."""
+  B, P = prompt_BxP.shape
+  tokens_BxL = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt_BxP)
+  positions_BxL = jnp.broadcast_to(jnp.arange(P + max_new_tokens), tokens_BxL.shape)
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.ones_like(t), positions_BxL))
+  done_B = jnp.zeros(B, jnp.bool_)
+  for i in range(max_new_tokens):
+    token_B = jnp.where(done_B, eos_id, jnp.argmax(forward(params, tokens_BxL)[:, P + i - 1], axis=-1))
+    done_B = done_B | (token_B == eos_id)
+    tokens_BxL = tokens_BxL.at[:, P + i].set(token_B)
+  return tokens_BxL[:, P:]

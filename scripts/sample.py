@@ -1,0 +1,77 @@
+"""Samples text from a run's checkpoint with a KV cache.
+
+  python scripts/sample.py --config=configs/default.py --workdir=runs/default --prompt="def main(" --max_tokens=64
+
+Greedy by default (--temperature=0); --temperature, --top_k, --top_p and --seed for sampling, --num_samples
+continuations of the prompt at once, --step for a checkpoint other than the latest. Uses the run's
+tokenizer (the one its config names, cached under config.data.data_dir) for the prompt and the output.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lm import console
+from lm.config import from_config_dict
+from lm.errors import ConfigError, TrainingError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (its checkpoints are read, never written).")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: start a new document).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "New tokens at most; stops earlier at end-of-sequence.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise softmax temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probability reaches p.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, decoded together.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  console.setup(is_main=True)
+  import jax  # after absl has parsed the flags (XLA_FLAGS may be set by the caller)
+  import numpy as np
+
+  from lm import data, evaluate, sampling
+  from lm.model import Decoder
+
+  try:
+    config = from_config_dict(_CONFIG.value)
+    sampler = sampling.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+    prompt = [tokenizer.bos_id, *tokenizer.encode(_PROMPT.value)]
+    if len(prompt) + _MAX_TOKENS.value > config.model.max_seq_len:
+      raise ConfigError(f"The prompt ({len(prompt)} tokens) + --max_tokens={_MAX_TOKENS.value} is over "
+                        f"config.model.max_seq_len = {config.model.max_seq_len}: shorten one of them.")
+    step, params, mesh = evaluate.params_for_inference(config, _WORKDIR.value, step=_STEP.value)
+    prompt_BxP = np.tile(np.asarray(prompt, np.int32), (_NUM_SAMPLES.value, 1))
+    with jax.set_mesh(mesh):
+      new_BxT = sampling.generate(params, prompt_BxP, jax.random.key(_SEED.value), model=Decoder(config.model),
+                                  max_new_tokens=_MAX_TOKENS.value, sampling=sampler,
+                                  eos_id=tokenizer.eos_id)
+    console.logger.info("Checkpoint step %d, %s", step, sampler)
+    for row in np.asarray(new_BxT):
+      ids = row.tolist()
+      ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+      print(tokenizer.decode(prompt[1:] + ids))
+  except (ConfigError, ValueError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except TrainingError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,91 @@
+"""KV-cache decoding against recomputing the whole sequence, and the sampling filters."""
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.model import Decoder, KVCache
+from lm.sampling import SamplingConfig, generate, generate_without_cache, next_token
+from tests.helpers import tiny_model
+
+
+@functools.cache
+def _model_and_params(**overrides):
+  model = Decoder(tiny_model(**overrides))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens, tokens + 1, tokens)["params"]
+  # Larger weights than the init: sharper distributions, so greedy paths do not hinge on ties.
+  return model, jax.tree.map(lambda p: p * 4 if p.ndim > 1 else p, params)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_logits_equal_the_full_forward(scan_layers):
+  model, params = _model_and_params(scan_layers=scan_layers)
+  tokens_BxL = jax.random.randint(jax.random.key(1), (2, 10), 3, 64)
+  positions_BxL = jnp.broadcast_to(jnp.arange(10), tokens_BxL.shape)
+  ones = jnp.ones_like(tokens_BxL)
+  apply = jax.jit(model.apply)
+  full = apply({"params": params}, tokens_BxL, ones, positions_BxL)
+  cache = KVCache.zeros(model.cfg, 2, 16)
+  parts = []
+  for start, stop in ((0, 6), (6, 7), (7, 10)):  # a prefill, one token, three tokens
+    logits, cache = apply({"params": params}, tokens_BxL[:, start:stop], ones[:, start:stop],
+                          positions_BxL[:, start:stop], cache)
+    parts.append(logits)
+  assert int(cache.index) == 10
+  np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_greedy_decoding_gives_the_tokens_of_full_recomputation():
+  model, params = _model_and_params(num_kv_heads=1)
+  prompt = jax.random.randint(jax.random.key(2), (3, 5), 3, 64)
+  cached = generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=20,
+                    sampling=SamplingConfig(), eos_id=2)
+  reference = generate_without_cache(params, prompt, model=model, max_new_tokens=20, eos_id=2)
+  np.testing.assert_array_equal(cached, reference)
+  assert len(set(np.asarray(cached).ravel().tolist())) > 3  # not a degenerate repetition
+
+
+def test_generation_stops_at_end_of_sequence():
+  model, params = _model_and_params()
+  prompt = jnp.full((2, 3), 5, jnp.int32)
+  free = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
+                             sampling=SamplingConfig(), eos_id=63))
+  eos = int(free[0, 4])  # make the fifth generated token of row 0 the end of sequence
+  stopped = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
+                                sampling=SamplingConfig(), eos_id=eos))
+  first = list(free[0]).index(eos)
+  np.testing.assert_array_equal(stopped[0, :first + 1], free[0, :first + 1])
+  assert (stopped[0, first:] == eos).all()
+
+
+def test_sampling_is_seeded_and_filters_apply():
+  logits_BxV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.split(jax.random.key(0), 3)
+
+  def draw(cfg, key=keys[0]):
+    return np.asarray(next_token(logits_BxV, key, cfg))
+
+  plain = SamplingConfig(temperature=1.0)
+  assert (draw(plain) == draw(plain)).all()  # same seed, same tokens
+  assert (draw(plain) != draw(plain, keys[1])).any()
+  frequencies = np.bincount(draw(plain), minlength=4) / 2000
+  np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+  assert set(draw(SamplingConfig(temperature=1.0, top_k=2)).tolist()) == {0, 1}
+  # top_p 0.7: tokens 0 and 1 (0.5 before token 1 < 0.7; 0.8 before token 2 >= 0.7).
+  assert set(draw(SamplingConfig(temperature=1.0, top_p=0.7)).tolist()) == {0, 1}
+  assert set(draw(SamplingConfig(temperature=1.0, top_p=0.01)).tolist()) == {0}
+  assert (draw(SamplingConfig(temperature=0.0)) == 0).all()
+  # A low temperature concentrates on the most likely token.
+  assert (draw(SamplingConfig(temperature=0.05)) == 0).mean() > 0.99
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingConfig(top_p=0.0)
+
+
+def test_prompt_and_length_over_the_model_length_is_an_error():
+  model, params = _model_and_params()
+  with pytest.raises(ValueError, match="max_seq_len = 64"):
+    generate(params, jnp.ones((1, 60), jnp.int32), jax.random.key(0), model=model, max_new_tokens=10,
+             sampling=SamplingConfig(), eos_id=2)
