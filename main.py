@@ -17,6 +17,11 @@ from lm.errors import ConfigError, TrainingError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Several hosts: Cloud TPU, SLURM (srun) and Open MPI (mpirun) are detected; elsewhere give all three.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (one per host); 1 = run alone.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 to num_processes - 1.")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds for all processes to join, then an error.")
 
 
 def set_determinism_flags(deterministic: bool) -> str:
@@ -43,9 +48,20 @@ def main(argv):
   try:
     config = from_config_dict(_CONFIG.value)
     determinism = set_determinism_flags(config.train.deterministic)
-    from lm import train  # only now: XLA reads its flags when jax initialises
+    # Only now: XLA reads its flags when jax initialises. The other processes join before any device is
+    # touched, and before the heavy imports of the training stack, so that a bad launch fails fast.
+    import jax
+    from lm import distributed
+
+    launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if launch is not None:
+      distributed.initialize(launch, _TIMEOUT.value)
+    console.setup(is_main=jax.process_index() == 0)
+    from lm import train
 
     console.logger.info("Determinism: %s", determinism)
+    if launch is not None:
+      console.logger.info("Processes: %d, %s", jax.process_count(), launch.describe())
     train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     print(f"Configuration error: {e}", file=sys.stderr)
