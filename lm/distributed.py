@@ -114,10 +114,13 @@ def _give_up(launch: Launch, timeout_seconds: int) -> None:
     except OSError as e:
       probe = f" The coordinator {address} cannot be reached from here ({e}): is process 0 running, with " \
               "this address, and is the port open between the hosts?"
-  which = f"process {launch.process_id} of {launch.num_processes}" if launch.source == "flags" else "this process"
+  if launch.source == "flags":
+    which = f"process {launch.process_id} of {launch.num_processes}"
+    fix = "Start every process with the same --coordinator_address and --num_processes and its own --process_id."
+  else:
+    which, fix = "this process", "Check that the job started main.py on every host."
   print(f"Configuration error: {which} ({launch.describe()}): not all processes joined within "
-        f"{timeout_seconds} s (--distributed_timeout).{probe} Start every process with the same "
-        "--coordinator_address and --num_processes and its own --process_id.", file=sys.stderr, flush=True)
+        f"{timeout_seconds} s (--distributed_timeout).{probe} {fix}", file=sys.stderr, flush=True)
   os._exit(2)  # pylint: disable=protected-access  (no atexit: JAX's shutdown would wait for the others)
 
 

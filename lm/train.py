@@ -455,12 +455,12 @@ def _loop(run: Run, state: TrainState) -> dict[str, float]:
   logger = MetricsLogger(run, start_step)
   preemption = PreemptionNotice(run.manager)
   pending = None  # (step, micro-step metrics) not fetched yet
-  rows, loss_scale_of = step_rows(run.mesh, plan), loss_scale_fn(run.mesh, plan)
+  mine, loss_scale_of = step_rows(run.mesh, plan), loss_scale_fn(run.mesh, plan)
   for step in range(start_step, run.num_train_steps):
-    my_rows = run.batches.get(step, rows)
-    loss_scale = loss_scale_of(my_rows)
+    batch = run.batches.get(step, mine)  # this process's rows of the step's global batch
+    loss_scale = loss_scale_of(batch)
     micro_metrics = []
-    for micro in split_micro_batches(my_rows, plan):
+    for micro in split_micro_batches(batch, plan):
       state, m = run.step_fn(state, sharding.put_batch(micro, run.mesh, plan.micro_rows), loss_scale)
       micro_metrics.append(m)
     # Fetch the previous step's metrics only now, so that the device already has this step queued.
