@@ -29,6 +29,11 @@ _FOLLOW = flags.DEFINE_bool("follow", False, "--mode=eval: then evaluate each ne
 _FOLLOW_TIMEOUT = flags.DEFINE_float("follow_timeout", 3600.0,
                                      "--mode=eval --follow: stop after this many seconds without a new checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Several hosts: Cloud TPU, SLURM (srun) and Open MPI (mpirun) are detected; elsewhere give all three.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (one per host); 1 = run alone.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 to num_processes - 1.")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds for all processes to join, then an error.")
 
 
 def set_determinism_flags(deterministic: bool) -> str:
@@ -57,9 +62,20 @@ def main(argv):
     determinism = set_determinism_flags(config.train.deterministic)
     if _MODE.value != "eval" and (_STEP.value is not None or _FOLLOW.value):
       raise app.UsageError("--step and --follow are for --mode=eval.")
-    from lm import evaluate, train  # only now: XLA reads its flags when jax initialises
+    # Only now: XLA reads its flags when jax initialises. The other processes join before any device is
+    # touched, and before the heavy imports of the training stack, so that a bad launch fails fast.
+    import jax
+    from lm import distributed
+
+    launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if launch is not None:
+      distributed.initialize(launch, _TIMEOUT.value)
+    console.setup(is_main=jax.process_index() == 0)
+    from lm import evaluate, train
 
     console.logger.info("Determinism: %s", determinism)
+    if launch is not None:
+      console.logger.info("Processes: %d, %s", jax.process_count(), launch.describe())
     if _MODE.value == "eval":
       evaluate.run(config, _WORKDIR.value, step=_STEP.value, follow=_FOLLOW.value,
                    follow_timeout=_FOLLOW_TIMEOUT.value)

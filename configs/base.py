@@ -73,4 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Several processes (one per host): how many hosts each axis spans, over the data-centre network (DCN);
+  # the rest of the axis stays within a host. One may be -1: all remaining hosts. The product is the number
+  # of processes. Default: data parallel across hosts, fsdp and tensor within each (MaxText's ICI/DCN split).
+  c.mesh.dcn_data = -1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
   return c

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import jax
 from absl import logging
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lm.config import ConfigError, TrainConfig
 
@@ -43,6 +45,21 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> bool
   """Starts an asynchronous save; orbax first waits for the previous one to finish."""
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     config=ocp.args.JsonSave(config)), force=True)
+
+
+def check_same_step(manager: ocp.CheckpointManager) -> None:
+  """Every process must see the same newest checkpoint, or they would resume from different steps (a
+  checkpoint directory on a disk that is not shared between the hosts)."""
+  if jax.process_count() == 1:
+    return
+  step = manager.latest_step()
+  steps = [int(s) for s in multihost_utils.process_allgather(np.int64(-1 if step is None else step))]
+  if len(set(steps)) > 1:
+    seen = ", ".join(f"process {i}: {'none' if s < 0 else f'step {s}'}" for i, s in enumerate(steps))
+    raise ConfigError(
+        f"config.train.checkpoint_dir = {str(manager.directory)!r}: the processes see different newest "
+        f"checkpoints ({seen}). All processes must write and read one directory: use a gs:// path or a "
+        "file system shared by the hosts.")
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):

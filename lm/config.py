@@ -85,6 +85,9 @@ class MeshConfig:
   data: int
   fsdp: int
   tensor: int
+  dcn_data: int
+  dcn_fsdp: int
+  dcn_tensor: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +211,10 @@ def validate(config: Config) -> None:
   _require(all(v == -1 or v > 0 for v in sizes.values()) and list(sizes.values()).count(-1) <= 1,
            f"config.mesh = {sizes}: each axis must be a positive size, and at most one may be -1 "
            "(all remaining devices).")
+  hosts = {"dcn_data": mesh.dcn_data, "dcn_fsdp": mesh.dcn_fsdp, "dcn_tensor": mesh.dcn_tensor}
+  _require(all(v == -1 or v > 0 for v in hosts.values()) and list(hosts.values()).count(-1) <= 1,
+           f"config.mesh = {hosts}: each must be a positive number of processes, and at most one may be -1 "
+           "(all remaining processes).")
 
 
 def to_dict(config: Config) -> dict:

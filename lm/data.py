@@ -371,14 +371,15 @@ class TrainBatches:
     order_seed = int.from_bytes(hashlib.sha256(f"train-order-{seed}".encode()).digest()[:4], "little")
     self._order = grain.MapDataset.range(len(data)).shuffle(seed=order_seed).repeat(None)
 
-  def indices(self, step: int, rows: slice = slice(None)) -> np.ndarray:
-    """Rows of the data for this step: positions [step * G, (step + 1) * G) of the endless order."""
+  def indices(self, step: int, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+    """Rows of the data for this step: positions [step * G, (step + 1) * G) of the endless order, or the
+    `rows` of them (a slice or an array of positions in the global batch)."""
     start = step * self.global_batch_size
-    stream_positions = range(start, start + self.global_batch_size)[rows]
-    return np.fromiter((self._order[i] for i in stream_positions), np.int64, count=len(stream_positions))
+    stream_positions = np.arange(start, start + self.global_batch_size)[rows]
+    return np.fromiter((self._order[int(i)] for i in stream_positions), np.int64, count=len(stream_positions))
 
-  def get(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
-    """The step's global batch, or the `rows` part of it (a host's share) without reading the rest."""
+  def get(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    """The step's global batch, or the `rows` part of it (a process's share) without reading the rest."""
     indices = self.indices(step, rows)
     return {name: np.asarray(getattr(self._data, name)[indices], np.int32) for name in _ARRAYS}
 

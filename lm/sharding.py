@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lm.config import ConfigError, MeshConfig
@@ -52,14 +53,59 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def dcn_shape(cfg: MeshConfig, sizes: dict[str, int], num_processes: int) -> dict[str, int]:
+  """How many processes (hosts) each axis of `sizes` spans: resolves the -1 and checks the splits."""
+  dcn = {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": cfg.dcn_tensor}
+  fixed = math.prod(v for v in dcn.values() if v != -1)
+  for name, value in dcn.items():
+    if value == -1:
+      if num_processes % fixed:
+        raise ConfigError(
+            f"config.mesh.dcn_{name} = -1 cannot fill {num_processes} process(es): the other dcn_ axes take "
+            f"{fixed}, which does not divide {num_processes}. The dcn_ sizes multiply to the number of "
+            "processes (1 for a single process).")
+      dcn[name] = num_processes // fixed
+  if math.prod(dcn.values()) != num_processes:
+    raise ConfigError(
+        f"config.mesh dcn_data x dcn_fsdp x dcn_tensor = {dcn} spans {math.prod(dcn.values())} processes, "
+        f"but {num_processes} are running. Make their product the number of processes, or set one to -1.")
+  for name, value in dcn.items():
+    if sizes[name] % value:
+      raise ConfigError(
+          f"config.mesh.{name} = {sizes[name]} cannot be split over config.mesh.dcn_{name} = {value} "
+          f"processes. Put the split across hosts on an axis with room for it (e.g. "
+          f"--config.mesh.dcn_data=1 --config.mesh.dcn_fsdp=-1 when data parallelism is 1), or resize the axes.")
+  return dcn
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(cfg, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  # make_mesh orders devices for the physical topology (ICI rings on TPU); axes are Auto so that
-  # jit propagates shardings from the in/out annotations and the constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  num_processes = len({d.process_index for d in devices})
+  dcn = dcn_shape(cfg, sizes, num_processes)
+  # Axes are Auto so that jit propagates shardings from the in/out annotations and the constraints.
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if num_processes == 1:
+    # make_mesh orders devices for the physical topology (ICI rings on TPU).
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types,
+                         devices=devices)
+  # Each process (host) is one granule: its devices form the within-host part of every axis, ordered for
+  # its topology, and the granules are laid out along the dcn_ parts, outermost. With the default (data
+  # across hosts) process p holds the p-th block of consecutive rows of every batch.
+  within = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+  grid = mesh_utils.create_hybrid_device_mesh(within, tuple(dcn[a] for a in MESH_AXES), devices,
+                                              process_is_granule=True)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def describe(mesh: jax.sharding.Mesh, cfg: MeshConfig) -> str:
+  """`data=4 x fsdp=2 x tensor=1`, and with several processes the part of each axis across them."""
+  text = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  processes = len({d.process_index for d in mesh.devices.flat})
+  if processes > 1:
+    dcn = dcn_shape(cfg, dict(mesh.shape), processes)
+    text += " (across processes: " + " x ".join(f"{k}={v}" for k, v in dcn.items()) + ")"
+  return text
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
@@ -86,11 +132,22 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Global arrays from the host copy of the whole batch: each process places only the rows of its own
-  devices, so this is right for one process or many."""
+def process_rows(mesh: jax.sharding.Mesh, rows: int, devices=None) -> np.ndarray:
+  """Positions, in order, of the rows of a `rows`-row batch that `devices` (this process's, by default)
+  hold under `batch_sharding`: the rows a process reads and passes to `put_batch`. All of them for one
+  process; replicas (tensor axis) hold the same rows."""
+  devices = set(mesh.local_devices if devices is None else devices)
+  index_map = batch_sharding(mesh).devices_indices_map((rows,))
+  held = {row for device, index in index_map.items() if device in devices for row in range(rows)[index[0]]}
+  return np.array(sorted(held), np.int64)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+              rows: int | None = None) -> dict[str, jax.Array]:
+  """Global arrays of `rows` rows from this process's rows of them (`process_rows`, in that order), placed
+  with `batch_sharding`; by default the batch is the whole global batch (one process)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+  return {k: jax.make_array_from_process_local_data(sharding, v, (rows or len(v), *v.shape[1:]))
           for k, v in batch.items()}
 
 

@@ -5,12 +5,14 @@ Batch arithmetic (all per optimizer step):
   gradient_accumulation_steps micro-batches each device accumulates (per device, so scaling devices
                               needs no config change)
   global batch                micro_batch_size x gradient_accumulation_steps x data-parallel devices
-The host draws the global batch of step s (a function of seed and s), then feeds it as
-gradient_accumulation_steps micro-batches, each split over the data-parallel devices.
+Each process draws its rows of the global batch of step s (a function of seed and s: one process draws
+them all), then feeds them as gradient_accumulation_steps micro-batches, each split over the data-parallel
+devices in order: the devices get the same rows whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -30,6 +32,8 @@ import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import checkpoint, console, data, metrics, sharding
 from lm.config import Config, ConfigError, to_dict
@@ -163,7 +167,11 @@ def _sum_losses(micro_metrics: list[dict]) -> tuple[float, int]:
 
 
 def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict[str, float]:
-  loss_sum, tokens = _sum_losses([eval_fn(params, sharding.put_batch(b, mesh)) for b in batches])
+  """Loss over the fixed validation batches (each process passes only its devices' rows of them)."""
+  rows = len(batches[0]["tokens"])
+  mine = sharding.process_rows(mesh, rows)
+  local = [{k: v[mine] for k, v in b.items()} for b in batches]
+  loss_sum, tokens = _sum_losses([eval_fn(params, sharding.put_batch(b, mesh, rows)) for b in local])
   loss = loss_sum / max(tokens, 1)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
@@ -288,14 +296,52 @@ class MetricsLogger:
 
 
 def split_micro_batches(global_batch: dict[str, np.ndarray], plan: BatchPlan) -> list[dict[str, np.ndarray]]:
-  """The global batch as `accumulation_steps` micro-batches of consecutive rows, in order.
+  """The global batch (or a process's rows of it, from `step_rows`) as `accumulation_steps` micro-batches
+  of consecutive rows, in order.
 
   Each micro-batch is then split over the data-parallel devices in order (device d of the batch axes
   gets its rows d * micro_batch_size ...), so the global batch is the same bytes whatever the split.
   """
-  rows = plan.micro_rows
+  rows = len(global_batch["tokens"]) // plan.accumulation_steps
   return [{k: v[i * rows:(i + 1) * rows] for k, v in global_batch.items()}
           for i in range(plan.accumulation_steps)]
+
+
+def step_rows(mesh: jax.sharding.Mesh, plan: BatchPlan) -> np.ndarray:
+  """Positions in the global batch of the rows this process's devices get, micro-batch after micro-batch:
+  the only rows it reads."""
+  in_micro_batch = sharding.process_rows(mesh, plan.micro_rows)
+  return (np.arange(plan.accumulation_steps)[:, None] * plan.micro_rows + in_micro_batch).ravel()
+
+
+def loss_scale_fn(mesh: jax.sharding.Mesh, plan: BatchPlan) -> Callable:
+  """(this process's rows of a step) -> 1 / real target tokens of the whole step, a replicated device
+  scalar: each process counts its rows, the devices add the counts, no host waits for another's rows."""
+  counts_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+  scale = jax.jit(lambda counts: 1.0 / jnp.maximum(jnp.sum(counts), 1).astype(jnp.float32),
+                  out_shardings=sharding.replicated(mesh))
+
+  def loss_scale(rows: dict[str, np.ndarray]) -> jax.Array:
+    counts = data.loss_mask(rows["segment_ids"]).sum(axis=1, dtype=np.int32)
+    counts = counts.reshape(plan.accumulation_steps, -1)  # [micro-batch, row within it]
+    return scale(jax.make_array_from_process_local_data(
+        counts_sharding, counts, (plan.accumulation_steps, plan.micro_rows)))
+
+  return loss_scale
+
+
+@contextlib.contextmanager
+def process_zero_first():
+  """Process 0 runs the block first (it may write caches: the prepared corpus, the tokenizer, packed
+  arrays); the others run it once it is done, and find the caches on a shared disk."""
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    multihost_utils.sync_global_devices("lm: process 0 prepared the data")
+  try:
+    yield
+  finally:  # also on an error: the others then meet it themselves instead of waiting
+    if several and jax.process_index() == 0:
+      multihost_utils.sync_global_devices("lm: process 0 prepared the data")
 
 
 def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, float]:
@@ -318,13 +364,15 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
                    sharding.data_parallel_size(mesh), t.seq_len)
 
   manager = checkpoint.make_manager(checkpoint_dir, t)
+  checkpoint.check_same_step(manager)
   checkpoint.check_compatible(manager, to_dict(config))
-  data.check_splits(config.data)
-  tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
-  train_data = data.load_split(config.data, tokenizer, t.seq_len, "train")
+  with process_zero_first():
+    data.check_splits(config.data)
+    tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+    train_data = data.load_split(config.data, tokenizer, t.seq_len, "train")
+    eval_data = data.load_split(config.data, tokenizer, t.seq_len, "eval")
   batches = data.TrainBatches(train_data, t.seed, plan.global_sequences)
-  eval_batches = data.eval_batches(data.load_split(config.data, tokenizer, t.seq_len, "eval"),
-                                   config.data.eval_sequences, plan.micro_rows)
+  eval_batches = data.eval_batches(eval_data, config.data.eval_sequences, plan.micro_rows)
   num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
 
   flops = metrics.flops_per_token(config.model, t.seq_len)
@@ -346,7 +394,10 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
         ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
         ("Devices", f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
                     f"{jax.process_count()} process(es)"),
-        ("Mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
+        ("Mesh", sharding.describe(mesh, config.mesh)),
+        *([("Rows per process", f"{len(sharding.process_rows(mesh, plan.micro_rows))} of the "
+                                f"{plan.micro_rows} of each micro-batch: each process reads only its own")]
+          if jax.process_count() > 1 else []),
         ("Tokenizer", tokenizer.describe()),
         ("Data", f"{len(train_data):,} train sequences of {t.seq_len} tokens "
                  f"({batches.steps_per_epoch:,} steps per epoch), {len(eval_batches)} eval batches"),
@@ -372,15 +423,16 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
 
 
 class PreemptionNotice:
-  """Set by SIGTERM (how Cloud TPU, GKE and SLURM announce a preemption) or by JAX's preemption sync
-  point, which every process reaches at the same step. A context manager: the previous SIGTERM handler
-  comes back when the loop ends."""
+  """Set by SIGTERM (how Cloud TPU, GKE and SLURM announce a preemption). With several processes JAX's
+  preemption sync point handles the signal instead: every process stops at the same step, which a signal
+  seen by one host alone could not give. A context manager: the previous SIGTERM handler comes back when
+  the loop ends."""
 
   def __init__(self, manager: ocp.CheckpointManager):
     self._manager, self._signalled, self._previous = manager, False, None
 
   def __enter__(self) -> PreemptionNotice:
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
     return self
 
@@ -430,15 +482,15 @@ def _steps(run: Run, state: TrainState, logger: MetricsLogger, preemption: Preem
   """The optimizer steps from the state's to the last (or to a preemption); returns the final state."""
   t, plan = run.config.train, run.plan
   pending = None  # (step, micro-step metrics) not fetched yet
+  mine, loss_scale_of = step_rows(run.mesh, plan), loss_scale_fn(run.mesh, plan)
   for step in range(int(state.step), run.num_train_steps):
-    global_batch = run.batches.get(step)
-    real_tokens = int(data.loss_mask(global_batch["segment_ids"]).sum())
-    loss_scale = np.float32(1.0 / max(real_tokens, 1))
+    batch = run.batches.get(step, mine)  # this process's rows of the step's global batch
+    loss_scale = loss_scale_of(batch)
     micro_metrics = []
-    for i, micro in enumerate(split_micro_batches(global_batch, plan)):
+    for i, micro in enumerate(split_micro_batches(batch, plan)):
       # Only the last micro-step runs the optimizer; the others add their gradient to the accumulator.
       step_fn = run.step_fn if i == plan.accumulation_steps - 1 else run.accumulate_fn
-      state, m = step_fn(state, sharding.put_batch(micro, run.mesh), loss_scale)
+      state, m = step_fn(state, sharding.put_batch(micro, run.mesh, plan.micro_rows), loss_scale)
       micro_metrics.append(m)
     # Fetch the previous step's metrics only now, so that the device already has this step queued.
     if pending is not None:

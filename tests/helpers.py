@@ -3,7 +3,7 @@
 import dataclasses
 
 from configs import base
-from lm.config import Config, from_config_dict
+from lm.config import Config, MeshConfig, from_config_dict
 
 
 def base_config() -> Config:
@@ -16,3 +16,8 @@ def tiny_model(**overrides):
                 mlp_dim=64, max_seq_len=64)
   fields.update(overrides)
   return dataclasses.replace(base_config().model, **fields)
+
+
+def mesh_config(**sizes) -> MeshConfig:
+  """The base mesh (data parallel across hosts) with some axis sizes changed."""
+  return dataclasses.replace(base_config().mesh, **sizes)

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 
 from lm import checkpoint, metrics, sharding
-from lm.config import MeshConfig
 from lm.train import BatchPlan, split_micro_batches, train_and_evaluate
-from tests.helpers import base_config
+from tests.helpers import base_config, mesh_config
 from tests.test_train import corpus  # noqa: F401 (a fixture)
 
 SPLITS = [(64, 1, 1), (16, 4, 1), (8, 1, 8), (2, 4, 8), (1, 8, 8)]
@@ -33,7 +32,7 @@ def test_every_split_feeds_the_same_global_batch_to_the_devices():
   global_batch = {k: rng.integers(0, 1000, (64, SEQ_LEN)).astype(np.int32)
                   for k in ("tokens", "segment_ids", "positions")}
   for micro_batch_size, accumulation, num_devices in SPLITS:
-    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:num_devices])
+    mesh = sharding.make_mesh(mesh_config(data=-1, fsdp=1, tensor=1), jax.devices()[:num_devices])
     plan = BatchPlan(micro_batch_size, accumulation, sharding.data_parallel_size(mesh), SEQ_LEN)
     seen = []  # rows in the order (micro-step, device)
     for micro in split_micro_batches(global_batch, plan):
@@ -55,7 +54,7 @@ def _config(tmp_path, corpus_dir, micro_batch_size, accumulation):
                               warmup_steps=2, learning_rate=3e-3, log_interval_steps=1,
                               eval_interval_steps=STEPS, save_interval_steps=STEPS)
   return dataclasses.replace(c, model=model, data=data_cfg, train=train,
-                             mesh=MeshConfig(data=-1, fsdp=1, tensor=1))
+                             mesh=mesh_config(data=-1, fsdp=1, tensor=1))
 
 
 def _train_splits(tmp_path, corpus_dir, splits):

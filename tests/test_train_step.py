@@ -10,11 +10,10 @@ import pytest
 from flax import linen as nn
 
 from lm import data, sharding
-from lm.config import MeshConfig
 from lm.model import Decoder
 from lm.optimizer import make_optimizer
 from lm.train_step import TrainState, accumulate_step, train_step
-from tests.helpers import base_config, tiny_model
+from tests.helpers import base_config, mesh_config, tiny_model
 
 L = 16
 
@@ -131,7 +130,7 @@ def test_sharded_equals_unsharded():
   model = Decoder(cfg)
   batch = _batch(8)
   plain, plain_loss = _run(model, 2, batch)
-  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
   tx = make_optimizer(_train_cfg(2), 10)
   tokens = jnp.zeros((1, L), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens + 1, tokens)["params"])
