@@ -43,13 +43,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   return restored.state, restored.config
 
 
-# What decides the shapes and structure of the saved state: a checkpoint can only resume a run that
-# agrees on all of these.
+# What decides the shapes and structure of the saved state (and, for norm_unit_offset, what its stored
+# norm scales mean): a checkpoint can only resume a run that agrees on all of these.
 STATE_KEYS = {
     "model": ("name", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "mlp_dim", "tie_embeddings", "param_dtype", "scan_layers"),
+              "mlp_dim", "tie_embeddings", "param_dtype", "scan_layers", "qk_norm", "post_norms",
+              "norm_unit_offset"),
     "train": ("optimizer", "skip_nonfinite_updates"),
 }
+# Keys added after checkpoints were first written, with the value those checkpoints had.
+ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "model.local_layers_per_global": 0,
+              "model.rope_local_theta": 10000.0, "model.qk_norm": False, "model.post_norms": False,
+              "model.norm_unit_offset": False, "model.mlp_activation": "silu", "model.embed_scale": False,
+              "model.query_scale_dim": 0}
 
 
 def check_compatible(manager: ocp.CheckpointManager, config: dict) -> int | None:
@@ -59,9 +65,13 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> int | None
   if step is None:
     return None
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  differences = [f"{section}.{key} = {saved[section][key]!r} there, {config[section][key]!r} here"
+
+  def saved_value(section, key):
+    return saved.get(section, {}).get(key, ADDED_KEYS.get(f"{section}.{key}"))
+
+  differences = [f"{section}.{key} = {saved_value(section, key)!r} there, {config[section][key]!r} here"
                  for section, keys in STATE_KEYS.items() for key in keys
-                 if saved.get(section, {}).get(key) != config[section][key]]
+                 if saved_value(section, key) != config[section][key]]
   if differences:
     raise ConfigError(
         f"config.train.checkpoint_dir = {str(manager.directory)!r} holds a checkpoint (step {step}) of "
@@ -83,3 +93,4 @@ def restore_on_one_device(state_path: str):
 def abstract_like(shapes, shardings):
   """ShapeDtypeStructs with shardings, the restore target."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
