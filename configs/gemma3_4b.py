@@ -1,7 +1,7 @@
 """Gemma3 with the shapes of the language model of the public gemma-3-4b: d_model 2560, 34 layers, 8 query
 heads and 4 key/value heads of 256, GeGLU 10240, vocab 262208, sliding window 1024, linear RoPE scaling 8
 on the global layers; the rest as configs/gemma3_1b.py. Text only: the SigLIP vision tower of the public
-checkpoint is not part of this model.
+checkpoint is not part of this model (scripts/convert_hf.py imports the language model of it).
 
   python main.py --config=configs/gemma3_4b.py --workdir=gs://BUCKET/gemma3_4b
 

@@ -107,6 +107,9 @@ class Config:
 
 MODEL_NAMES = ("llama", "qwen3", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+# ModelConfig fields that are settings of a run, not part of the model that parameters belong to: they may
+# differ between the run that wrote parameters and one that starts from them.
+MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 OPTIMIZERS = ("adamw", "lion")
