@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8  # adamw only
   c.train.max_grad_norm = 1.0  # clip by global norm; 0 = no clipping
   c.train.checkpoint_dir = ""  # empty = <workdir>/checkpoints
+  c.train.init_from = ""  # parameters to start from (scripts/convert_hf.py import, or a run's checkpoints)
   c.train.save_interval_steps = 500
   c.train.max_to_keep = 3
   c.train.eval_interval_steps = 500

@@ -3,7 +3,14 @@ heads of 128, per-head query/key RMSNorm, SwiGLU 6144, vocab 151936, tied embedd
 
   python main.py --config=configs/qwen3_1_8b.py --workdir=gs://BUCKET/qwen3_1_8b
 
-On 8 devices a step is 6 x 16 x 8 = 768 sequences = 1,572,864 tokens.
+On 8 devices a step is 6 x 16 x 8 = 768 sequences = 1,572,864 tokens. Continued training from the public
+weights: convert them, then name the result in train.init_from:
+
+  python scripts/convert_hf.py import --hf_dir=Qwen3-1.7B --out=ckpt/qwen3_1_8b --config=configs/qwen3_1_8b.py
+  python main.py --config=configs/qwen3_1_8b.py --workdir=runs/qwen3_ft --config.train.init_from=ckpt/qwen3_1_8b
+
+Qwen's tokenizer (byte-level BPE, tokenizer.json) is not one lm/data.py reads yet: until it is, the text is
+not tokenized the way the weights expect.
 
 1,720,574,976 parameters (tests/test_model.py). Too large to train on a CPU; the tests build its shapes
 with jax.eval_shape.

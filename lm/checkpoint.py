@@ -17,7 +17,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import ConfigError, TrainConfig
+from lm.config import MODEL_RUN_SETTINGS, ConfigError, TrainConfig
 
 MODEL_FILE = "model.json"
 PARAMS_ITEM = "params"
@@ -137,6 +137,17 @@ def params_location(path: str, step: int | None = None) -> tuple[str, dict]:
   step = max(steps) if step is None else step
   config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
   return os.path.join(path, str(step), "state"), config["model"]
+
+
+def check_same_model(saved: dict, model: dict, where: str) -> None:
+  """Raises ConfigError when parameters of the model `saved` cannot mean the same in the model `model`
+  (config sections as dicts): every field but the run settings must agree."""
+  differences = [f"model.{key} = {saved.get(key, ADDED_KEYS.get(f'model.{key}'))!r} there, {value!r} here"
+                 for key, value in model.items()
+                 if key not in MODEL_RUN_SETTINGS and saved.get(key, ADDED_KEYS.get(f"model.{key}")) != value]
+  if differences:
+    raise ConfigError(f"{where} holds parameters of another model: {'; '.join(differences)}. Use the config "
+                      "they were written for, or convert the checkpoint for this one.")
 
 
 def _paths(tree, prefix=()) -> dict[str, object]:

@@ -81,6 +81,7 @@ class TrainConfig:
   eps: float
   max_grad_norm: float
   checkpoint_dir: str
+  init_from: str
   save_interval_steps: int
   max_to_keep: int
   eval_interval_steps: int

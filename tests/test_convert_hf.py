@@ -10,7 +10,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
+import sys
+import sysconfig
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +21,13 @@ import numpy as np
 import pytest
 
 from lm import checkpoint, hf
+from lm.config import ConfigError
 from lm.model import Decoder
 from tests.helpers import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
-VOCAB, B, L = 128, 2, 24
+VOCAB, B, L = 320, 2, 24  # 320: the byte tokenizer's 259 ids fit, for the training run below
 TOLERANCE = 1e-5  # relative error of float32 logits: max |ours - theirs| / max |theirs|
 
 _common = dict(vocab_size=VOCAB, max_position_embeddings=64)
@@ -46,6 +50,10 @@ HF_MODELS = {
     "qwen3_gqa4_head_dim32_untied": ("Qwen3ForCausalLM", dict(
         _common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=False)),
+    # The shapes of tests/test_train.py's tiny run, which trains it further through main.py.
+    "qwen3_for_training": ("Qwen3ForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)),
     "gemma3_pattern_mqa_tied": ("Gemma3ForCausalLM", _text_gemma),
     "gemma3_scaled_gqa2_untied": ("Gemma3ForCausalLM", dict(
         _common, hidden_size=48, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
@@ -222,3 +230,45 @@ def test_settings_that_do_not_match_the_config_are_named(reference, tmp_path, ca
   assert convert.main(["import", f"--hf_dir={source}", f"--out={tmp_path / 'out'}", f"--config={config}"]) == 2
   err = capsys.readouterr().err
   assert f"model.rope_theta = 500000.0 in {config}, 10000.0 in config.json" in err, err
+
+
+def test_restoring_parameters_of_other_shapes_names_the_tensor(tmp_path):
+  small = ours_config(OURS["ours_llama"])
+  checkpoint.save_params(str(tmp_path / "small"), random_params(small, 0), dataclasses.asdict(small), source="test")
+  wider = dataclasses.replace(small, mlp_dim=128)
+  with pytest.raises(ConfigError, match=r"tensor layers/mlp/down_proj has shape \(3, 96, 64\) there, "
+                                        r"\(3, 128, 64\) in this config"):
+    checkpoint.restore_params(str(tmp_path / "small"), convert.abstract_params(wider))
+
+
+def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
+  """Fine-tuning through main.py: a Qwen3 imported from transformers, two steps at a small learning rate.
+  The saved parameters moved from the imported ones, but by no more than the steps could move them."""
+  convert.import_hf(str(reference["root"] / "qwen3_for_training"), str(tmp_path / "imported"))
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for name in ("textwrap.py", "csv.py", "shlex.py", "fractions.py"):
+    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), corpus)
+  learning_rate, steps = 1e-4, 2
+  overrides = dict(
+      model=dict(name="qwen3", qk_norm=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6,
+                 vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, max_seq_len=64),
+      data=dict(tokenizer="byte", eval_sequences=8, data_dir=str(tmp_path / "data"), text_files=f"{corpus}/*.py"),
+      train=dict(init_from=str(tmp_path / "imported"), seq_len=64, micro_batch_size=2, num_train_steps=steps,
+                 learning_rate=learning_rate, warmup_steps=0, schedule="constant", save_interval_steps=steps,
+                 eval_interval_steps=steps, log_interval_steps=1))
+  flags = [f"--config.{section}.{key}={value}" for section, values in overrides.items() for key, value in values.items()]
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/default.py",
+                        f"--workdir={tmp_path / 'run'}", *flags], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                         "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr
+  assert f"step {steps}/{steps} | loss" in run.stderr
+  imported, _ = checkpoint.load_params_on_host(str(tmp_path / "imported"))
+  trained, model = checkpoint.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
+  assert model["name"] == "qwen3" and jax.tree.structure(trained) == jax.tree.structure(imported)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(imported)))
+  # An AdamW step moves each parameter by about the learning rate; a fresh initialisation is ~0.02-1 away.
+  assert 0 < moved < 3 * steps * learning_rate, moved
