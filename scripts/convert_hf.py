@@ -79,7 +79,8 @@ def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
   return cfg
 
 
-def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32") -> ModelConfig:
+def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32",
+              max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ModelConfig:
   """Parameters (an import, or a run's checkpoints) -> Hugging Face directory `out`."""
   params, model = checkpoint.load_params_on_host(path, step)
   defaults = from_config_dict(base.get_config()).model
@@ -87,7 +88,7 @@ def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float3
   cfg = dataclasses.replace(defaults, **{k: v for k, v in model.items() if k in known})
   config = hf.hf_config(cfg, dtype)
   os.makedirs(out, exist_ok=True)
-  hf.write_tensors(out, hf.to_hf(params, cfg, EXPORT_DTYPES[dtype]))
+  hf.write_tensors(out, hf.to_hf(params, cfg, EXPORT_DTYPES[dtype]), max_shard_bytes)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return cfg
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
   exp.add_argument("--out", required=True)
   exp.add_argument("--step", type=int, default=None, help="checkpoint step; default the newest")
   exp.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="float32")
+  exp.add_argument("--max_shard_bytes", type=int, default=hf.MAX_SHARD_BYTES,
+                   help="larger checkpoints are split into files of at most this size, with an index")
   args = parser.parse_args(argv)
   try:
     if args.command == "import":
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
       print(f"Imported {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}) from {args.hf_dir} into "
             f"{args.out}; train from it with --config.train.init_from={args.out}")
     else:
-      cfg = export_hf(args.checkpoint, args.out, args.step, args.dtype)
+      cfg = export_hf(args.checkpoint, args.out, args.step, args.dtype, args.max_shard_bytes)
       print(f"Exported {cfg.name} as {hf.ARCHITECTURES[cfg.name]} ({args.dtype}) to {args.out}")
   except (hf.HFError, ConfigError) as e:
     print(f"Conversion error: {e}", file=sys.stderr)

@@ -127,7 +127,8 @@ def reference(tmp_path_factory):
     cfg = ours_config(overrides)
     params = random_params(cfg, seed=100 + i)
     checkpoint.save_params(str(root / f"{name}_params"), params, dataclasses.asdict(cfg), source="test")
-    convert.export_hf(str(root / f"{name}_params"), str(root / name))
+    # Small shards: transformers must also find every tensor through the index.
+    convert.export_hf(str(root / f"{name}_params"), str(root / name), max_shard_bytes=100_000)
     ours[name] = (cfg, params)
     models.append({"name": name, "load": str(root / name)})
   spec = root / "spec.json"
@@ -181,6 +182,19 @@ def test_import_then_export_gives_identical_tensors(reference, name, tmp_path):
   assert set(again) == set(original)
   for key in original:
     np.testing.assert_array_equal(again[key], original[key], err_msg=key)
+
+
+def test_bfloat16_export_in_shards_imports_as_the_rounded_weights(reference, tmp_path):
+  _, params = reference["ours"]["ours_gemma3"]
+  assert convert.main(["export", f"--checkpoint={reference['root'] / 'ours_gemma3_params'}",
+                       f"--out={tmp_path / 'hf'}", "--dtype=bfloat16", "--max_shard_bytes=20000"]) == 0
+  index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  assert hf.read_tensors(str(tmp_path / "hf"))["model.embed_tokens.weight"].dtype == jnp.bfloat16
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, back, rounded)
 
 
 def test_unsupported_architecture_is_named(tmp_path, capsys):
@@ -272,3 +286,6 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(imported)))
   # An AdamW step moves each parameter by about the learning rate; a fresh initialisation is ~0.02-1 away.
   assert 0 < moved < 3 * steps * learning_rate, moved
+  # And back out: the run's newest checkpoint as a Hugging Face directory.
+  assert convert.main(["export", f"--checkpoint={tmp_path / 'run' / 'checkpoints'}", f"--out={tmp_path / 'hf'}"]) == 0
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
