@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "llama"  # model family
+  c.model.name = "llama"  # model family: llama | qwen3 | gemma3 (the Hugging Face architecture on export)
   c.model.vocab_size = 32000
   c.model.d_model = 2048
   c.model.num_layers = 24
@@ -20,7 +20,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dim = 128
   c.model.mlp_dim = 5632
   c.model.max_seq_len = 4096  # longest train.seq_len this model accepts
-  c.model.rope_theta = 10000.0
+  c.model.rope_theta = 10000.0  # RoPE base of the global layers (all layers without a sliding window)
+  c.model.rope_scaling_factor = 1.0  # linear RoPE scaling of the global layers: positions / factor
+  c.model.sliding_window = 0  # keys a local layer sees, itself included; 0 = no local layers
+  c.model.local_layers_per_global = 0  # local layers before each global one (Gemma3: 5); 0 = none
+  c.model.rope_local_theta = 10000.0  # RoPE base of the local layers
+  c.model.qk_norm = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma3)
+  c.model.post_norms = False  # RMSNorm of the attention and MLP outputs before the residual add (Gemma3)
+  c.model.norm_unit_offset = False  # RMSNorm multiplies by 1 + scale, scale starting at 0 (Gemma)
+  c.model.mlp_activation = "silu"  # gate activation: silu (SwiGLU) | gelu_tanh (GeGLU)
+  c.model.embed_scale = False  # multiply the embeddings by sqrt(d_model) (Gemma)
+  c.model.query_scale_dim = 0  # attention logits are q.k / sqrt(query_scale_dim); 0 = head_dim
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = False
   c.model.init_std = 0.02
@@ -60,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8  # adamw only
   c.train.max_grad_norm = 1.0  # clip by global norm; 0 = no clipping
   c.train.checkpoint_dir = ""  # empty = <workdir>/checkpoints
+  c.train.init_from = ""  # parameters to start from (scripts/convert_hf.py import, or a run's checkpoints)
   c.train.save_interval_steps = 500
   c.train.max_to_keep = 3
   c.train.eval_interval_steps = 500

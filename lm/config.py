@@ -28,6 +28,16 @@ class ModelConfig:
   mlp_dim: int
   max_seq_len: int
   rope_theta: float
+  rope_scaling_factor: float
+  sliding_window: int
+  local_layers_per_global: int
+  rope_local_theta: float
+  qk_norm: bool
+  post_norms: bool
+  norm_unit_offset: bool
+  mlp_activation: str
+  embed_scale: bool
+  query_scale_dim: int
   norm_eps: float
   tie_embeddings: bool
   init_std: float
@@ -71,6 +81,7 @@ class TrainConfig:
   eps: float
   max_grad_norm: float
   checkpoint_dir: str
+  init_from: str
   save_interval_steps: int
   max_to_keep: int
   eval_interval_steps: int
@@ -98,7 +109,11 @@ class Config:
   mesh: MeshConfig
 
 
-MODEL_NAMES = ("llama",)
+MODEL_NAMES = ("llama", "qwen3", "gemma3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+# ModelConfig fields that are settings of a run, not part of the model that parameters belong to: they may
+# differ between the run that wrote parameters and one that starts from them.
+MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 OPTIMIZERS = ("adamw", "lion")
@@ -158,20 +173,35 @@ def _positive(section: str, obj, *keys: str) -> None:
     _require(value > 0, f"config.{section}.{key} = {value} must be > 0.")
 
 
-def validate(config: Config) -> None:
-  """Checks everything that can be checked without devices or data."""
-  m, d, t, mesh = config.model, config.data, config.train, config.mesh
+def validate_model(m: ModelConfig) -> None:
+  """The checks of the model section alone (also for models read from other formats)."""
   _one_of("model", "name", m.name, MODEL_NAMES)
   _one_of("model", "dtype", m.dtype, DTYPES)
   _one_of("model", "param_dtype", m.param_dtype, DTYPES)
   _one_of("model", "remat", m.remat, REMAT_POLICIES)
+  _one_of("model", "mlp_activation", m.mlp_activation, MLP_ACTIVATIONS)
   _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-            "mlp_dim", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+            "mlp_dim", "max_seq_len", "rope_theta", "rope_scaling_factor", "rope_local_theta", "norm_eps",
+            "init_std")
+  _require(m.sliding_window >= 0 and m.local_layers_per_global >= 0 and m.query_scale_dim >= 0,
+           "config.model.sliding_window, config.model.local_layers_per_global and "
+           "config.model.query_scale_dim must be >= 0 (0 = off).")
+  _require((m.sliding_window > 0) == (m.local_layers_per_global > 0),
+           f"config.model.sliding_window = {m.sliding_window} and config.model.local_layers_per_global = "
+           f"{m.local_layers_per_global}: set both (local sliding-window layers between global ones) or "
+           "neither (every layer global).")
   _require(m.num_heads % m.num_kv_heads == 0,
            f"config.model.num_heads = {m.num_heads} is not divisible by config.model.num_kv_heads = "
            f"{m.num_kv_heads}; grouped-query attention shares each key/value head among an equal number "
            "of query heads. Pick num_kv_heads among the divisors of num_heads.")
   _require(m.head_dim % 2 == 0, f"config.model.head_dim = {m.head_dim} must be even for rotary embeddings.")
+
+
+def validate(config: Config) -> None:
+  """Checks everything that can be checked without devices or data."""
+  d, t, mesh = config.data, config.train, config.mesh
+  m = config.model
+  validate_model(m)
 
   _one_of("data", "tokenizer", d.tokenizer, TOKENIZERS)
   _require(d.dataset != "", "config.data.dataset is empty; use local_text or a TFDS dataset name.")

@@ -104,9 +104,12 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
     return ByteTokenizer()
   path = os.path.expanduser(cfg.tokenizer_path) if cfg.tokenizer_path else _trained_tokenizer(cfg, vocab_size)
   tokenizer = _read_sentencepiece(path)
-  if tokenizer.vocab_size != vocab_size:
+  # Fewer pieces than rows is allowed: imported models may have rows no text token uses (Gemma3 4B's
+  # image tokens).
+  if tokenizer.vocab_size > vocab_size:
     raise ConfigError(f"config.data.tokenizer_path = {path!r} has {tokenizer.vocab_size} pieces but "
-                      f"config.model.vocab_size = {vocab_size}; make them equal.")
+                      f"config.model.vocab_size = {vocab_size}; raise model.vocab_size to at least "
+                      f"{tokenizer.vocab_size}.")
   if tokenizer.pad_id != PAD_ID:
     raise ConfigError(f"config.data.tokenizer_path = {path!r} has pad id {tokenizer.pad_id}; the model "
                       f"masks padding by id {PAD_ID}. Train it with pad_id=0 (e.g. pad_id=0 unk_id=1 "

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import Config, ConfigError, ModelConfig
+from lm.model import layer_pattern
 
 # Dense bf16 peak FLOP/s per chip (per GPU), from the vendors' spec sheets. Matched by substring of
 # `device.device_kind`, first match wins, so the more specific names come first.
@@ -54,14 +55,25 @@ class FlopsPerToken:
     return 3 * self.forward
 
 
+def attended_keys(seq_len: int, window: int = 0) -> float:
+  """Keys a query attends to, averaged over the positions of a causal sequence, in the convention that
+  a full causal layer averages seq_len / 2. A window W < seq_len: W - W^2 / (2 seq_len) (the first W
+  positions see fewer than W keys); W = seq_len gives seq_len / 2 again."""
+  if window == 0 or window >= seq_len:
+    return seq_len / 2
+  return window - window * window / (2 * seq_len)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
-  D, N, K, H, F, layers = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
-                           cfg.num_layers)
+  D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  local = sum(layer_pattern(cfg))
+  keys = (cfg.num_layers - local) * attended_keys(seq_len) + local * attended_keys(seq_len, cfg.sliding_window)
   return FlopsPerToken(
-      attention_projections=layers * 2 * (D * N * H + 2 * D * K * H + N * H * D),
-      # Per token: 2 matmuls (scores, values) x 2 FLOPs x N x H x (average causal context seq_len / 2).
-      attention_scores=layers * 2 * N * H * seq_len,
-      mlp=layers * 2 * 3 * D * F,
+      attention_projections=cfg.num_layers * 2 * (D * N * H + 2 * D * K * H + N * H * D),
+      # Per token: 2 matmuls (scores, values) x 2 FLOPs x N x H x the keys it attends to, summed over the
+      # layers (sliding-window layers count their window only).
+      attention_scores=round(4 * N * H * keys),
+      mlp=cfg.num_layers * 2 * 3 * D * F,  # gated: gate, up and down matrices
       output=2 * D * cfg.vocab_size,
   )
 

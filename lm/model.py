@@ -1,7 +1,7 @@
 """The decoder: RMSNorm, rotary embeddings, grouped-query attention, gated MLP, (scanned) blocks.
 
 Tensor names end in their shape, one letter per axis:
-  B batch          L sequence (query positions)   S sequence (key positions; the cache length when decoding)
+  B batch          L sequence (query positions)   S sequence (key positions)
   D d_model        N query heads                  K key/value heads
   G query heads per key/value head (N / K)        H head_dim
   F MLP hidden     V vocabulary
@@ -9,11 +9,21 @@ Tensor names end in their shape, one letter per axis:
 Parameters carry logical axis names (`embed`, `mlp`, `q_heads`, ...); `lm/sharding.py` maps them to mesh axes.
 Activations are constrained with the `act_*` names at block boundaries.
 
+One decoder covers LLaMA, Qwen3 and Gemma3; switches of `ModelConfig` choose the differences: per-head
+query/key norms (`qk_norm`), norms after attention and MLP (`post_norms`), RMSNorm scaling by `1 + scale`
+(`norm_unit_offset`), the gate activation (`mlp_activation`), embeddings scaled by sqrt(d_model)
+(`embed_scale`), the attention logit scale (`query_scale_dim`), and sliding-window local layers between
+global ones (`sliding_window`, `local_layers_per_global`) with their own RoPE base (`rope_local_theta`).
+What differs between layers (window on or off, RoPE frequencies) is data scanned over with the layers,
+so a scan still compiles one layer body.
+
 Decoding passes a `KVCache`: each layer writes the keys and values of the new tokens at `index` and attends
 over the whole cache (`lm/sampling.py`). Training and eval pass none.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +33,10 @@ from flax import struct
 from lm.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = {
+    "silu": nn.silu,  # SwiGLU (LLaMA, Qwen3)
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),  # GeGLU (Gemma3)
+}
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -38,26 +52,70 @@ def _param(module: nn.Module, cfg: ModelConfig, name: str, shape, names):
 
 
 class RMSNorm(nn.Module):
+  """Normalises the last axis in float32; multiplies by `scale`, or by `1 + scale` with norm_unit_offset
+  (Gemma: the stored scale starts at 0)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), DTYPES[self.cfg.param_dtype])
+    offset = self.cfg.norm_unit_offset
+    init = nn.initializers.zeros if offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],),
+                       DTYPES[self.cfg.param_dtype])
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (normed * scale.astype(jnp.float32)).astype(DTYPES[self.cfg.dtype])
+    scale32 = scale.astype(jnp.float32)
+    return (normed * (1.0 + scale32 if offset else scale32)).astype(DTYPES[self.cfg.dtype])
 
 
-def rotary(x_BxLxNxH, positions_BxL, theta: float):
-  """Rotary embedding in the half-split layout (the Hugging Face LLaMA layout)."""
-  half = x_BxLxNxH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(head_dim: int, theta: float, scaling_factor: float = 1.0):
+  """The H/2 inverse frequencies theta^(-2i/H); linear scaling divides them (stretches positions)."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scaling_factor
+
+
+def layer_pattern(cfg: ModelConfig) -> list[bool]:
+  """Per layer: True for a sliding-window (local) layer. Every (local_layers_per_global + 1)-th layer is
+  global, starting after the first local_layers_per_global local ones (Gemma3: 5 local, 1 global)."""
+  if cfg.sliding_window == 0:
+    return [False] * cfg.num_layers
+  period = cfg.local_layers_per_global + 1
+  return [(i + 1) % period != 0 for i in range(cfg.num_layers)]
+
+
+def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array]:
+  """What differs between layers, stacked over the layer axis: scanned with the layers."""
+  local = layer_pattern(cfg)
+  global_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
+  local_freq = rope_frequencies(cfg.head_dim, cfg.rope_local_theta)
+  return {"local": jnp.array(local, jnp.bool_),
+          "inv_freq": jnp.stack([local_freq if is_local else global_freq for is_local in local])}
+
+
+def rotary(x_BxLxNxH, positions_BxL, inv_freq):
+  """Rotary embedding in the half-split layout (the Hugging Face layout: `rotate_half`)."""
   angle_BxLx1xH = positions_BxL[:, :, None, None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angle_BxLx1xH), jnp.cos(angle_BxLx1xH)
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxL, window: int = 0):
+  """Causal and within-document: position l sees s <= l of the same (non-padding) segment, and with a
+  window only the `window` newest of them (l - s < window, itself included)."""
+  length = segment_ids_BxL.shape[1]
+  distance_LxS = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+  allowed_LxS = (distance_LxS >= 0) & ((distance_LxS < window) if window else True)
+  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (allowed_LxS[None] & same_BxLxS)[:, None]  # B x 1 x L x S, broadcast over heads
+
+
+def cache_masks(cfg: ModelConfig, positions_BxL, length: int):
+  """(global, sliding-window or None) masks B x 1 x L x S over a cache whose slot s holds position s."""
+  distance_BxLxS = positions_BxL[:, :, None] - jnp.arange(length)[None, None, :]
+  visible = distance_BxLxS >= 0
+  local = (visible & (distance_BxLxS < cfg.sliding_window))[:, None] if cfg.sliding_window else None
+  return visible[:, None], local
 
 
 class KVCache(struct.PyTreeNode):
@@ -73,20 +131,12 @@ class KVCache(struct.PyTreeNode):
     return cls(k_TxBxSxKxH=zeros, v_TxBxSxKxH=zeros, index=jnp.zeros((), jnp.int32))
 
 
-def attention_mask(segment_ids_BxL):
-  """Causal and within-document: position l sees s <= l of the same (non-padding) segment."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxS = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (causal_LxS[None] & same_BxLxS)[:, None]  # B x 1 x L x S, broadcast over heads
-
-
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache_kv=None, cache_index=None):
-    """cache_kv: this layer's (keys, values) B x S x K x H when decoding; returns them updated."""
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, inv_freq, cache_kv=None, cache_index=None):
+    """cache_kv: this layer's (keys, values) B x S x K x H when decoding; returned updated (else None)."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -99,19 +149,23 @@ class Attention(nn.Module):
     k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, w_k_DxKxH.astype(dtype))
     v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, w_v_DxKxH.astype(dtype))
     q_BxLxNxH = nn.with_logical_constraint(q_BxLxNxH, ("act_batch", "act_length", "act_heads", None))
-    q_BxLxNxH = rotary(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-    k_BxSxKxH = rotary(k_BxSxKxH, positions_BxL, cfg.rope_theta)
+    if cfg.qk_norm:  # RMSNorm of each head's query and key (over H), before the rotation
+      q_BxLxNxH = RMSNorm(cfg, name="q_norm")(q_BxLxNxH)
+      k_BxSxKxH = RMSNorm(cfg, name="k_norm")(k_BxSxKxH)
+    q_BxLxNxH = rotary(q_BxLxNxH, positions_BxL, inv_freq)
+    k_BxSxKxH = rotary(k_BxSxKxH, positions_BxL, inv_freq)
     if cache_kv is not None:  # the new positions' keys and values into their slots; attend over all
       k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, 1)
                               for c, new in zip(cache_kv, (k_BxSxKxH, v_BxSxKxH)))
       cache_kv = (k_BxSxKxH, v_BxSxKxH)
     # Grouped-query attention: dot_product_attention shares each of the K heads among N / K queries.
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xLxS)
+    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xLxS,
+                                               scale=(cfg.query_scale_dim or H) ** -0.5)
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, w_o_NxHxD.astype(dtype)), cache_kv
 
 
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu_tanh."""
   cfg: ModelConfig
 
   @nn.compact
@@ -123,21 +177,38 @@ class MLP(nn.Module):
     w_down_FxD = _param(self, cfg, "down_proj", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"))
     gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, w_gate_DxF.astype(dtype))
     up_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, w_up_DxF.astype(dtype))
-    hidden_BxLxF = nn.with_logical_constraint(nn.silu(gate_BxLxF) * up_BxLxF,
+    hidden_BxLxF = nn.with_logical_constraint(ACTIVATIONS[cfg.mlp_activation](gate_BxLxF) * up_BxLxF,
                                               ("act_batch", "act_length", "act_mlp"))
     return jnp.einsum("BLF,FD->BLD", hidden_BxLxF, w_down_FxD.astype(dtype))
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Returns (x, this layer's updated cache or None): the body of `nn.scan`."""
+  """Pre-norm residual block, with post_norms also normalising each branch's output before it is added
+  (Gemma). Returns (x, this layer's updated cache or None): the body of `nn.scan`.
+
+  Args:
+    masks: (global mask, sliding-window mask or None), each B x 1 x L x S.
+    layer: this layer's slice of `layer_inputs` ({"local": bool, "inv_freq": H/2}), and when decoding
+      its cache ("kv": keys and values B x S x K x H).
+    cache_index: when decoding, the cache slot of the first new position.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, cache_kv=None, cache_index=None):
-    attended_BxLxD, cache_kv = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_Bx1xLxS, cache_kv, cache_index)
-    x_BxLxD = x_BxLxD + attended_BxLxD
-    x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxLxD))
+  def __call__(self, x_BxLxD, positions_BxL, masks, layer, cache_index=None):
+    cfg = self.cfg
+    global_mask, local_mask = masks
+    mask_Bx1xLxS = global_mask if local_mask is None else jnp.where(layer["local"], local_mask, global_mask)
+    attn_BxLxD, cache_kv = Attention(cfg, name="attn")(
+        RMSNorm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_Bx1xLxS, layer["inv_freq"],
+        layer.get("kv"), cache_index)
+    if cfg.post_norms:
+      attn_BxLxD = RMSNorm(cfg, name="attn_post_norm")(attn_BxLxD)
+    x_BxLxD = x_BxLxD + attn_BxLxD
+    mlp_BxLxD = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxLxD))
+    if cfg.post_norms:
+      mlp_BxLxD = RMSNorm(cfg, name="mlp_post_norm")(mlp_BxLxD)
+    x_BxLxD = x_BxLxD + mlp_BxLxD
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
     return x_BxLxD, cache_kv
 
@@ -156,13 +227,16 @@ class Decoder(nn.Module):
     dtype = DTYPES[cfg.dtype]
     embedding_VxD = _param(self, cfg, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype)
+    if cfg.embed_scale:  # Gemma: the scale is rounded to the compute dtype, as its reference does
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+    per_layer = layer_inputs(cfg)
     if cache is None:
-      mask_Bx1xLxS, kv, index = attention_mask(segment_ids_BxL), None, None
-    else:  # slot s holds position s: visible up to the query's own position
-      slots_S = jnp.arange(cache.k_TxBxSxKxH.shape[2])
-      mask_Bx1xLxS = (slots_S[None, None, None, :] <= positions_BxL[:, None, :, None])
-      kv, index = (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH), cache.index
+      masks, index = (attention_mask(segment_ids_BxL),
+                      attention_mask(segment_ids_BxL, cfg.sliding_window) if cfg.sliding_window else None), None
+    else:
+      masks, index = cache_masks(cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2]), cache.index
+      per_layer = {**per_layer, "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
 
     block = Block
     if cfg.remat != "none":
@@ -172,15 +246,14 @@ class Decoder(nn.Module):
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, kv = layers(cfg, name="layers")(x_BxLxD, positions_BxL, mask_Bx1xLxS, kv, index)
+      x_BxLxD, kv = layers(cfg, name="layers")(x_BxLxD, positions_BxL, masks, per_layer, index)
     else:
       new_kv = []
       for i in range(cfg.num_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxLxD, layer_kv = block(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, mask_Bx1xLxS,
-                                                           layer_kv, index)
+        layer = jax.tree.map(lambda x: x[i], per_layer)
+        x_BxLxD, layer_kv = block(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, masks, layer, index)
         new_kv.append(layer_kv)
-      kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
+      kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
 
     x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
@@ -199,7 +272,8 @@ class Decoder(nn.Module):
 def param_count(cfg: ModelConfig) -> int:
   """Closed-form number of parameters (tests check it against the initialised model)."""
   D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  attention = D * N * H + 2 * D * K * H + N * H * D
-  per_layer = attention + 3 * D * F + 2 * D  # two norms
+  attention = D * N * H + 2 * D * K * H + N * H * D + (2 * H if cfg.qk_norm else 0)
+  norms = (4 if cfg.post_norms else 2) * D
+  per_layer = attention + 3 * D * F + norms
   embeddings = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
   return embeddings + cfg.num_layers * per_layer + D  # final norm

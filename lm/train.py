@@ -118,6 +118,7 @@ class StepFunctions:
   step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics); state donated
   accumulate_fn: Callable  # the same for the micro-steps before the last of an optimizer step
   eval_fn: Callable  # (params, batch) -> metrics
+  state_from_params: Callable  # params (in state_sharding.params) -> a fresh TrainState at step 0
 
   def abstract_micro_batch(self, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=s)
@@ -155,6 +156,8 @@ def build_step_functions(config: Config, mesh: jax.sharding.Mesh, num_train_step
                             out_shardings=(state_sharding, replicated), donate_argnums=0),
       eval_fn=jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated),
+      state_from_params=jax.jit(lambda p: TrainState(params=p, opt_state=tx.init(p)),
+                                in_shardings=(state_sharding.params,), out_shardings=state_sharding),
   )
 
 
@@ -365,7 +368,10 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
 
   manager = checkpoint.make_manager(checkpoint_dir, t)
   checkpoint.check_same_step(manager)
-  checkpoint.check_compatible(manager, to_dict(config))
+  latest_step = checkpoint.check_compatible(manager, to_dict(config))
+  if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
+    _, init_model = checkpoint.params_location(t.init_from)
+    checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
   with process_zero_first():
     data.check_splits(config.data)
     tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
@@ -382,7 +388,9 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
     fns = build_step_functions(config, mesh, num_train_steps)
     state, saved = checkpoint.restore_latest(manager, fns.abstract_state)
     resumed = state is not None
-    state = state if resumed else fns.create_state()
+    if not resumed:
+      state = (fns.state_from_params(checkpoint.restore_params(t.init_from, fns.abstract_state.params))
+               if t.init_from else fns.create_state())
     if resumed and saved.get("global_batch_sequences") != plan.global_sequences:
       console.logger.warning(
           "The checkpoint was written with a global batch of %s sequences, this run has %d (per-device "
@@ -410,6 +418,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
         ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
         ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {int(state.step)}" if resumed
                                                   else "fresh start") + ")"),
+        *([("Initialised from", t.init_from if not resumed else f"{t.init_from} (not used: resumed)")]
+          if t.init_from else []),
         ("Checkpoint disk", checkpoint_disk(fns.abstract_state, checkpoint_dir, t.max_to_keep)),
     ])
 

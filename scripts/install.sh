@@ -34,3 +34,31 @@ if [ ! -x .venv/bin/python ] || ! is_new_enough .venv/bin/python; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+
+# transformers, for the tests that compare converted checkpoints with it (tests/test_convert_hf.py), in
+# its own venv: the project never imports torch. Python 3.11, the Python of the CPU build of torch 2.13.0
+# that pip finds in this machine's wheel directory (elsewhere pip downloads torch 2.13.0 from PyPI).
+HF_REQUIREMENTS="torch==2.13.0 transformers==5.23.0 safetensors numpy"
+find_python311() {
+  for candidate in "${HF_PYTHON:-}" python3.11; do
+    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 \
+        && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then
+      command -v "$candidate"
+      return
+    fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    for version in $(pyenv versions --bare | grep -E '^3\.11(\.[0-9]+)?$' | sort -V -r); do
+      echo "$(pyenv root)/versions/$version/bin/python"
+      return
+    done
+  fi
+  echo "No Python 3.11 found for .venv-hf (the transformers reference of the tests): install one, or point \$HF_PYTHON at it." >&2
+  exit 1
+}
+if [ ! -f .venv-hf/requirements.txt ] || [ "$(cat .venv-hf/requirements.txt)" != "$HF_REQUIREMENTS" ]; then
+  rm -rf .venv-hf
+  "$(find_python311)" -m venv .venv-hf
+  .venv-hf/bin/python -m pip install --quiet $HF_REQUIREMENTS
+  echo "$HF_REQUIREMENTS" > .venv-hf/requirements.txt
+fi

@@ -243,6 +243,10 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"model.d_model": 96}, "holds a checkpoint (step 2) of another model or optimizer: model.d_model = 64 there, 96 here"),
     ({"train.optimizer": "lion"}, "of another model or optimizer: train.optimizer = 'adamw' there, 'lion' here"),
     ({"train.unknown_key": 1}, "unknown keys ['unknown_key']"),
+    ({"train.init_from": "/nonexistent/params"}, "/nonexistent/params does not exist"),
+    # The earlier run's parameters, for a model with another RoPE base.
+    ({"train.init_from": "EARLIER", "model.rope_theta": 5e5},
+     "holds parameters of another model: model.rope_theta = 10000.0 there, 500000.0 here"),
 ]
 
 
@@ -259,9 +263,13 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
       for i in range(3):
         (tmp_path / "empty" / f"{i}.py").write_text("")
       value = f"{tmp_path}/empty/*.py"
+    if value == "EARLIER":
+      value = str(earlier_run / "run" / "checkpoints")
     d[section][name] = value
-  # A vocabulary change is caught first as "another model" in the earlier workdir: try it on a new one.
-  workdir = tmp_path / "new" if "model.vocab_size" in overrides else earlier_run / "run"
+  # A vocabulary change is caught first as "another model" in the earlier workdir, and parameters to start
+  # from are used only on a fresh start: try them on a new one.
+  fresh = "model.vocab_size" in overrides or "train.init_from" in overrides
+  workdir = tmp_path / "new" if fresh else earlier_run / "run"
   with pytest.raises(ConfigError) as e:
     train_and_evaluate(from_config_dict(ml_collections.ConfigDict(d)), str(workdir))
   assert message in str(e.value)

@@ -103,3 +103,25 @@ def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
   assert 1.15 < flops.hardware / flops.model < 1.35
   mfu, hfu = flops.utilisation(step_seconds=1.0, num_devices=1, peak_per_device=flops.hardware * 2)
   assert mfu < hfu == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 64, 127, 128, 500])
+def test_a_sliding_window_counts_the_keys_it_attends_to(window):
+  # The mean over positions of the keys the mask lets each query see, against the closed form. The
+  # closed form keeps the full layer's convention (seq_len / 2, not (seq_len + 1) / 2): within half a key.
+  from lm.model import attention_mask
+
+  mask = np.asarray(attention_mask(np.ones((1, SEQ_LEN), np.int32), window if window < 500 else 0))
+  assert abs(mask.sum() / SEQ_LEN - metrics.attended_keys(SEQ_LEN, window)) <= 0.5
+
+
+def test_sliding_window_layers_count_only_their_window():
+  gemma_like = config(num_layers=7, sliding_window=16, local_layers_per_global=5).model  # 6 local, 1 global
+  full = config(num_layers=7).model
+  flops, full_flops = metrics.flops_per_token(gemma_like, SEQ_LEN), metrics.flops_per_token(full, SEQ_LEN)
+  per_key = 4 * full.num_heads * full.head_dim  # scores and values, 2 FLOPs per multiply-add
+  assert flops.attention_scores == per_key * (SEQ_LEN / 2 + 6 * (16 - 16 * 16 / (2 * SEQ_LEN)))
+  assert full_flops.attention_scores == per_key * 7 * SEQ_LEN / 2
+  # Gated MLP: gate, up and down, 2 FLOPs per multiply-add; the rest does not depend on the window.
+  assert flops.mlp == full_flops.mlp == 7 * 2 * 3 * full.d_model * full.mlp_dim
+  assert flops.attention_projections == full_flops.attention_projections

@@ -20,9 +20,13 @@ def _model_and_params(**overrides):
   return model, jax.tree.map(lambda p: p * 4 if p.ndim > 1 else p, params)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_logits_equal_the_full_forward(scan_layers):
-  model, params = _model_and_params(scan_layers=scan_layers)
+GEMMA_LIKE = dict(sliding_window=4, local_layers_per_global=1, qk_norm=True, post_norms=True,
+                  norm_unit_offset=True, mlp_activation="gelu_tanh", embed_scale=True, rope_local_theta=1e4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": False}, GEMMA_LIKE], ids=["scan", "loop", "gemma"])
+def test_cached_logits_equal_the_full_forward(overrides):
+  model, params = _model_and_params(**overrides)
   tokens_BxL = jax.random.randint(jax.random.key(1), (2, 10), 3, 64)
   positions_BxL = jnp.broadcast_to(jnp.arange(10), tokens_BxL.shape)
   ones = jnp.ones_like(tokens_BxL)

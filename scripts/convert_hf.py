@@ -1,0 +1,127 @@
+"""Converts between Hugging Face checkpoints (config.json + safetensors) and this project's parameters.
+
+  python scripts/convert_hf.py import --hf_dir=Qwen3-1.7B --out=ckpt/qwen3 [--config=configs/qwen3_1_8b.py]
+  python scripts/convert_hf.py export --checkpoint=runs/qwen3_ft/checkpoints --out=hf/qwen3_ft [--step=N]
+
+import: a LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM or Gemma3ForConditionalGeneration (its
+language model) directory -> parameters that `train.init_from` names (an orbax `params/` and
+`model.json`). With --config, the checkpoint must be the config's model: every tensor is checked against
+the config's shapes, and config.json's settings against its switches. Without it, the model is read from
+config.json and the run settings come from configs/base.py.
+
+export: the parameters of an import, or the newest (or --step) checkpoint of a run's checkpoint directory
+-> config.json and model.safetensors (5 GB shards with an index when larger), loadable with
+`transformers.AutoModelForCausalLM.from_pretrained`. Tokenizer files are not written.
+
+Needs numpy and safetensors, no torch. A problem with the input exits 2 with a message that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from configs import base  # noqa: E402
+from lm import checkpoint, hf  # noqa: E402
+from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_dict  # noqa: E402
+from lm.model import Decoder  # noqa: E402
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def load_config_file(path: str):
+  """The Config of a configs/*.py file (its get_config())."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return from_config_dict(module.get_config())
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """The parameter tree of the model as ShapeDtypeStructs: nothing is allocated."""
+  tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
+  shapes = jax.eval_shape(lambda t: Decoder(cfg).init(jax.random.key(0), t, t, t), tokens)
+  return nn.unbox(shapes["params"])
+
+
+def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
+  """Hugging Face directory -> parameters under `out`; returns the model they belong to."""
+  family, hf_config = hf.read_config(hf_dir)
+  target = load_config_file(config_path).model if config_path else None
+  defaults = target or from_config_dict(base.get_config()).model
+  described = hf.model_config_from_hf(family, hf_config, defaults)
+  cfg = target or described
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    multimodal = "text_config" in json.load(f)
+  tensors = hf.language_model_tensors(hf.read_tensors(hf_dir), multimodal)
+  where = f"{hf_dir} (for {config_path or 'its config.json'})"
+  params = hf.from_hf(tensors, cfg, abstract_params(cfg), where)
+  if target is not None:
+    differences = [f"model.{f.name} = {getattr(target, f.name)!r} in {config_path}, {getattr(described, f.name)!r} "
+                   "in config.json" for f in dataclasses.fields(ModelConfig)
+                   if f.name not in MODEL_RUN_SETTINGS and getattr(target, f.name) != getattr(described, f.name)]
+    if differences:
+      raise hf.HFError(f"{hf_dir}: the tensors fit {config_path}, but its config.json describes another model: "
+                       f"{'; '.join(differences)}.")
+  checkpoint.save_params(out, params, dataclasses.asdict(cfg), source=os.path.abspath(hf_dir))
+  return cfg
+
+
+def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32",
+              max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ModelConfig:
+  """Parameters (an import, or a run's checkpoints) -> Hugging Face directory `out`."""
+  params, model = checkpoint.load_params_on_host(path, step)
+  defaults = from_config_dict(base.get_config()).model
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  cfg = dataclasses.replace(defaults, **{k: v for k, v in model.items() if k in known})
+  config = hf.hf_config(cfg, dtype)
+  os.makedirs(out, exist_ok=True)
+  hf.write_tensors(out, hf.to_hf(params, cfg, EXPORT_DTYPES[dtype]), max_shard_bytes)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return cfg
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  imp = commands.add_parser("import", help="Hugging Face directory -> parameters for train.init_from")
+  imp.add_argument("--hf_dir", required=True)
+  imp.add_argument("--out", required=True)
+  imp.add_argument("--config", default="", help="configs/*.py whose model the checkpoint must be")
+  exp = commands.add_parser("export", help="parameters or a run's checkpoints -> Hugging Face directory")
+  exp.add_argument("--checkpoint", required=True, help="an import's --out, or a run's checkpoint directory")
+  exp.add_argument("--out", required=True)
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step; default the newest")
+  exp.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="float32")
+  exp.add_argument("--max_shard_bytes", type=int, default=hf.MAX_SHARD_BYTES,
+                   help="larger checkpoints are split into files of at most this size, with an index")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      cfg = import_hf(args.hf_dir, args.out, args.config)
+      print(f"Imported {cfg.name} ({cfg.num_layers} layers, d_model {cfg.d_model}) from {args.hf_dir} into "
+            f"{args.out}; train from it with --config.train.init_from={args.out}")
+    else:
+      cfg = export_hf(args.checkpoint, args.out, args.step, args.dtype, args.max_shard_bytes)
+      print(f"Exported {cfg.name} as {hf.ARCHITECTURES[cfg.name]} ({args.dtype}) to {args.out}")
+  except (hf.HFError, ConfigError) as e:
+    print(f"Conversion error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,294 @@
+"""scripts/convert_hf.py against transformers: logits of imported and exported models, round trips, bad input.
+
+transformers runs in its own venv (.venv-hf, Python 3.11 with the CPU build of torch, made by
+scripts/install.sh), once for all models: tests/hf_reference.py builds small random models of each family,
+saves them as safetensors checkpoints and computes their logits, and loads the checkpoints this project
+exported and computes theirs.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import checkpoint, hf
+from lm.config import ConfigError
+from lm.model import Decoder
+from tests.helpers import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
+VOCAB, B, L = 320, 2, 24  # 320: the byte tokenizer's 259 ids fit, for the training run below
+TOLERANCE = 1e-5  # relative error of float32 logits: max |ours - theirs| / max |theirs|
+
+_common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+_text_gemma = dict(_common, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
+                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6)
+# name: (architecture, config.json keys). The shapes vary what the converter must get right: grouped-query
+# ratios 1, 2, 4 and 8, head_dim equal to and different from hidden_size / heads, tied and untied heads,
+# Gemma3's layer pattern (7 layers: 5 local, 1 global, 1 local), its query scale, linear RoPE scaling.
+HF_MODELS = {
+    "llama_gqa2_untied": ("LlamaForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10_000.0, tie_word_embeddings=False)),
+    "llama_mha_head_dim24_tied": ("LlamaForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=24, rms_norm_eps=1e-6, rope_theta=500_000.0, tie_word_embeddings=True)),
+    "qwen3_gqa4_tied": ("Qwen3ForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)),
+    "qwen3_gqa4_head_dim32_untied": ("Qwen3ForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=False)),
+    # The shapes of tests/test_train.py's tiny run, which trains it further through main.py.
+    "qwen3_for_training": ("Qwen3ForCausalLM", dict(
+        _common, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)),
+    "gemma3_pattern_mqa_tied": ("Gemma3ForCausalLM", _text_gemma),
+    "gemma3_scaled_gqa2_untied": ("Gemma3ForCausalLM", dict(
+        _common, hidden_size=48, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16, rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        tie_word_embeddings=False)),
+    "gemma3_multimodal": ("Gemma3ForConditionalGeneration", dict(
+        text_config=_text_gemma, mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))),
+}
+# This project's models exported to each family: name -> (family, model overrides).
+OURS = {
+    "ours_llama": dict(name="llama", num_heads=4, num_kv_heads=2, head_dim=16),
+    "ours_qwen3_unscanned": dict(name="qwen3", qk_norm=True, num_heads=4, num_kv_heads=2, head_dim=24,
+                                 tie_embeddings=True, rope_theta=1e6, scan_layers=False),
+    "ours_gemma3": dict(name="gemma3", qk_norm=True, post_norms=True, norm_unit_offset=True,
+                        mlp_activation="gelu_tanh", embed_scale=True, query_scale_dim=20, num_layers=4,
+                        sliding_window=5, local_layers_per_global=2, rope_theta=1e6, rope_local_theta=1e4,
+                        rope_scaling_factor=4.0, num_heads=4, num_kv_heads=1, head_dim=16, norm_eps=1e-6),
+}
+
+
+def load_script():
+  spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+convert = load_script()
+
+
+def ours_config(overrides):
+  return tiny_model(**{**dict(vocab_size=VOCAB, d_model=64, mlp_dim=96, num_layers=3, init_std=0.15), **overrides})
+
+
+def random_params(cfg, seed):
+  """Normal matrices of std init_std, and norm scales off their initial 1 (or 0), in numpy: faster than
+  compiling the initialiser."""
+  rng = np.random.default_rng(seed)
+  start = 0.0 if cfg.norm_unit_offset else 1.0
+
+  def draw(path, shape):
+    if "scale" in jax.tree_util.keystr(path):
+      return (start + 0.2 * rng.standard_normal(shape.shape)).astype(np.float32)
+    return (cfg.init_std * rng.standard_normal(shape.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, convert.abstract_params(cfg))
+
+
+def forward(cfg, params, tokens):
+  segments = jnp.ones(tokens.shape, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return np.asarray(jax.jit(lambda p: Decoder(cfg).apply({"params": p}, tokens, segments, positions))(params))
+
+
+def relative_error(ours, theirs):
+  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """Runs transformers once: builds HF_MODELS, loads the exports of OURS; returns the directories."""
+  if not os.path.exists(HF_PYTHON):
+    pytest.fail(f"{HF_PYTHON} is missing: run `bash scripts/install.sh`, which creates the transformers venv.")
+  root = tmp_path_factory.mktemp("hf")
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (B, L)).tolist()
+  models = [{"name": name, "build": {"architecture": arch, "config": config, "seed": i},
+             "save": str(root / name)} for i, (name, (arch, config)) in enumerate(HF_MODELS.items())]
+  ours = {}
+  for i, (name, overrides) in enumerate(OURS.items()):
+    cfg = ours_config(overrides)
+    params = random_params(cfg, seed=100 + i)
+    checkpoint.save_params(str(root / f"{name}_params"), params, dataclasses.asdict(cfg), source="test")
+    # Small shards: transformers must also find every tensor through the index.
+    convert.export_hf(str(root / f"{name}_params"), str(root / name), max_shard_bytes=100_000)
+    ours[name] = (cfg, params)
+    models.append({"name": name, "load": str(root / name)})
+  spec = root / "spec.json"
+  spec.write_text(json.dumps({"tokens": tokens, "out": str(root), "models": models}))
+  run = subprocess.run([HF_PYTHON, os.path.join(ROOT, "tests", "hf_reference.py"), str(spec)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert run.returncode == 0, run.stderr[-5000:]
+  return {"root": root, "tokens": jnp.array(tokens, jnp.int32), "ours": ours,
+          "report": json.loads((root / "report.json").read_text())}
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_imported_model_gives_the_logits_of_transformers(reference, name, tmp_path):
+  cfg = convert.import_hf(str(reference["root"] / name), str(tmp_path / "imported"))
+  params, saved_model = checkpoint.load_params_on_host(str(tmp_path / "imported"))
+  assert saved_model == dataclasses.asdict(cfg)
+  theirs = np.load(reference["root"] / f"{name}.npy")
+  error = relative_error(forward(cfg, params, reference["tokens"]), theirs)
+  assert error < TOLERANCE, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_exported_model_gives_our_logits_in_transformers(reference, name):
+  info = reference["report"][name]
+  assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+  cfg, params = reference["ours"][name]
+  theirs = np.load(reference["root"] / f"{name}.npy")
+  error = relative_error(forward(cfg, params, reference["tokens"]), theirs)
+  assert error < TOLERANCE, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_export_then_import_gives_identical_weights(reference, name, tmp_path):
+  cfg, params = reference["ours"][name]
+  imported = convert.import_hf(str(reference["root"] / name), str(tmp_path / "back"))
+  assert imported == dataclasses.replace(cfg, init_std=imported.init_std, scan_layers=True)
+  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  if not cfg.scan_layers:  # the import scans; unstack to compare with the unscanned original
+    back = {**{k: v for k, v in back.items() if k != "layers"},
+            **{f"layers_{i}": jax.tree.map(lambda x: x[i], back["layers"]) for i in range(cfg.num_layers)}}
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa2_untied", "qwen3_gqa4_tied", "gemma3_pattern_mqa_tied"])
+def test_import_then_export_gives_identical_tensors(reference, name, tmp_path):
+  convert.import_hf(str(reference["root"] / name), str(tmp_path / "ours"))
+  convert.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
+  original = hf.read_tensors(str(reference["root"] / name))
+  again = hf.read_tensors(str(tmp_path / "hf"))
+  assert set(again) == set(original)
+  for key in original:
+    np.testing.assert_array_equal(again[key], original[key], err_msg=key)
+
+
+def test_bfloat16_export_in_shards_imports_as_the_rounded_weights(reference, tmp_path):
+  _, params = reference["ours"]["ours_gemma3"]
+  assert convert.main(["export", f"--checkpoint={reference['root'] / 'ours_gemma3_params'}",
+                       f"--out={tmp_path / 'hf'}", "--dtype=bfloat16", "--max_shard_bytes=20000"]) == 0
+  index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  assert hf.read_tensors(str(tmp_path / "hf"))["model.embed_tokens.weight"].dtype == jnp.bfloat16
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, back, rounded)
+
+
+def test_unsupported_architecture_is_named(tmp_path, capsys):
+  (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"],
+                                                     "model_type": "mistral"}))
+  assert convert.main(["import", f"--hf_dir={tmp_path}", f"--out={tmp_path / 'out'}"]) == 2
+  err = capsys.readouterr().err
+  assert "architectures = ['MistralForCausalLM']" in err and "is not supported" in err
+
+
+def test_shapes_that_do_not_match_the_config_name_the_tensor(reference, tmp_path, capsys):
+  """qwen3_gqa4_tied has 2 key/value heads of 16; configs/qwen3_1_8b.py, shrunk, expects 8 of 128."""
+  config = tmp_path / "small_qwen3.py"
+  config.write_text(
+      "from configs import qwen3_1_8b\n\ndef get_config():\n  c = qwen3_1_8b.get_config()\n"
+      f"  c.model.vocab_size, c.model.d_model, c.model.num_layers, c.model.mlp_dim = {VOCAB}, 64, 2, 96\n"
+      "  return c\n")
+  code = convert.main(["import", f"--hf_dir={reference['root'] / 'qwen3_gqa4_tied'}",
+                       f"--out={tmp_path / 'out'}", f"--config={config}"])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "tensor model.layers.0.self_attn.q_proj.weight has shape (128, 64), the config expects (2048, 64)" in err
+
+
+def test_tensors_that_contradict_their_config_json_are_named(reference, tmp_path, capsys):
+  source = reference["root"] / "llama_gqa2_untied"
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  config = json.loads((source / "config.json").read_text())
+  config["intermediate_size"] = 128
+  (broken / "config.json").write_text(json.dumps(config))
+  os.symlink(source / "model.safetensors", broken / "model.safetensors")
+  assert convert.main(["import", f"--hf_dir={broken}", f"--out={tmp_path / 'out'}"]) == 2
+  assert ("tensor model.layers.0.mlp.down_proj.weight has shape (64, 96), the config expects (64, 128)"
+          in capsys.readouterr().err)
+
+
+def test_settings_that_do_not_match_the_config_are_named(reference, tmp_path, capsys):
+  """The tensors fit, but config.json's RoPE base is not the config's."""
+  source = reference["root"] / "llama_gqa2_untied"
+  config = tmp_path / "llama.py"
+  config.write_text(
+      "from configs import base\n\ndef get_config():\n  c = base.get_config()\n"
+      f"  c.model.vocab_size, c.model.d_model, c.model.num_layers, c.model.mlp_dim = {VOCAB}, 64, 2, 96\n"
+      "  c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 4, 2, 16\n"
+      "  c.model.rope_theta = 500000.0\n  return c\n")
+  assert convert.main(["import", f"--hf_dir={source}", f"--out={tmp_path / 'out'}", f"--config={config}"]) == 2
+  err = capsys.readouterr().err
+  assert f"model.rope_theta = 500000.0 in {config}, 10000.0 in config.json" in err, err
+
+
+def test_restoring_parameters_of_other_shapes_names_the_tensor(tmp_path):
+  small = ours_config(OURS["ours_llama"])
+  checkpoint.save_params(str(tmp_path / "small"), random_params(small, 0), dataclasses.asdict(small), source="test")
+  wider = dataclasses.replace(small, mlp_dim=128)
+  with pytest.raises(ConfigError, match=r"tensor layers/mlp/down_proj has shape \(3, 96, 64\) there, "
+                                        r"\(3, 128, 64\) in this config"):
+    checkpoint.restore_params(str(tmp_path / "small"), convert.abstract_params(wider))
+
+
+def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
+  """Fine-tuning through main.py: a Qwen3 imported from transformers, two steps at a small learning rate.
+  The saved parameters moved from the imported ones, but by no more than the steps could move them."""
+  convert.import_hf(str(reference["root"] / "qwen3_for_training"), str(tmp_path / "imported"))
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for name in ("textwrap.py", "csv.py", "shlex.py", "fractions.py"):
+    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), corpus)
+  learning_rate, steps = 1e-4, 2
+  overrides = dict(
+      model=dict(name="qwen3", qk_norm=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6,
+                 vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, max_seq_len=64),
+      data=dict(tokenizer="byte", eval_sequences=8, data_dir=str(tmp_path / "data"), text_files=f"{corpus}/*.py"),
+      train=dict(init_from=str(tmp_path / "imported"), seq_len=64, micro_batch_size=2, num_train_steps=steps,
+                 learning_rate=learning_rate, warmup_steps=0, schedule="constant", save_interval_steps=steps,
+                 eval_interval_steps=steps, log_interval_steps=1))
+  flags = [f"--config.{section}.{key}={value}" for section, values in overrides.items() for key, value in values.items()]
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/default.py",
+                        f"--workdir={tmp_path / 'run'}", *flags], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                         "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr
+  assert f"step {steps}/{steps} | loss" in run.stderr
+  imported, _ = checkpoint.load_params_on_host(str(tmp_path / "imported"))
+  trained, model = checkpoint.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
+  assert model["name"] == "qwen3" and jax.tree.structure(trained) == jax.tree.structure(imported)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(imported)))
+  # An AdamW step moves each parameter by about the learning rate; a fresh initialisation is ~0.02-1 away.
+  assert 0 < moved < 3 * steps * learning_rate, moved
+  # And back out: the run's newest checkpoint as a Hugging Face directory.
+  assert convert.main(["export", f"--checkpoint={tmp_path / 'run' / 'checkpoints'}", f"--out={tmp_path / 'hf'}"]) == 0
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
