@@ -1,9 +1,14 @@
-"""Small configs shared by the tests."""
+"""Small configs shared by the tests, and the XLA flags every test process runs with."""
 
 import dataclasses
 
 from configs import base
 from lm.config import Config, MeshConfig, from_config_dict
+
+# Tests compile far more than they run, and LLVM's optimisations take a third of a tiny run's time. The
+# results stay deterministic (and the comparisons of the tests are between runs with the same flags);
+# the benchmark and the planner, which measure, run without it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def base_config() -> Config:

@@ -23,7 +23,7 @@ import pytest
 from lm import checkpoint, hf
 from lm.config import ConfigError
 from lm.model import Decoder
-from tests.helpers import tiny_model
+from tests.helpers import FAST_COMPILE, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
@@ -278,7 +278,7 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
   flags = [f"--config.{section}.{key}={value}" for section, values in overrides.items() for key, value in values.items()]
   run = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/default.py",
                         f"--workdir={tmp_path / 'run'}", *flags], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                       timeout=600, env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
                                          "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr

@@ -8,6 +8,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from lm import checkpoint, metrics, sharding
 from lm.train import BatchPlan, split_micro_batches, train_and_evaluate
@@ -57,32 +58,39 @@ def _config(tmp_path, corpus_dir, micro_batch_size, accumulation):
                              mesh=mesh_config(data=-1, fsdp=1, tensor=1))
 
 
-def _train_splits(tmp_path, corpus_dir, splits):
-  runs = {}
-  for micro_batch_size, accumulation, num_devices in splits:
-    workdir = tmp_path / f"split_{micro_batch_size}_{accumulation}_{num_devices}"
-    config = _config(tmp_path, corpus_dir, micro_batch_size, accumulation)
-    last = train_and_evaluate(config, str(workdir), devices=jax.devices()[:num_devices])
-    params = checkpoint.restore_on_one_device(str(workdir / "checkpoints" / str(STEPS) / "state"))["params"]
-    runs[(micro_batch_size, accumulation, num_devices)] = (metrics.read_jsonl(str(workdir)), params,
-                                                           last["eval_loss"])
-  return runs
+@pytest.fixture(scope="module")
+def trained_splits(tmp_path_factory, corpus):
+  """split -> (logged metrics, final params, final eval loss), each split trained at most once."""
+  tmp_path, runs = tmp_path_factory.mktemp("splits"), {}
+
+  def train(splits):
+    for split in splits:
+      if split not in runs:
+        micro_batch_size, accumulation, num_devices = split
+        workdir = tmp_path / f"split_{micro_batch_size}_{accumulation}_{num_devices}"
+        config = _config(tmp_path, corpus, micro_batch_size, accumulation)
+        last = train_and_evaluate(config, str(workdir), devices=jax.devices()[:num_devices])
+        params = checkpoint.restore_on_one_device(str(workdir / "checkpoints" / str(STEPS) / "state"))["params"]
+        runs[split] = (metrics.read_jsonl(str(workdir)), params, last["eval_loss"])
+    return {split: runs[split] for split in splits}
+
+  return train
 
 
-def test_loss_reduction_is_exact_across_accumulation_and_devices(tmp_path, corpus):
+def test_loss_reduction_is_exact_across_accumulation_and_devices(trained_splits):
   """With the same per-device kernels, step 1 (same params) must log the same float64 loss, bit for bit,
   whatever the number of micro-batches and devices it is reduced over."""
-  runs = _train_splits(tmp_path, corpus, SAME_DEVICE_SHAPE)
+  runs = trained_splits(SAME_DEVICE_SHAPE)
   reference = runs[SAME_DEVICE_SHAPE[0]][0][1]["loss"]
   for split, (losses, _, _) in runs.items():
     assert losses[1]["loss"] == reference, split
 
 
-def test_five_splits_log_the_same_losses_and_reach_the_same_params(tmp_path, corpus):
+def test_five_splits_log_the_same_losses_and_reach_the_same_params(trained_splits):
   """Across per-device batch sizes, XLA:CPU's row reductions (RMSNorm, softmax) may round differently
   (their vectorisation depends on the array shape), so the forward differs in the last bit: the losses
   agree to 1e-6 at every step and the parameters to 1e-6 relative L2 (docs/determinism.md)."""
-  runs = _train_splits(tmp_path, corpus, SPLITS)
+  runs = trained_splits(SPLITS)
   reference_losses, reference_params, reference_eval = runs[SPLITS[0]]
   for split, (losses, params, eval_loss) in runs.items():
     for step in range(1, STEPS + 1):

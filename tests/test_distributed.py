@@ -15,6 +15,7 @@ from lm import distributed, metrics
 from lm.config import ConfigError, from_config_dict
 from lm.train import train_and_evaluate
 from tests.test_faults import _complete, _config, _wait
+from tests.helpers import FAST_COMPILE
 from tests.test_train import MAIN_ENV, ROOT, corpus, main_command  # noqa: F401 (corpus: a fixture)
 
 # Eval only at the end; a given peak FLOP/s skips the CPU matmul probe (seconds on a shared machine).
@@ -33,7 +34,7 @@ def _launch(tmp_path, name, argv_of, devices=(4, 4)) -> list[tuple[subprocess.Po
   started = []
   for process_id, count in enumerate(devices):
     log = str(tmp_path / f"{name}.{process_id}.log")
-    env = dict(MAIN_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+    env = dict(MAIN_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={count} {FAST_COMPILE}")
     with open(log, "w") as f:
       started.append((subprocess.Popen(argv_of(process_id), cwd=ROOT, env=env, stdout=f, stderr=f), log))
   return started
