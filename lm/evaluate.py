@@ -9,6 +9,7 @@ logged in training. Never writes into the checkpoint directory.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 import jax
@@ -17,7 +18,7 @@ from clu import metric_writers
 from etils import epath
 
 from lm import checkpoint, console, data, metrics, sharding, train
-from lm.config import Config, ConfigError
+from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
 
@@ -65,18 +66,27 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
 
 
 class ParamsSource:
-  """The parameters of a run's checkpoints for a given mesh: latest, a chosen step, or each new one."""
+  """The parameters of a run's checkpoints for a given mesh: latest, a chosen step, or each new one.
 
-  def __init__(self, checkpoint_dir: str, abstract_params):
+  Args:
+    model: this config's model section (`to_dict(config)["model"]`): a checkpoint of another model (a
+      switch that changes no shape, such as the RoPE base or the MLP activation, included) is refused.
+  """
+
+  def __init__(self, checkpoint_dir: str, abstract_params, model: dict):
     if not epath.Path(checkpoint_dir).exists():
       raise TrainingError(f"No checkpoint: {checkpoint_dir} does not exist. Pass the --workdir of a "
                           "training run (or its config.train.checkpoint_dir).")
-    self.directory, self._abstract = checkpoint_dir, abstract_params
+    self.directory, self._abstract, self._model = checkpoint_dir, abstract_params, model
     self.manager = checkpoint.reader(checkpoint_dir)
+    checkpoint.check_same_step(self.manager)  # several processes must read one directory
     self.steps = checkpoint_steps(checkpoint_dir, self.manager)
 
   def _restore(self, step: int):
-    check_shapes(self.manager, step, self._abstract)
+    check_shapes(self.manager, step, self._abstract)  # first: it names the tensor and both shapes
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    if saved and "model" in saved:  # runs write their config beside the state
+      checkpoint.check_same_model(saved["model"], self._model, f"{self.directory}/{step}")
     return restore_params(self.manager, step, self._abstract)
 
   def latest(self) -> tuple[int, object]:
@@ -108,22 +118,32 @@ class ParamsSource:
                           f"{str(e).splitlines()[0][:300]}). Its save was probably cut off; the complete "
                           f"steps are {self.steps}.") from e
 
-  def follow(self, done: set[int], last_step: int, timeout: float) -> Iterator[tuple[int, object]]:
-    """Each checkpoint not in `done` as it appears, until `last_step` is evaluated or nothing new comes
-    for `timeout` seconds."""
-    for step in ocp.checkpoint_utils.checkpoints_iterator(self.directory, timeout=timeout):
-      if step in done:
+  def follow(self, done: set[int], last_step: int | None, timeout: float,
+             poll_seconds: float = 2.0) -> Iterator[tuple[int, object]]:
+    """Each complete checkpoint not in `done`, oldest first, as they appear; until `last_step` is
+    evaluated (None: no end) or nothing new comes for `timeout` seconds. Only lists the directory (orbax's
+    checkpoints_iterator would copy each step into a snapshot directory beside them)."""
+    done, quiet_since = set(done), time.monotonic()
+    while time.monotonic() - quiet_since < timeout:
+      self.manager.reload()
+      new = sorted(set(self.manager.all_steps()) - done)
+      if not new:
+        time.sleep(poll_seconds)
         continue
-      try:
-        params = self._restore(step)
-      except ConfigError:
-        raise
-      except Exception as e:  # removed by the trainer's max_to_keep meanwhile, for example
-        console.logger.warning("Skipping %s/%d: %s", self.directory, step, str(e).splitlines()[0][:300])
-        continue
-      yield step, params
-      if step >= last_step:
-        return
+      quiet_since = time.monotonic()
+      for step in new:
+        done.add(step)
+        try:
+          params = self._restore(step)
+        except ConfigError:
+          raise
+        except Exception as e:  # removed by the trainer's max_to_keep meanwhile, for example
+          console.logger.warning("Skipping %s/%d: %s", self.directory, step, str(e).splitlines()[0][:300])
+          continue
+        yield step, params
+        if last_step is not None and step >= last_step:
+          return
+    console.logger.info("No new checkpoint in %s for %g s: stopping.", self.directory, timeout)
 
 
 def run(config: Config, workdir: str, *, step: int | None = None, follow: bool = False,
@@ -144,12 +164,13 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
                          sharding.data_parallel_size(mesh), t.seq_len)
   with sharding.activate(mesh):
     fns = train.build_step_functions(config, mesh, max(t.num_train_steps, 1))
-    source = ParamsSource(checkpoint_dir, fns.abstract_state.params)
-    data.check_splits(config.data)
-    tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+    source = ParamsSource(checkpoint_dir, fns.abstract_state.params, to_dict(config)["model"])
+    with train.process_zero_first():  # process 0 may write the data caches
+      data.check_splits(config.data)
+      tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+      eval_data = data.load_split(config.data, tokenizer, t.seq_len, "eval")
     # The validation set of training; batches of one micro-step's rows on this mesh, as training's.
-    batches = data.eval_batches(data.load_split(config.data, tokenizer, t.seq_len, "eval"),
-                                config.data.eval_sequences, plan.micro_rows)
+    batches = data.eval_batches(eval_data, config.data.eval_sequences, plan.micro_rows)
     console.block([
         ("Mode", "eval" + (f", following new checkpoints (timeout {follow_timeout:g} s)" if follow else "")),
         ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
@@ -181,9 +202,9 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
       latest, params = source.latest()
       results[latest] = evaluate(latest, params)
     if follow:
-      last = t.num_train_steps or max(results)
-      if max(results) < last:
-        for new_step, params in source.follow(set(results), last, follow_timeout):
+      last = t.num_train_steps or None  # an epoch-based run: until the timeout
+      if last is None or max(results) < last:
+        for new_step, params in source.follow(set(source.steps) | set(results), last, follow_timeout):
           results[new_step] = evaluate(new_step, params)
     writer.close()
     return results
@@ -195,7 +216,8 @@ def params_for_inference(config: Config, workdir: str, *, step: int | None = Non
   mesh = sharding.make_mesh(config.mesh, jax.devices() if devices is None else devices)
   with sharding.activate(mesh):
     fns = train.build_step_functions(config, mesh, max(config.train.num_train_steps, 1))
-    source = ParamsSource(train.checkpoint_directory(config, workdir), fns.abstract_state.params)
+    source = ParamsSource(train.checkpoint_directory(config, workdir), fns.abstract_state.params,
+                          to_dict(config)["model"])
     if step is None:
       step, params = source.latest()
     else:

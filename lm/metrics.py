@@ -4,8 +4,10 @@ the loss EMA.
 MFU is global: model FLOPs of the whole optimizer step (every micro-batch on every device) divided by
 (wall time of the step x number of devices x peak FLOP/s per device). Remat recomputation is not model
 FLOPs and is not counted. HFU (hardware FLOPs utilisation) divides instead the FLOPs XLA compiled the step
-into: remat recomputation, the masked half of causal attention, elementwise ops and the optimizer update
-that `optax.MultiSteps` runs in every micro-step.
+into: remat recomputation, the masked half of causal attention, elementwise ops and the optimizer update.
+`step_flops` counts the compiled `train_step` once per micro-step, so it counts the optimizer update in
+each, where the loop runs it only in the last (`accumulate_step` before): an overcount of (k - 1)
+optimizer updates, some 10 FLOPs per parameter against the matmuls' 6 per parameter per token.
 """
 
 from __future__ import annotations

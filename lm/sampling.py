@@ -32,7 +32,7 @@ def next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> ja
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / cfg.temperature
   if cfg.top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, cfg.top_k)[0][:, -1:]
+    kth_Bx1 = jax.lax.top_k(logits_BxV, min(cfg.top_k, logits_BxV.shape[-1]))[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
   if cfg.top_p < 1:
     # The smallest set of most likely tokens whose probability reaches top_p (always at least one).
@@ -45,12 +45,13 @@ def next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> ja
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "num_ids"))
 def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
-             sampling: SamplingConfig, eos_id: int) -> jax.Array:
+             sampling: SamplingConfig, eos_id: int, num_ids: int = 0) -> jax.Array:
   """New tokens [B, max_new_tokens] after the prompt; after a row's end-of-sequence, `eos_id` repeats.
 
   The prompt rows share one length (a batch of samples of one prompt, or prompts of equal length).
+  num_ids: ids the tokenizer knows when it has fewer than the embedding rows (0: all); no other is drawn.
   """
   B, P = prompt_BxP.shape
   cfg = model.cfg
@@ -63,7 +64,10 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
     positions_BxL = cache.index + jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, jnp.ones_like(tokens_BxL),
                                       positions_BxL, cache)
-    return logits_BxLxV[:, -1], cache
+    logits_BxV = logits_BxLxV[:, -1]
+    if num_ids:
+      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < num_ids, logits_BxV, -jnp.inf)
+    return logits_BxV, cache
 
   logits_BxV, cache = forward(prompt_BxP, cache)
   out_BxT = jnp.full((B, max_new_tokens), eos_id, jnp.int32)

@@ -33,6 +33,7 @@ def _force_cpu_devices(argv: list[str]) -> None:
   os.environ["XLA_FLAGS"] = f"{flags_without_count} --xla_force_host_platform_device_count={count}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 if __name__ == "__main__":
@@ -257,7 +258,7 @@ def describe_speed(flops: metrics.StepFlops, est: Estimate, num_devices: int, pe
   return [
       f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half), "
       f"{flops.hardware:.4g} hardware (XLA: remat recomputation, full attention square, elementwise, "
-      f"optimizer in every micro-step) = {flops.hardware / flops.model:.3f} x model",
+      f"optimizer) = {flops.hardware / flops.model:.3f} x model",
       f"At MFU {mfu:g} on {num_devices} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
       f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / num_devices:,.0f} per device), "
       f"HFU {mfu * flops.hardware / flops.model:.3f}",

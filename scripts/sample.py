@@ -56,10 +56,13 @@ def main(argv):
                         f"config.model.max_seq_len = {config.model.max_seq_len}: shorten one of them.")
     step, params, mesh = evaluate.params_for_inference(config, _WORKDIR.value, step=_STEP.value)
     prompt_BxP = np.tile(np.asarray(prompt, np.int32), (_NUM_SAMPLES.value, 1))
+    num_ids = tokenizer.vocab_size if tokenizer.vocab_size < config.model.vocab_size else 0
+    # The mesh without the logical rules: the activation constraints would split the batch (a few samples)
+    # over the data-parallel devices; the parameters keep the shardings they were restored into.
     with jax.set_mesh(mesh):
       new_BxT = sampling.generate(params, prompt_BxP, jax.random.key(_SEED.value), model=Decoder(config.model),
                                   max_new_tokens=_MAX_TOKENS.value, sampling=sampler,
-                                  eos_id=tokenizer.eos_id)
+                                  eos_id=tokenizer.eos_id, num_ids=num_ids)
     console.logger.info("Checkpoint step %d, %s", step, sampler)
     for row in np.asarray(new_BxT):
       ids = row.tolist()

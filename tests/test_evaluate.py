@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from lm import checkpoint, console, evaluate, metrics, sharding, train
-from lm.config import Config, ConfigError, from_config_dict
+from lm.config import Config, ConfigError, from_config_dict, to_dict
 from lm.errors import TrainingError
 from tests.test_train import MAIN_ENV, ROOT, main_command
 
@@ -87,7 +87,8 @@ def test_eval_on_eight_devices_of_a_checkpoint_written_on_one(trained, tmp_path)
   mesh = sharding.make_mesh(one.mesh, jax.devices()[:1])
   with sharding.activate(mesh):
     fns = train.build_step_functions(one, mesh, STEPS)
-    params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), fns.abstract_state.params).at(12)
+    params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), fns.abstract_state.params,
+                                   to_dict(one)["model"]).at(12)
     state = fns.create_state().replace(params=params)
     manager = checkpoint.make_manager(str(tmp_path / "one" / "checkpoints"), one.train)
     checkpoint.save(manager, 12, state, {})
@@ -118,6 +119,7 @@ def test_follow_evaluates_new_checkpoints_as_they_appear(trained, tmp_path):
   in_training = metrics.read_jsonl(str(root / "run"), "eval")
   assert sorted(results) == [12, 24]  # stops at config.train.num_train_steps
   assert all(results[s]["loss"] == in_training[s]["loss"] for s in results)
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["12", "24"]  # read, never written
 
 
 def test_sample_reproduces_the_repetitive_corpus(trained):
@@ -152,6 +154,15 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(trained):
   config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_dim=96))
   with pytest.raises(ConfigError, match=r"params\['layers'\]\['mlp'\]\['down_proj'\]: \(2, 128, 64\) in the "
                                         r"checkpoint, \(2, 96, 64\) in this config"):
+    evaluate.run(config, str(root / "run"))
+
+
+def test_a_switch_that_changes_no_shape_is_still_checked(trained):
+  root, command = trained
+  config = config_of(command)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, rope_theta=5e5))
+  with pytest.raises(ConfigError, match="holds parameters of another model: model.rope_theta = 10000.0 "
+                                        "there, 500000.0 here"):
     evaluate.run(config, str(root / "run"))
 
 
