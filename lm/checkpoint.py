@@ -162,7 +162,7 @@ def params_location(path: str, step: int | None = None) -> tuple[str, dict]:
   if "://" not in path and not os.path.isdir(path):
     raise ConfigError(f"{path} does not exist: name a directory written by scripts/convert_hf.py import or a "
                       "run's checkpoint directory.")
-  manager = ocp.CheckpointManager(path, item_names=("state", "config"))
+  manager = reader(path)  # another run's directory: read, never written or cleaned up
   steps = manager.all_steps()
   if step is None and not steps:
     raise ConfigError(f"{path} holds neither converted parameters ({MODEL_FILE}) nor checkpoint steps.")
