@@ -35,17 +35,25 @@ RULES = (
 )
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Resolves the -1 axis and checks the product against the devices."""
-  sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+def _fill_wildcard(sizes: dict[str, int], total: int, cannot_fill) -> dict[str, int]:
+  """Sets the -1 entry of `sizes` (if any) to what makes the product `total`; raises ConfigError with
+  `cannot_fill(name, product of the others)` when that is not a whole number."""
   fixed = math.prod(v for v in sizes.values() if v != -1)
   for name, value in sizes.items():
     if value == -1:
-      if num_devices % fixed:
-        raise ConfigError(
-            f"config.mesh.{name} = -1 cannot fill {num_devices} devices: the other axes take {fixed}, "
-            f"which does not divide {num_devices}. Choose mesh sizes whose product divides the device count.")
-      sizes[name] = num_devices // fixed
+      if total % fixed:
+        raise ConfigError(cannot_fill(name, fixed))
+      sizes[name] = total // fixed
+  return sizes
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Resolves the -1 axis and checks the product against the devices."""
+  sizes = _fill_wildcard(
+      {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}, num_devices,
+      lambda name, fixed: f"config.mesh.{name} = -1 cannot fill {num_devices} devices: the other axes take "
+                          f"{fixed}, which does not divide {num_devices}. Choose mesh sizes whose product "
+                          "divides the device count.")
   if math.prod(sizes.values()) != num_devices:
     raise ConfigError(
         f"config.mesh = {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are present. "
@@ -55,16 +63,11 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 def dcn_shape(cfg: MeshConfig, sizes: dict[str, int], num_processes: int) -> dict[str, int]:
   """How many processes (hosts) each axis of `sizes` spans: resolves the -1 and checks the splits."""
-  dcn = {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": cfg.dcn_tensor}
-  fixed = math.prod(v for v in dcn.values() if v != -1)
-  for name, value in dcn.items():
-    if value == -1:
-      if num_processes % fixed:
-        raise ConfigError(
-            f"config.mesh.dcn_{name} = -1 cannot fill {num_processes} process(es): the other dcn_ axes take "
-            f"{fixed}, which does not divide {num_processes}. The dcn_ sizes multiply to the number of "
-            "processes (1 for a single process).")
-      dcn[name] = num_processes // fixed
+  dcn = _fill_wildcard(
+      {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": cfg.dcn_tensor}, num_processes,
+      lambda name, fixed: f"config.mesh.dcn_{name} = -1 cannot fill {num_processes} process(es): the other "
+                          f"dcn_ axes take {fixed}, which does not divide {num_processes}. The dcn_ sizes "
+                          "multiply to the number of processes (1 for a single process).")
   if math.prod(dcn.values()) != num_processes:
     raise ConfigError(
         f"config.mesh dcn_data x dcn_fsdp x dcn_tensor = {dcn} spans {math.prod(dcn.values())} processes, "
