@@ -5,9 +5,9 @@ MFU is global: model FLOPs of the whole optimizer step (every micro-batch on eve
 (wall time of the step x number of devices x peak FLOP/s per device). Remat recomputation is not model
 FLOPs and is not counted. HFU (hardware FLOPs utilisation) divides instead the FLOPs XLA compiled the step
 into: remat recomputation, the masked half of causal attention, elementwise ops and the optimizer update.
-`step_flops` counts the compiled `train_step` once per micro-step, so it counts the optimizer update in
-each, where the loop runs it only in the last (`accumulate_step` before): an overcount of (k - 1)
-optimizer updates, some 10 FLOPs per parameter against the matmuls' 6 per parameter per token.
+`step_flops` counts the compiled last micro-step (`update_step`) once per micro-step, so it counts the
+optimizer update in each, where the loop runs it only in the last (`accumulate_step` before): an overcount
+of (k - 1) optimizer updates, some 10 FLOPs per parameter against the matmuls' 6 per parameter per token.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def step_flops(compiled, config: Config, num_devices: int, data_parallel: int,
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel * t.seq_len
   model = flops_per_token(config.model, t.seq_len).train * tokens
   per_micro_step = hardware_flops_per_device(compiled, config.model, compile_unrolled)
-  # Every micro-step runs the same program (MultiSteps included), on every device its share.
+  # Counted as if every micro-step ran this program (the optimizer included), on every device its share.
   return StepFlops(model=float(model),
                    hardware=per_micro_step * t.gradient_accumulation_steps * num_devices)
 

@@ -40,7 +40,7 @@ from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import Decoder, param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
-from lm.train_step import TrainState, accumulate_step, eval_step, train_step
+from lm.train_step import TrainState, accumulate_step, eval_step, update_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,8 @@ class StepFunctions:
   abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore and AOT-compile target
   state_sharding: TrainState
   batch_sharding: dict[str, jax.sharding.NamedSharding]
-  step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics); state donated
+  step_fn: Callable  # (state, micro-batch, loss_scale) -> (state, metrics); state donated; the last
+  # micro-step of an optimizer step, which runs the optimizer
   accumulate_fn: Callable  # the same for the micro-steps before the last of an optimizer step
   eval_fn: Callable  # (params, batch) -> metrics
   state_from_params: Callable  # params (in state_sharding.params) -> a fresh TrainState at step 0
@@ -148,7 +149,8 @@ def build_step_functions(config: Config, mesh: jax.sharding.Mesh, num_train_step
       abstract_state=checkpoint.abstract_like(sharding.strip_boxes(boxed), state_sharding),
       state_sharding=state_sharding,
       batch_sharding=batch_sharding,
-      step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx),
+      step_fn=jax.jit(functools.partial(update_step, model=model, tx=tx,
+                                        accumulation_steps=t.gradient_accumulation_steps),
                       in_shardings=(state_sharding, batch_sharding, replicated),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
       accumulate_fn=jax.jit(functools.partial(accumulate_step, model=model),

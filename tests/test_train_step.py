@@ -12,7 +12,7 @@ from flax import linen as nn
 from lm import data, sharding
 from lm.model import Decoder
 from lm.optimizer import make_optimizer
-from lm.train_step import TrainState, accumulate_step, train_step
+from lm.train_step import TrainState, accumulate_step, train_step, update_step
 from tests.helpers import base_config, mesh_config, tiny_model
 
 L = 16
@@ -45,13 +45,20 @@ def _init(model, tx):
   return TrainState(params=params, opt_state=tx.init(params))
 
 
+def loop_steps(model, tx, k):
+  """The loop's micro-steps (as lm.train runs them): `step(state, batch, scale, i)` for micro-step i."""
+  accumulate = jax.jit(functools.partial(accumulate_step, model=model))
+  update = jax.jit(functools.partial(update_step, model=model, tx=tx, accumulation_steps=k))
+  return lambda state, batch, scale, i: (update if i == k - 1 else accumulate)(state, batch, scale)
+
+
 def _run(model, k, batch, steps=1, per_micro_mean=False):
   """`steps` optimizer steps on the same global batch, split into k micro-batches.
 
   per_micro_mean: the common mistake, each micro-batch's mean loss averaged over micro-batches.
   """
   tx = make_optimizer(_train_cfg(k), 10)
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  step = loop_steps(model, tx, k)
   state = _init(model, tx)
   scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
   rows = len(batch["tokens"]) // k
@@ -59,10 +66,10 @@ def _run(model, k, batch, steps=1, per_micro_mean=False):
   losses = []
   for _ in range(steps):
     total = 0.0
-    for m_batch in micro:
+    for i, m_batch in enumerate(micro):
       if per_micro_mean:
         scale_i = np.float32(1.0 / (k * data.loss_mask(m_batch["segment_ids"]).sum()))
-      state, m = step(state, m_batch, scale_i if per_micro_mean else scale)
+      state, m = step(state, m_batch, scale_i if per_micro_mean else scale, i)
       total += float(m["sequence_loss"].sum())
     losses.append(total * scale)
   return state, losses
@@ -138,12 +145,12 @@ def test_sharded_equals_unsharded():
   state = _init(model, tx)
   state = state.replace(params=jax.device_put(state.params, param_sharding))
   with sharding.activate(mesh):
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+    step = loop_steps(model, tx, 2)
     scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
     total = 0.0
     for i in range(2):
       micro = sharding.put_batch({n: v[i * 4:(i + 1) * 4] for n, v in batch.items()}, mesh)
-      state, m = step(state, micro, scale)
+      state, m = step(state, micro, scale, i)
       total += float(m["sequence_loss"].sum())
   assert state.params["layers"]["mlp"]["gate_proj"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", "tensor")
@@ -151,23 +158,26 @@ def test_sharded_equals_unsharded():
   assert _relative_l2(state.params, plain.params) < 1e-6
 
 
-@pytest.mark.parametrize("skip_nonfinite", [False, True])
-def test_accumulate_step_is_bitwise_the_multisteps_micro_step(skip_nonfinite):
-  """The loop runs `accumulate_step` for all micro-steps but the last: it must leave exactly the state
-  (accumulator, counters, params, optimizer state) that MultiSteps' own micro-step leaves."""
-  model, k = Decoder(tiny_model()), 3
+@pytest.mark.parametrize("k,skip_nonfinite", [(3, False), (3, True), (1, False)])
+def test_loop_steps_are_bitwise_the_multisteps_micro_steps(k, skip_nonfinite):
+  """The loop runs `accumulate_step` for all micro-steps but the last and `update_step` for the last: they
+  must leave exactly the state (accumulator, counters, params, optimizer state) and figures that
+  MultiSteps' own micro-steps leave."""
+  model = Decoder(tiny_model())
   cfg = dataclasses.replace(_train_cfg(k), skip_nonfinite_updates=skip_nonfinite)
   tx = make_optimizer(cfg, 10)
   full = jax.jit(functools.partial(train_step, model=model, tx=tx))
-  accumulate = jax.jit(functools.partial(accumulate_step, model=model))
+  fast = loop_steps(model, tx, k)
   batch = _batch(2 * k)
   scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
   micro = [{n: v[i * 2:(i + 1) * 2] for n, v in batch.items()} for i in range(k)]
-  reference = fast = _init(model, tx)
+  reference = state = _init(model, tx)
   for _ in range(2):  # two optimizer steps: the accumulator must restart the same way too
     for i, m_batch in enumerate(micro):
       reference, ref_metrics = full(reference, m_batch, scale)
-      fast, fast_metrics = (full if i == k - 1 else accumulate)(fast, m_batch, scale)
-      jax.tree.map(np.testing.assert_array_equal, fast, reference)
-      jax.tree.map(np.testing.assert_array_equal, fast_metrics, ref_metrics)
-  assert int(fast.step) == 2 and _grad_norm(fast) > 0
+      state, metrics = fast(state, m_batch, scale, i)
+      jax.tree.map(np.testing.assert_array_equal, state, reference)
+      jax.tree.map(np.testing.assert_array_equal, metrics, ref_metrics)
+  assert int(state.step) == 2 and _grad_norm(state) > 0
+  assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), state.params,
+                                       _init(model, tx).params))
