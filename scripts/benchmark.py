@@ -193,11 +193,14 @@ def _project_replay(create_state, step_fns: dict, global_batch: dict, plan, mesh
 
 
 def minimal_step(config: Config):
-  """The reference: what one would write by hand. Same model and loss, plain AdamW, one device, no
-  sharding, accumulation or metrics. Returns (init, jitted step)."""
+  """The reference: what one would write by hand. Same model, loss and optimizer (AdamW, and clipping
+  when the config clips: the workload, not the framework), one device, no sharding, accumulation, learning
+  rate schedule or metrics. Returns (init, jitted step)."""
   t = config.train
   model = Decoder(config.model)
   tx = optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+  if t.max_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), tx)
 
   def init(rng, batch):
     params = nn.unbox(model.init(rng, batch["tokens"], batch["segment_ids"], batch["positions"])["params"])
