@@ -1,6 +1,7 @@
 """The determinism experiment: one run, five splits of its global batch of 64 sequences.
 
   python scripts/determinism.py --steps=100 --workdir=runs/determinism
+  python scripts/determinism.py --steps=100 --learning_rate=1e-3 --workdir=runs/determinism_lr1e-3
 
 Each split (micro_batch_size, gradient_accumulation_steps, devices) trains the same small float32 model
 from configs/default.py (smaller) in its own process, with that many simulated CPU devices. Prints a
@@ -26,9 +27,10 @@ MODEL = ["--config.model.d_model=128", "--config.model.num_layers=2", "--config.
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Optimizer steps of every run.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/determinism", "One subdirectory per split goes here.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Peak learning rate; default configs/default.py's.")
 
 
-def run_split(split, workdir: str, steps: int) -> None:
+def run_split(split, workdir: str, steps: int, learning_rate: float | None) -> None:
   micro_batch_size, accumulation, devices = split
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              TF_CPP_MIN_LOG_LEVEL="2")
@@ -38,6 +40,8 @@ def run_split(split, workdir: str, steps: int) -> None:
           f"--config.train.num_train_steps={steps}", "--config.train.log_interval_steps=1",
           f"--config.train.eval_interval_steps={steps}", f"--config.train.save_interval_steps={steps}",
           "--config.mesh.data=-1"]
+  if learning_rate is not None:
+    args.append(f"--config.train.learning_rate={learning_rate}")
   subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -63,7 +67,7 @@ def main(argv):
     workdir = os.path.join(_WORKDIR.value, "split_{}_{}_{}".format(*split))
     if not os.path.exists(os.path.join(workdir, "checkpoints", str(steps))):
       print(f"training split {split} ...", file=sys.stderr)
-      run_split(split, workdir, steps)
+      run_split(split, workdir, steps, _LEARNING_RATE.value)
     results[split] = (metrics.read_jsonl(workdir), metrics.read_jsonl(workdir, "eval")[steps]["loss"],
                       final_params(workdir, steps))
   reference_losses, _, reference_params = results[SPLITS[0]]
