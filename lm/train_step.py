@@ -44,8 +44,9 @@ def sequence_losses(model: Decoder, params, batch) -> tuple[jax.Array, jax.Array
 def train_step(state: TrainState, batch, loss_scale, *, model: Decoder, tx: optax.MultiSteps):
   """One micro-step as `optax.MultiSteps` defines it: the gradient of this micro-batch, accumulated; every
   k-th call also updates params. The specification of the two steps the loop runs instead,
-  `accumulate_step` and `update_step`, which compute bitwise the same states (tests/test_train_step.py)
-  without the work MultiSteps does for the outcome it discards.
+  `accumulate_step` and `update_step`, which compute the same states (tests/test_train_step.py: bitwise,
+  but for the sign of zero in the restarted accumulator, which MultiSteps multiplies by 0) without the
+  work MultiSteps does for the outcome it discards.
 
   Args:
     batch: tokens, segment_ids, positions, each [micro_batch_size x data-parallel devices, seq_len].

@@ -75,8 +75,8 @@ def test_accumulation_counts_every_micro_step(plain):
   cfg, compiled = plain
   accumulating = config(accumulation=4)
   flops = metrics.step_flops(compile_step(accumulating), accumulating, num_devices=1, data_parallel=1)
-  # MultiSteps runs the inner optimizer in every micro-step (and keeps the result of the last): one
-  # micro-step costs what a whole step without accumulation does.
+  # step_flops counts the compiled last micro-step (optimizer included) once per micro-step; the loop's
+  # earlier micro-steps only accumulate (an overcount of k - 1 optimizer updates, see lm/metrics.py).
   assert flops.hardware == pytest.approx(4 * metrics.xla_flops(compiled), rel=1e-3)
   assert flops.model == 4 * metrics.step_flops(compiled, cfg, 1, 1).model
 
