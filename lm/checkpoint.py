@@ -199,7 +199,7 @@ def check_param_shapes(saved, expected, where: str) -> None:
                         f"; the parameter trees differ (is model.scan_layers the same?).")
     if tuple(saved[name].shape) != tuple(expected[name].shape):
       raise ConfigError(f"{where}: tensor {name} has shape {tuple(saved[name].shape)} there, "
-                        f"{tuple(expected[name].shape)} in this config.")
+                        f"{tuple(expected[name].shape)} in this config. Use the config they were written for.")
 
 
 def _saved_params(item: str):

@@ -39,24 +39,6 @@ def partial_checkpoints(directory: str) -> list[str]:
   return sorted(p.name for p in epath.Path(directory).iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 
-def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
-  """Raises ConfigError naming the first tensors whose saved shape differs from this config's."""
-  saved = manager.item_metadata(step)["state"]
-  saved = getattr(saved, "tree", saved)["params"]
-  saved_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
-                  for k, v in jax.tree_util.tree_leaves_with_path(saved)}
-  wanted = {jax.tree_util.keystr(k): tuple(v.shape)
-            for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  problems = [f"params{name}: {saved_shapes.get(name, 'missing')} in the checkpoint, {shape} in this config"
-              for name, shape in wanted.items() if saved_shapes.get(name) != shape]
-  problems += [f"params{name}: {shape} in the checkpoint, not in this config"
-               for name, shape in saved_shapes.items() if name not in wanted]
-  if problems:
-    raise ConfigError(
-        f"The checkpoint {manager.directory / str(step)} does not fit config.model: "
-        f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. Pass the config that trained it.")
-
-
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
   """The parameters of a checkpoint, in the shardings of `abstract_params`; nothing else is read."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
@@ -83,7 +65,10 @@ class ParamsSource:
     self.steps = checkpoint_steps(checkpoint_dir, self.manager)
 
   def _restore(self, step: int):
-    check_shapes(self.manager, step, self._abstract)  # first: it names the tensor and both shapes
+    saved = self.manager.item_metadata(step)["state"]
+    # First: it names the tensor and both shapes.
+    checkpoint.check_param_shapes(getattr(saved, "tree", saved)["params"], self._abstract,
+                                  f"{self.directory}/{step}")
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     if saved and "model" in saved:  # runs write their config beside the state
       checkpoint.check_same_model(saved["model"], self._model, f"{self.directory}/{step}")

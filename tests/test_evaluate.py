@@ -152,8 +152,8 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(trained):
   root, command = trained
   config = config_of(command)
   config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_dim=96))
-  with pytest.raises(ConfigError, match=r"params\['layers'\]\['mlp'\]\['down_proj'\]: \(2, 128, 64\) in the "
-                                        r"checkpoint, \(2, 96, 64\) in this config"):
+  with pytest.raises(ConfigError, match=r"run/checkpoints/24: tensor layers/mlp/down_proj has shape "
+                                        r"\(2, 128, 64\) there, \(2, 96, 64\) in this config"):
     evaluate.run(config, str(root / "run"))
 
 
