@@ -91,3 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
   return c
+
+
+def continued_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Run settings for continued training or fine-tuning of imported weights (the Qwen3 and Gemma3
+  configs): a small learning rate, 10,000 steps, a checkpoint and an eval every 1,000."""
+  c.train.learning_rate = 1e-4
+  c.train.num_train_steps = 10000
+  c.train.warmup_steps = 500
+  c.train.save_interval_steps = 1000
+  c.train.eval_interval_steps = 1000
+  return c

@@ -42,12 +42,7 @@ def gemma3(c):
   # gradient as much again: the vocabulary, not the layers, sets the micro batch.
   c.train.micro_batch_size = 2
   c.train.gradient_accumulation_steps = 32  # 512 sequences per step on 8 devices
-  c.train.learning_rate = 1e-4  # for continued training or fine-tuning of imported weights
-  c.train.num_train_steps = 10000
-  c.train.warmup_steps = 500
-  c.train.save_interval_steps = 1000
-  c.train.eval_interval_steps = 1000
-  return c
+  return base.continued_training(c)
 
 
 def get_config():

@@ -44,9 +44,4 @@ def get_config():
   # much again: the vocabulary, not the layers, sets the micro batch.
   c.train.micro_batch_size = 6
   c.train.gradient_accumulation_steps = 16  # 768 sequences per step on 8 devices
-  c.train.learning_rate = 1e-4  # for continued training or fine-tuning of imported weights
-  c.train.num_train_steps = 10000
-  c.train.warmup_steps = 500
-  c.train.save_interval_steps = 1000
-  c.train.eval_interval_steps = 1000
-  return c
+  return base.continued_training(c)
