@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only reads data and writes events here
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lm import console
@@ -50,13 +50,7 @@ def set_determinism_flags(deterministic: bool) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # The run's own lines go through the `lm` logger; libraries' INFO logs (orbax reports every save
-    # in ~20 lines) only with --verbosity=0.
-    logging.set_verbosity(logging.WARNING)
-  console.setup(is_main=True)
+  console.start_command(argv)
   try:
     config = from_config_dict(_CONFIG.value)
     determinism = set_determinism_flags(config.train.deterministic)

@@ -12,6 +12,18 @@ import sys
 logger = logging.getLogger("lm")
 
 
+def start_command(argv: list[str]) -> None:
+  """The start of a command (main.py, scripts/sample.py), after absl has parsed the flags: no stray
+  arguments; the libraries' INFO logs (orbax reports every save in ~20 lines) only with --verbosity=0;
+  the command's own lines through the `lm` logger."""
+  from absl import app, flags, logging as absl_logging  # here: the rest of the library does not need absl
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  setup(is_main=True)
+
+
 def setup(is_main: bool = True) -> None:
   """Sends the `lm` logger to stderr on process 0; other processes stay quiet."""
   if not logger.handlers:
