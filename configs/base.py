@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_to_keep = 3
   c.train.eval_interval_steps = 500
   c.train.log_interval_steps = 10
+  c.train.wandb_project = ""  # also log to this Weights & Biases project; empty = TensorBoard only
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (CPU: measured once)
   c.train.deterministic = True  # reproducible kernels where the platform needs a switch (GPU)
   c.train.skip_nonfinite_updates = False  # False: stop at a NaN/Inf; True: skip such updates, count them

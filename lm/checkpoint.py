@@ -1,5 +1,6 @@
-"""Orbax checkpoints of the train state (params, optimizer and accumulator state, step), and parameters
-to start a run from.
+"""Orbax checkpoints of the train state (params, optimizer and accumulator state, step), parameters to
+start a run from, and what a run needs around them: the checkpoint directory and its disk, saving that
+stops the run on failure, and the preemption notice that triggers a last save.
 
 The data position needs no saving: the batch of optimizer step s is a function of (seed, s) alone, so the
 step is the data position. The run's config is stored beside the state as JSON, for provenance.
@@ -13,17 +14,63 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import threading
+import uuid
 
 import jax
 from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from lm.config import MODEL_RUN_SETTINGS, ConfigError, TrainConfig
+from lm import console
+from lm.config import MODEL_RUN_SETTINGS, Config, ConfigError, TrainConfig
+from lm.errors import TrainingError
 
 MODEL_FILE = "model.json"
 PARAMS_ITEM = "params"
+
+
+def absolute(path: str) -> str:
+  """Local paths made absolute (orbax requires it); URLs such as gs://bucket/run are kept."""
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def checkpoint_directory(config: Config, workdir: str) -> str:
+  """config.train.checkpoint_dir, or <workdir>/checkpoints when it is empty."""
+  path = config.train.checkpoint_dir
+  return absolute(path) if path else str(epath.Path(absolute(workdir)) / "checkpoints")
+
+
+def check_writable(path: str, key: str) -> None:
+  """Fails at startup, not at the first checkpoint, when a directory cannot be written."""
+  try:
+    directory = epath.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_probe_{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # the backends (local, GCS) raise different types
+    raise ConfigError(f"{key} = {path!r} cannot be written ({type(e).__name__}: {e}). "
+                      "Pass a directory you can write to.") from e
+
+
+def checkpoint_disk(abstract_state, checkpoint_dir: str, max_to_keep: int) -> str:
+  """Disk the kept checkpoints need (one more while a save is written), and a warning if short."""
+  size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  needed = size * (max_to_keep + 1)
+  text = f"{max_to_keep} kept + 1 being written x {size / 2**20:,.1f} MiB = {needed / 2**20:,.1f} MiB"
+  if "://" in checkpoint_dir:
+    return text
+  free = shutil.disk_usage(checkpoint_dir).free
+  if free < needed:
+    console.logger.warning("Only %.1f MiB free under %s, the checkpoints need %.1f MiB: lower "
+                           "config.train.max_to_keep or free disk space.", free / 2**20, checkpoint_dir,
+                           needed / 2**20)
+  return f"{text} ({free / 2**30:,.1f} GiB free)"
 
 
 def make_manager(directory: str, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -52,10 +99,53 @@ def reader(directory: str) -> ocp.CheckpointManager:
     logging.set_verbosity(verbosity)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> bool:
-  """Starts an asynchronous save; orbax first waits for the previous one to finish."""
-  return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    config=ocp.args.JsonSave(config)), force=True)
+def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> None:
+  """Starts an asynchronous save (orbax first waits for the previous one to finish); a failure stops the
+  run with TrainingError rather than let it go on without checkpoints."""
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(config)), force=True)
+    manager.check_for_errors()
+  except Exception as e:  # orbax re-raises the writer's own error (OSError, tensorstore, ...)
+    raise TrainingError(
+        f"Saving the checkpoint of step {step} under {manager.directory} failed ({type(e).__name__}: "
+        f"{e}). Training stopped rather than go on without checkpoints; the newest complete checkpoint is "
+        f"step {manager.latest_step()}. Free disk space or fix the permissions of "
+        "config.train.checkpoint_dir and run again to resume.") from e
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Lets a save in flight complete even when the run stops on an error: its state was good."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # the save's own failure is reported where it surfaced first
+    console.logger.warning("A checkpoint save in flight failed too: %s", e)
+
+
+class PreemptionNotice:
+  """Set by SIGTERM (how Cloud TPU, GKE and SLURM announce a preemption). With several processes JAX's
+  preemption sync point handles the signal instead: every process stops at the same step, which a signal
+  seen by one host alone could not give. A context manager: the previous SIGTERM handler comes back when
+  the loop ends."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager, self._signalled, self._previous = manager, False, None
+
+  def __enter__(self) -> PreemptionNotice:
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    return self._manager.reached_preemption(step) or self._signalled
 
 
 def check_same_step(manager: ocp.CheckpointManager) -> None:
@@ -73,19 +163,10 @@ def check_same_step(manager: ocp.CheckpointManager) -> None:
         "file system shared by the hosts.")
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-  """(state, saved run description) of the newest checkpoint, restored into the shardings of
-  `abstract_state`; (None, None) on a fresh start.
-
-  Args:
-    abstract_state: the train state as `jax.ShapeDtypeStruct`s with `sharding` set.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           config=ocp.args.JsonRestore()))
-  return restored.state, restored.config
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """The train state of checkpoint `step`, restored into the shardings of `abstract_state` (the train
+  state as `jax.ShapeDtypeStruct`s with `sharding` set)."""
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
 
 # What decides the shapes and structure of the saved state (and, for norm_unit_offset, what its stored
@@ -103,12 +184,13 @@ ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "mode
               "model.query_scale_dim": 0}
 
 
-def check_compatible(manager: ocp.CheckpointManager, config: dict) -> int | None:
-  """The newest step, after checking that its run description agrees with `config` on the state's
-  shapes; raises ConfigError (before anything is restored or written) when it does not."""
+def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int | None, dict | None]:
+  """(newest step, its saved run description), read once, after checking that the description agrees
+  with `config` on the state's shapes; raises ConfigError (before anything is restored or written) when
+  it does not. (None, None) on a fresh start."""
   step = manager.latest_step()
   if step is None:
-    return None
+    return None, None
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def saved_value(section, key):
@@ -122,17 +204,24 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> int | None
         f"config.train.checkpoint_dir = {str(manager.directory)!r} holds a checkpoint (step {step}) of "
         f"another model or optimizer: {'; '.join(differences)}. Use a new --workdir (or "
         "config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.")
-  return step
+  return step, saved
+
+
+def saved_tree(item: str):
+  """The metadata tree (shapes and dtypes) of an orbax PyTree item."""
+  metadata = ocp.PyTreeCheckpointer().metadata(item)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return dict(getattr(metadata, "tree", metadata))
+
+
+def _on_one_device(metadata):
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
 
 
 def restore_on_one_device(state_path: str):
   """A saved train state as host arrays, whatever mesh wrote it (for inspection and comparisons)."""
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(state_path)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  return jax.device_get(checkpointer.restore(state_path, target))
+  return jax.device_get(ocp.StandardCheckpointer().restore(state_path, _on_one_device(saved_tree(state_path))))
 
 
 def abstract_like(shapes, shardings):
@@ -140,13 +229,9 @@ def abstract_like(shapes, shardings):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _absolute(path: str) -> str:
-  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def save_params(directory: str, params, model: dict, source: str) -> None:
   """Parameters alone, with the model config they belong to (see the module docstring)."""
-  directory = _absolute(directory)
+  directory = absolute(directory)
   ocp.PyTreeCheckpointer().save(os.path.join(directory, PARAMS_ITEM), {"params": params})
   with open(os.path.join(directory, MODEL_FILE), "w") as f:
     json.dump({"model": model, "source": source}, f, indent=2)
@@ -155,7 +240,7 @@ def save_params(directory: str, params, model: dict, source: str) -> None:
 def params_location(path: str, step: int | None = None) -> tuple[str, dict]:
   """(orbax item holding {"params": ...}, model config section) of parameters written by `save_params`
   or of a run's checkpoint directory (its newest step, or `step`)."""
-  path = _absolute(path)
+  path = absolute(path)
   if os.path.exists(os.path.join(path, MODEL_FILE)):
     with open(os.path.join(path, MODEL_FILE)) as f:
       return os.path.join(path, PARAMS_ITEM), json.load(f)["model"]
@@ -202,17 +287,18 @@ def check_param_shapes(saved, expected, where: str) -> None:
                         f"{tuple(expected[name].shape)} in this config. Use the config they were written for.")
 
 
-def _saved_params(item: str):
-  metadata = ocp.PyTreeCheckpointer().metadata(item)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  return dict(getattr(metadata, "tree", metadata))["params"]
-
-
 def restore_params(path: str, abstract_params, step: int | None = None):
   """Parameters of `params_location(path, step)` restored into the shardings of `abstract_params`
   (ShapeDtypeStructs with shardings), after checking their shapes."""
   item, _ = params_location(path, step)
-  check_param_shapes(_saved_params(item), abstract_params, path)
+  return restore_params_item(item, abstract_params, path)
+
+
+def restore_params_item(item: str, abstract_params, where: str):
+  """The one way parameters are read: the `params` of an orbax item holding `{"params": ...}` (a train
+  state's `state` item, or `save_params`' output), checked against `abstract_params`' shapes (an error
+  naming `where`, the tensor and both shapes) and restored into its shardings; nothing else is read."""
+  check_param_shapes(saved_tree(item)["params"], abstract_params, where)
   target = {"params": abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
       item, args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -224,6 +310,4 @@ def load_params_on_host(path: str, step: int | None = None) -> tuple[dict, dict]
   """(parameters as numpy arrays, model config section) of `params_location(path, step)`, whatever mesh
   wrote them."""
   item, model = params_location(path, step)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), _saved_params(item))
-  return jax.device_get(restore_params(path, abstract, step)), model
+  return jax.device_get(restore_params_item(item, _on_one_device(saved_tree(item)["params"]), path)), model

@@ -86,6 +86,7 @@ class TrainConfig:
   max_to_keep: int
   eval_interval_steps: int
   log_interval_steps: int
+  wandb_project: str
   peak_flops_per_device: float
   deterministic: bool
   skip_nonfinite_updates: bool
@@ -236,6 +237,9 @@ def validate(config: Config) -> None:
   _require(t.max_grad_norm >= 0.0, f"config.train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0 = off).")
   _require(t.peak_flops_per_device >= 0.0,
            f"config.train.peak_flops_per_device = {t.peak_flops_per_device} must be >= 0 (0 = auto).")
+  _require(len(t.wandb_project) <= 128 and not set(t.wandb_project) & set("/\\#?%:"),
+           f"config.train.wandb_project = {t.wandb_project!r}: a Weights & Biases project name has at most "
+           "128 characters and none of / \\ # ? % : (the entity comes from `wandb login` or WANDB_ENTITY).")
 
   sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
   _require(all(v == -1 or v > 0 for v in sizes.values()) and list(sizes.values()).count(-1) <= 1,

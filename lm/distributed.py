@@ -9,6 +9,7 @@ JAX finds its peers by itself on Cloud TPU, under SLURM (`srun`) and under Open 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -147,3 +148,20 @@ def check_process_count(claimed: int) -> None:
     raise ConfigError(
         f"The processes were started with different --num_processes: {everyone} (process 0, 1, ...), and "
         f"{jax.process_count()} joined the coordinator. Give every process the same --num_processes.")
+
+
+@contextlib.contextmanager
+def process_zero_first():
+  """Process 0 runs the block first (it may write caches: the prepared corpus, the tokenizer, packed
+  arrays); the others run it once it is done, and find the caches on a shared disk."""
+  import jax  # here: main.py imports this module before jax may start (XLA reads its flags then)
+  from jax.experimental import multihost_utils
+
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    multihost_utils.sync_global_devices("lm: process 0 prepared the data")
+  try:
+    yield
+  finally:  # also on an error: the others then meet it themselves instead of waiting
+    if several and jax.process_index() == 0:
+      multihost_utils.sync_global_devices("lm: process 0 prepared the data")

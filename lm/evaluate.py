@@ -8,19 +8,38 @@ logged in training. Never writes into the checkpoint directory.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers
 from etils import epath
 
-from lm import checkpoint, console, data, metrics, sharding, train
+from lm import checkpoint, console, data, distributed, metrics, runtime, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
+
+
+def evaluate(eval_fn: Callable, params, batches: list[dict[str, np.ndarray]],
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Loss over the fixed validation batches (each process passes only its devices' rows of them), the
+  per-sequence sums added in row order: training's eval and `--mode=eval` give the same figure."""
+  rows = len(batches[0]["tokens"])
+  mine = sharding.process_rows(mesh, rows)
+  fetched = jax.device_get([eval_fn(params, sharding.put_batch({k: v[mine] for k, v in b.items()}, mesh, rows))
+                            for b in batches])
+  loss_sum, tokens = metrics.sum_losses({k: np.concatenate([f[k] for f in fetched]) for k in fetched[0]})
+  loss = loss_sum / max(tokens, 1)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def eval_batches(config: Config, split: data.PackedSequences, plan: data.BatchPlan) -> list[dict[str, np.ndarray]]:
+  """The fixed validation set, in batches of one micro-step's rows (training's and --mode=eval's)."""
+  return data.eval_batches(split, config.data.eval_sequences, plan.micro_rows)
 
 
 def checkpoint_steps(directory: str, manager: ocp.CheckpointManager) -> list[int]:
@@ -37,14 +56,6 @@ def checkpoint_steps(directory: str, manager: ocp.CheckpointManager) -> list[int
 def partial_checkpoints(directory: str) -> list[str]:
   """Saves that were cut off before orbax committed them (temporary directories)."""
   return sorted(p.name for p in epath.Path(directory).iterdir() if ".orbax-checkpoint-tmp" in p.name)
-
-
-def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
-  """The parameters of a checkpoint, in the shardings of `abstract_params`; nothing else is read."""
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)))
-  return restored.state["params"]
 
 
 class ParamsSource:
@@ -65,14 +76,13 @@ class ParamsSource:
     self.steps = checkpoint_steps(checkpoint_dir, self.manager)
 
   def _restore(self, step: int):
-    saved = self.manager.item_metadata(step)["state"]
-    # First: it names the tensor and both shapes.
-    checkpoint.check_param_shapes(getattr(saved, "tree", saved)["params"], self._abstract,
-                                  f"{self.directory}/{step}")
+    where = f"{self.directory}/{step}"
+    item = str(epath.Path(self.directory) / str(step) / "state")
+    checkpoint.check_param_shapes(checkpoint.saved_tree(item)["params"], self._abstract, where)
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     if saved and "model" in saved:  # runs write their config beside the state
-      checkpoint.check_same_model(saved["model"], self._model, f"{self.directory}/{step}")
-    return restore_params(self.manager, step, self._abstract)
+      checkpoint.check_same_model(saved["model"], self._model, where)
+    return checkpoint.restore_params_item(item, self._abstract, where)
 
   def latest(self) -> tuple[int, object]:
     """The newest checkpoint that can be read; a partial or unreadable one is skipped and said so."""
@@ -138,32 +148,27 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
   Figures go to TensorBoard under <workdir>/eval (the same tags as training's eval, at the checkpoint's
   step), to <workdir>/eval/metrics.jsonl, and to the console.
   """
-  t = config.train
+  from clu import metric_writers  # here, as TFDS: TensorFlow only where it is used
+  from lm import corpus
   console.setup(is_main=jax.process_index() == 0)
-  workdir = train.absolute(workdir)
-  checkpoint_dir = train.checkpoint_directory(config, workdir)
-  devices = jax.devices() if devices is None else devices
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_divisible(config.model, dict(mesh.shape))
-  plan = train.BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
-                         sharding.data_parallel_size(mesh), t.seq_len)
-  with sharding.activate(mesh):
-    fns = train.build_step_functions(config, mesh, max(t.num_train_steps, 1))
-    source = ParamsSource(checkpoint_dir, fns.abstract_state.params, to_dict(config)["model"])
-    with train.process_zero_first():  # process 0 may write the data caches
-      data.check_splits(config.data)
-      tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
-      eval_data = data.load_split(config.data, tokenizer, t.seq_len, "eval")
-    # The validation set of training; batches of one micro-step's rows on this mesh, as training's.
-    batches = data.eval_batches(eval_data, config.data.eval_sequences, plan.micro_rows)
+  workdir = checkpoint.absolute(workdir)
+  checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
+  rt = runtime.setup(config, devices)
+  with sharding.activate(rt.mesh):
+    source = ParamsSource(checkpoint_dir, rt.abstract_params, to_dict(config)["model"])
+    with distributed.process_zero_first():  # process 0 may write the data caches
+      _, splits = corpus.load(config.data, config.model.vocab_size, config.train.seq_len, ("eval",))
+    batches = eval_batches(config, splits["eval"], rt.plan)
+    eval_fn = runtime.eval_function(rt)
     console.block([
         ("Mode", "eval" + (f", following new checkpoints (timeout {follow_timeout:g} s)" if follow else "")),
         ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
-        ("Devices", f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"),
-        ("Mesh", " x ".join(f"{k}={v}" for k, v in mesh.shape.items())),
+        ("Devices", f"{rt.mesh.devices.size} x {rt.mesh.devices.flat[0].device_kind} "
+                    f"({rt.mesh.devices.flat[0].platform})"),
+        ("Mesh", " x ".join(f"{k}={v}" for k, v in rt.mesh.shape.items())),
         ("Checkpoints", f"{checkpoint_dir} (steps {source.steps})"),
-        ("Eval data", f"{sum(len(b['tokens']) for b in batches)} rows of {t.seq_len} tokens in "
-                      f"{len(batches)} batches of {plan.micro_rows}"),
+        ("Eval data", f"{sum(len(b['tokens']) for b in batches)} rows of {config.train.seq_len} tokens in "
+                      f"{len(batches)} batches of {rt.plan.micro_rows}"),
     ])
     out_dir = os.path.join(workdir, "eval")
     is_main = jax.process_index() == 0
@@ -172,8 +177,8 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
     if is_main and "://" not in out_dir:
       os.makedirs(out_dir, exist_ok=True)
 
-    def evaluate(step: int, params) -> dict[str, float]:
-      result = train.evaluate(fns.eval_fn, params, batches, mesh)
+    def record(step: int, params) -> dict[str, float]:
+      result = evaluate(eval_fn, params, batches, rt.mesh)
       writer.write_scalars(step, result)
       writer.flush()
       log.write("eval", step, result)
@@ -182,29 +187,27 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
 
     results = {}
     if step is not None:
-      results[step] = evaluate(step, source.at(step))
+      results[step] = record(step, source.at(step))
     else:
       latest, params = source.latest()
-      results[latest] = evaluate(latest, params)
+      results[latest] = record(latest, params)
     if follow:
-      last = t.num_train_steps or None  # an epoch-based run: until the timeout
+      last = config.train.num_train_steps or None  # an epoch-based run: until the timeout
       if last is None or max(results) < last:
         for new_step, params in source.follow(set(source.steps) | set(results), last, follow_timeout):
-          results[new_step] = evaluate(new_step, params)
+          results[new_step] = record(new_step, params)
     writer.close()
     return results
 
 
 def params_for_inference(config: Config, workdir: str, *, step: int | None = None, devices=None):
   """(step, params, mesh) of the latest checkpoint (or `step`) for sampling, on this process's mesh."""
-  workdir = train.absolute(workdir)
-  mesh = sharding.make_mesh(config.mesh, jax.devices() if devices is None else devices)
-  with sharding.activate(mesh):
-    fns = train.build_step_functions(config, mesh, max(config.train.num_train_steps, 1))
-    source = ParamsSource(train.checkpoint_directory(config, workdir), fns.abstract_state.params,
-                          to_dict(config)["model"])
+  rt = runtime.setup(config, devices)
+  with sharding.activate(rt.mesh):
+    source = ParamsSource(checkpoint.checkpoint_directory(config, checkpoint.absolute(workdir)),
+                          rt.abstract_params, to_dict(config)["model"])
     if step is None:
       step, params = source.latest()
     else:
       params = source.at(step)
-  return step, params, mesh
+  return step, params, rt.mesh

@@ -1,26 +1,30 @@
-"""Model FLOPs per token, XLA's FLOP count of a compiled step, peak FLOP/s per device, MFU and HFU, and
-the loss EMA.
+"""Model FLOPs per token, XLA's FLOP count of a compiled step, peak FLOP/s per device, MFU and HFU; the
+figures of a step (loss sums, EMA, step time) and the writers that record them (TensorBoard, optionally
+Weights & Biases, metrics.jsonl, the console).
 
 MFU is global: model FLOPs of the whole optimizer step (every micro-batch on every device) divided by
 (wall time of the step x number of devices x peak FLOP/s per device). Remat recomputation is not model
 FLOPs and is not counted. HFU (hardware FLOPs utilisation) divides instead the FLOPs XLA compiled the step
 into: remat recomputation, the masked half of causal attention, elementwise ops and the optimizer update.
-`step_flops` counts the compiled last micro-step (`update_step`) once per micro-step, so it counts the
-optimizer update in each, where the loop runs it only in the last (`accumulate_step` before): an overcount
-of (k - 1) optimizer updates, some 10 FLOPs per parameter against the matmuls' 6 per parameter per token.
+`step_flops` counts the compiled optimizer step (all its micro-batches and the one update) as XLA counts
+it, the scan over micro-batches extrapolated from compiles at accumulation 1 and 2 as the scan over layers
+is from 1 and 2 layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lm import console
 from lm.config import Config, ConfigError, ModelConfig
 from lm.model import layer_pattern
 
@@ -92,22 +96,33 @@ def xla_flops(compiled) -> float:
   return float(cost["flops"])
 
 
-def hardware_flops_per_device(compiled, model_cfg: ModelConfig,
-                              compile_unrolled: Callable[[int], Any] | None = None) -> float:
-  """XLA FLOPs of one call of a compiled train micro-step on one device, every layer counted.
+def hardware_flops_per_device(config: Config, compile_variant: Callable[[Config], Any]) -> float:
+  """XLA FLOPs of one optimizer step on one device, every layer and every micro-batch counted.
+
+  XLA counts the body of a while loop once, and the step has two: the scan over micro-batches and, with
+  scan_layers, the scan over layers. Both are extrapolated, exactly (every layer, and every micro-batch
+  but the last, compiles to the same ops; tests/test_flops.py): from 1 and 2 unrolled layers, and from
+  accumulation 1 and 2 (the same micro-batch size).
 
   Args:
-    compiled: the step as compiled for the run; its count is used as is when the layers are unrolled.
-    compile_unrolled: n -> the same step compiled with `num_layers=n, scan_layers=False`; needed when
-      the model scans its layers, since XLA counts a scan's body once. The count is then extrapolated
-      from 1 and 2 unrolled layers (exact: every layer compiles to the same ops; tests/test_flops.py).
+    compile_variant: config -> its train step compiled on the same mesh.
   """
-  if not model_cfg.scan_layers:
-    return xla_flops(compiled)
-  if compile_unrolled is None:
-    raise ValueError("a scanned model needs compile_unrolled: XLA counts the scan body once")
-  one, two = (xla_flops(compile_unrolled(n)) for n in (1, 2))
-  return one + (model_cfg.num_layers - 1) * (two - one)
+  m, k = config.model, config.train.gradient_accumulation_steps
+
+  def count(num_layers: int, accumulation: int) -> float:
+    variant = dataclasses.replace(
+        config, model=dataclasses.replace(m, num_layers=num_layers, scan_layers=False),
+        train=dataclasses.replace(config.train, gradient_accumulation_steps=accumulation))
+    return xla_flops(compile_variant(variant))
+
+  def layers_counted(accumulation: int) -> float:
+    if not m.scan_layers:
+      return count(m.num_layers, accumulation)
+    one, two = count(1, accumulation), count(2, accumulation)
+    return one + (m.num_layers - 1) * (two - one)
+
+  single = layers_counted(1)
+  return single if k == 1 else single + (k - 1) * (layers_counted(2) - single)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,22 +137,19 @@ class StepFlops:
             mfu(self.hardware, step_seconds, num_devices, peak_per_device))
 
 
-def step_flops(compiled, config: Config, num_devices: int, data_parallel: int,
-               compile_unrolled: Callable[[int], Any] | None = None) -> StepFlops:
-  """Model and hardware FLOPs of one optimizer step of a compiled train micro-step.
+def step_flops(config: Config, num_devices: int, data_parallel: int,
+               compile_variant: Callable[[Config], Any]) -> StepFlops:
+  """Model and hardware FLOPs of one optimizer step.
 
   Args:
-    compiled: `step_fn.lower(abstract_state, abstract_micro_batch, loss_scale).compile()`.
     data_parallel: devices the batch is split over (mesh data x fsdp).
-    compile_unrolled: see `hardware_flops_per_device`; only for scanned layers.
+    compile_variant: see `hardware_flops_per_device`.
   """
   t = config.train
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel * t.seq_len
   model = flops_per_token(config.model, t.seq_len).train * tokens
-  per_micro_step = hardware_flops_per_device(compiled, config.model, compile_unrolled)
-  # Counted as if every micro-step ran this program (the optimizer included), on every device its share.
   return StepFlops(model=float(model),
-                   hardware=per_micro_step * t.gradient_accumulation_steps * num_devices)
+                   hardware=hardware_flops_per_device(config, compile_variant) * num_devices)
 
 
 def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
@@ -217,3 +229,112 @@ def read_jsonl(workdir: str, collection: str = "train") -> dict[int, dict[str, f
       if row.pop("collection") == collection:
         out[row.pop("step")] = row
   return out
+
+
+def sum_losses(fetched: dict) -> tuple[float, int]:
+  """Loss sum and token count of per-sequence figures (host arrays in global row order), added in that
+  order in float64: the same figure however the batch was split."""
+  losses = np.asarray(fetched["sequence_loss"]).reshape(-1)
+  return math.fsum(losses.astype(np.float64)), int(np.asarray(fetched["sequence_tokens"]).sum())
+
+
+class StepTimer:
+  """Average wall time per optimizer step between log points, leaving out compilation (the first step
+  of the run) and the pauses for eval and checkpoints."""
+
+  def __init__(self):
+    self._start, self._step = None, 0
+
+  def step_seconds(self, step: int) -> float | None:
+    """Called when `step` has finished; returns the average since the last call, or None."""
+    now = time.perf_counter()
+    seconds = None if self._start is None else (now - self._start) / max(step - self._step, 1)
+    self._start, self._step = now, step
+    return seconds
+
+  def pause(self, seconds: float) -> None:
+    if self._start is not None:
+      self._start += seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """What turns a step time into tokens/s and MFU."""
+  tokens_per_step: int
+  flops_per_step: float  # model FLOPs of one optimizer step, all micro-batches and devices
+  num_devices: int
+  peak_flops_per_device: float
+
+
+def _writers(workdir: str, wandb_project: str, run_config: dict, tensorboard: bool) -> list[tuple]:
+  """(train, eval) pairs of CLU writers: TensorBoard under <workdir>/train and /eval, and the Weights &
+  Biases run when a project is named."""
+  writers = []
+  if tensorboard:
+    from clu import metric_writers  # here: TensorFlow (its TensorBoard writer) stays out of the core
+    writers.append(tuple(metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, name)))
+                         for name in ("train", "eval")))
+  if wandb_project:
+    from lm import wandb_writer
+    writers.append(wandb_writer.create(wandb_project, workdir, run_config))
+  return writers
+
+
+class MetricsLogger:
+  """Records train and eval figures: the writers, metrics.jsonl and the console line (process 0 only).
+  It writes; deciding to stop the run is the loop's."""
+
+  def __init__(self, workdir: str, *, num_train_steps: int, log_interval_steps: int, throughput: Throughput,
+               start_step: int, wandb_project: str = "", run_config: dict | None = None, tensorboard: bool = True):
+    is_main = jax.process_index() == 0
+    self._num_train_steps, self._log_interval, self._throughput = num_train_steps, log_interval_steps, throughput
+    self._start_step = start_step
+    self._writers = _writers(workdir, wandb_project, run_config or {}, tensorboard) if is_main else []
+    self._progress = None  # clu's steps_per_sec and uptime, beside the TensorBoard writer
+    if self._writers and tensorboard:
+      from clu import periodic_actions
+      self._progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps, every_steps=log_interval_steps,
+                                                       writer=self._writers[0][0])
+    self._jsonl = JsonlLog(workdir, enabled=is_main)
+    self._ema, self.timer = Ema(), StepTimer()
+    self.last: dict[str, float] = {}
+
+  def train_step(self, step: int, scalars: dict[str, float]) -> None:
+    """A finished optimizer step's figures (loss, grad_norm, skipped_updates, learning_rate): the loss
+    EMA every step, the rest written every log interval and at the last step."""
+    scalars = dict(scalars)
+    scalars["loss_ema"] = self._ema.update(scalars["loss"]) if math.isfinite(scalars["loss"]) else math.nan
+    if self._progress is not None:
+      self._progress(step, time.time())
+    first = step == self._start_step + 1  # carries compilation: timing starts at its end
+    if first:
+      self.timer.step_seconds(step)
+    if step % self._log_interval and step != self._num_train_steps:
+      return
+    tp = self._throughput
+    scalars["tokens_seen"] = step * tp.tokens_per_step
+    if not first:
+      seconds = self.timer.step_seconds(step)
+      tokens_per_sec = tp.tokens_per_step / seconds
+      scalars.update(step_time=seconds, tokens_per_sec=tokens_per_sec,
+                     tokens_per_sec_per_device=tokens_per_sec / tp.num_devices,
+                     mfu=mfu(tp.flops_per_step, seconds, tp.num_devices, tp.peak_flops_per_device))
+    for writer, _ in self._writers:
+      writer.write_scalars(step, scalars)
+    self._jsonl.write("train", step, scalars)
+    self.last.update(scalars)
+    seconds = self.last.get("step_time")
+    eta = None if seconds is None else seconds * (self._num_train_steps - step)
+    console.logger.info("%s", console.step_line(step, self._num_train_steps, scalars, eta))
+
+  def eval(self, step: int, result: dict[str, float]) -> None:
+    for _, writer in self._writers:
+      writer.write_scalars(step, result)
+    self._jsonl.write("eval", step, result)
+    self.last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+    console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
+
+  def close(self) -> None:
+    for writer in (w for pair in self._writers for w in pair):
+      writer.flush()
+      writer.close()

@@ -17,8 +17,9 @@ global ones (`sliding_window`, `local_layers_per_global`) with their own RoPE ba
 What differs between layers (window on or off, RoPE frequencies) is data scanned over with the layers,
 so a scan still compiles one layer body.
 
-Decoding passes a `KVCache`: each layer writes the keys and values of the new tokens at `index` and attends
-over the whole cache (`lm/sampling.py`). Training and eval pass none.
+`Decoder.__call__` is training and eval (masks from the segment ids); `Decoder.decode` is decoding with a
+`KVCache` (`lm/sampling.py`): each layer writes the keys and values of the new tokens at the cache's `index`
+and attends over the cache. Both run the same layers (made in `setup`) over the same parameters.
 """
 
 from __future__ import annotations
@@ -214,59 +215,80 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tokens, segment ids, positions [B, L] -> logits [B, L, V] in float32.
+  """The language model. `__call__` (training and eval): tokens, segment ids, positions [B, L] -> logits
+  [B, L, V] in float32. `decode`: the same over a `KVCache`, one document per row from position 0.
 
-  With a `cache` (decoding one document per row, from position 0): returns (logits, updated cache); the
-  tokens are those at positions index ... index + L - 1 and segment ids are not used.
+  Both run the parameters and layers made in `setup`, so they share one parameter tree: `embedding`,
+  `layers` (scanned, each leaf with a leading layer axis) or `layers_0` ... (a loop), `final_norm`, and
+  `lm_head` unless the embeddings are tied.
   """
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, cache: KVCache | None = None):
+  def setup(self):
     cfg = self.cfg
-    dtype = DTYPES[cfg.dtype]
-    embedding_VxD = _param(self, cfg, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-    x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype)
-    if cfg.embed_scale:  # Gemma: the scale is rounded to the compute dtype, as its reference does
-      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, dtype)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
-    per_layer = layer_inputs(cfg)
-    if cache is None:
-      masks, index = (attention_mask(segment_ids_BxL),
-                      attention_mask(segment_ids_BxL, cfg.sliding_window) if cfg.sliding_window else None), None
-    else:
-      masks, index = cache_masks(cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2]), cache.index
-      per_layer = {**per_layer, "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
-
+    self.embedding_VxD = _param(self, cfg, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     block = Block
     if cfg.remat != "none":
       # prevent_cse only matters outside scan; inside, it would block useful optimisations.
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, kv = layers(cfg, name="layers")(x_BxLxD, positions_BxL, masks, per_layer, index)
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = scanned(cfg)  # named after the attribute: "layers"
     else:
-      new_kv = []
-      for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda x: x[i], per_layer)
-        x_BxLxD, layer_kv = block(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, masks, layer, index)
-        new_kv.append(layer_kv)
-      kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
+      self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # a list: "layers_0", "layers_1", ...
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.w_out_DxV = _param(self, cfg, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
-    if cfg.tie_embeddings:
-      w_out_DxV = embedding_VxD.T
-    else:
-      w_out_DxV = _param(self, cfg, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
+    """Training and eval: each position attends to the earlier ones of its segment (document)."""
+    x_BxLxD = self._embed(tokens_BxL)
+    per_layer = layer_inputs(self.cfg)
+    window = self.cfg.sliding_window
+    masks = (attention_mask(segment_ids_BxL),
+             attention_mask(segment_ids_BxL, window) if window else None)
+    x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, masks, per_layer)
+    return self._logits(x_BxLxD)
+
+  def decode(self, tokens_BxL, positions_BxL, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """(logits [B, L, V], the cache with the new tokens): tokens_BxL are those at positions index ...
+    index + L - 1 of every row; each layer writes their keys and values into the cache at `index` and
+    attends over the cache's slots up to each position (the later slots are masked)."""
+    x_BxLxD = self._embed(tokens_BxL)
+    per_layer = {**layer_inputs(self.cfg), "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
+    masks = cache_masks(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2])
+    x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(x_BxLxD, positions_BxL, masks, per_layer, cache.index)
+    cache = KVCache(k_TxBxSxKxH=k_TxBxSxKxH, v_TxBxSxKxH=v_TxBxSxKxH, index=cache.index + tokens_BxL.shape[1])
+    return self._logits(x_BxLxD), cache
+
+  def _embed(self, tokens_BxL):
+    dtype = DTYPES[self.cfg.dtype]
+    x_BxLxD = jnp.take(self.embedding_VxD, tokens_BxL, axis=0).astype(dtype)
+    if self.cfg.embed_scale:  # Gemma: the scale is rounded to the compute dtype, as its reference does
+      x_BxLxD = x_BxLxD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
+    return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+
+  def _layers(self, x_BxLxD, positions_BxL, masks, per_layer, cache_index=None):
+    """All blocks: (x, the stacked (keys, values) T x B x S x K x H when per_layer has "kv", else None)."""
+    if self.cfg.scan_layers:
+      return self.layers(x_BxLxD, positions_BxL, masks, per_layer, cache_index)
+    new_kv = []
+    for i, block in enumerate(self.layers):
+      layer = jax.tree.map(lambda x: x[i], per_layer)
+      x_BxLxD, layer_kv = block(x_BxLxD, positions_BxL, masks, layer, cache_index)
+      new_kv.append(layer_kv)
+    return x_BxLxD, None if "kv" not in per_layer else tuple(jnp.stack(parts) for parts in zip(*new_kv))
+
+  def _logits(self, x_BxLxD):
+    dtype = DTYPES[self.cfg.dtype]
+    x_BxLxD = self.final_norm(x_BxLxD)
+    w_out_DxV = self.embedding_VxD.T if self.cfg.tie_embeddings else self.w_out_DxV
     # float32 logits: the cross-entropy over a large vocabulary needs the precision.
     logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_out_DxV.astype(dtype),
                               preferred_element_type=jnp.float32)
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
-    if cache is None:
-      return logits_BxLxV
-    return logits_BxLxV, KVCache(k_TxBxSxKxH=kv[0], v_TxBxSxKxH=kv[1], index=index + tokens_BxL.shape[1])
+    return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
 
 def param_count(cfg: ModelConfig) -> int:

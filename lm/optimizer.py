@@ -72,7 +72,9 @@ class _ResettingMultiSteps(optax.MultiSteps):
   """MultiSteps whose accumulator restarts from exact zeros after each update.
 
   optax resets it by multiplying with 0, which leaves NaN where a skipped non-finite gradient was
-  accumulated, so that every later step would be skipped too."""
+  accumulated (every later step would be skipped too), and -0.0 where the sum was negative. In the
+  one-program step (`lm.train_step.train_step`) the restart is a constant selection of zeros, which XLA
+  folds: the multiplication is never computed."""
 
   def update(self, updates, state, params=None, **extra_args):
     updates, state = super().update(updates, state, params, **extra_args)
@@ -95,14 +97,12 @@ def make_optimizer(cfg: TrainConfig, num_train_steps: int) -> optax.MultiSteps:
     base = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
   clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
   update = optax.chain(*clip, base)
-  multi_steps = optax.MultiSteps
   if cfg.skip_nonfinite_updates:
     # Checks the summed gradient of the whole step, so a skipped step still consumes exactly its own
     # micro-batches (MultiSteps' own skip works per micro-batch and would shift the step boundaries).
     update = optax.apply_if_finite(update, max_consecutive_errors=2**30)
-    multi_steps = _ResettingMultiSteps
   inner = optax.chain(record_grad_norm(), update)
-  return multi_steps(inner, every_k_schedule=cfg.gradient_accumulation_steps, use_grad_mean=False)
+  return _ResettingMultiSteps(inner, every_k_schedule=cfg.gradient_accumulation_steps, use_grad_mean=False)
 
 
 def grad_norm(opt_state: optax.MultiStepsState) -> jax.Array:

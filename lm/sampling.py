@@ -62,8 +62,8 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
 
   def forward(tokens_BxL, cache):
     positions_BxL = cache.index + jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, jnp.ones_like(tokens_BxL),
-                                      positions_BxL, cache)
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache,
+                                      method=Decoder.decode)
     logits_BxV = logits_BxLxV[:, -1]
     if num_ids:
       logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < num_ids, logits_BxV, -jnp.inf)

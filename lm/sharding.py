@@ -122,6 +122,20 @@ def activate(mesh: jax.sharding.Mesh):
     yield
 
 
+@contextlib.contextmanager
+def rules_within(axis: str):
+  """The rules inside a `shard_map` that is manual over `axis`: activations name the other axes only
+  (the manual axis is already split off)."""
+  def without(target):
+    if isinstance(target, tuple):
+      kept = tuple(a for a in target if a != axis)
+      return kept if len(kept) > 1 else (kept[0] if kept else None)
+    return None if target == axis else target
+
+  with nn.logical_axis_rules(tuple((name, without(target)) for name, target in RULES)):
+    yield
+
+
 def logical_to_sharding(logical_specs, mesh: jax.sharding.Mesh):
   """A tree of logical PartitionSpecs (from `nn.get_partition_spec`) -> NamedShardings."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
@@ -129,6 +143,12 @@ def logical_to_sharding(logical_specs, mesh: jax.sharding.Mesh):
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def step_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The global batch of an optimizer step, [micro-batches, rows, ...]: each micro-batch's rows split
+  over the batch axes as `batch_sharding` splits one micro-batch."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -151,6 +171,16 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   with `batch_sharding`; by default the batch is the whole global batch (one process)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v, (rows or len(v), *v.shape[1:]))
+          for k, v in batch.items()}
+
+
+def put_step_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                   rows: int | None = None) -> dict[str, jax.Array]:
+  """Global arrays [micro-batches, `rows`, ...] from this process's rows of every micro-batch
+  ([micro-batches, its rows, ...], `process_rows` of each, in that order), placed with
+  `step_batch_sharding`; by default the rows are all of them (one process)."""
+  sharding = step_batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0], rows or v.shape[1], *v.shape[2:]))
           for k, v in batch.items()}
 
 

@@ -1,10 +1,10 @@
-"""Pure functions of the training: the loss, one micro-step of training, one eval batch. No I/O.
+"""Pure functions of the training: the loss, one optimizer step as one program, one eval batch. No I/O.
 
 Loss accounting is token-exact: a micro-batch's loss is the sum of its per-token cross-entropies divided by
-the number of real tokens in the whole optimizer step (`loss_scale` = 1 / that count), and MultiSteps sums
-the micro-batch gradients. The gradient applied is therefore that of the global token mean, however the
-global batch is split into micro-batches and devices. Per-sequence loss sums come back so that the host
-can add them in a fixed order.
+the number of real tokens in the whole optimizer step (counted inside the program), and the micro-batch
+gradients are summed. The gradient applied is therefore that of the global token mean, however the global
+batch is split into micro-batches and devices. Per-sequence loss sums come back so that the host can add
+them in a fixed order.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
-from lm import data
+from lm import data, sharding
 from lm.model import Decoder
 from lm.optimizer import grad_norm, skipped_updates
 
@@ -27,7 +28,7 @@ class TrainState(struct.PyTreeNode):
 
   @property
   def step(self) -> jax.Array:
-    """Optimizer steps taken (micro-steps do not count)."""
+    """Optimizer steps taken."""
     return self.opt_state.gradient_step
 
 
@@ -41,69 +42,92 @@ def sequence_losses(model: Decoder, params, batch) -> tuple[jax.Array, jax.Array
   return jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1), jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)
 
 
-def train_step(state: TrainState, batch, loss_scale, *, model: Decoder, tx: optax.MultiSteps):
-  """One micro-step as `optax.MultiSteps` defines it: the gradient of this micro-batch, accumulated; every
-  k-th call also updates params. The specification of the two steps the loop runs instead,
-  `accumulate_step` and `update_step`, which compute the same states (tests/test_train_step.py: bitwise,
-  but for the sign of zero in the restarted accumulator, which MultiSteps multiplies by 0) without the
-  work MultiSteps does for the outcome it discards.
+def loss_scale(segment_ids) -> jax.Array:
+  """1 / (real target tokens of the whole optimizer step), float32: every micro-batch's loss sum is
+  scaled by it, so that the summed gradients are those of the step's token mean."""
+  tokens = jnp.sum(data.loss_mask(segment_ids), dtype=jnp.int32)
+  return 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps, local_axis: str | None = None):
+  """One optimizer step in one program: the gradients of the k micro-batches, summed, then the update.
+
+  Without `local_axis`, the first k - 1 micro-batches run in a `lax.scan` that adds each gradient to
+  MultiSteps' accumulator by its own rule (`grad + acc`, in the accumulator's dtype), and the last
+  micro-batch's gradient goes to `tx.update` (MultiSteps) entered at its last mini-step, so that
+  MultiSteps itself adds it, runs the inner optimizer on the sum, restarts the accumulator and counts the
+  step: bitwise what k MultiSteps micro-steps give. Entered with a constant mini-step, MultiSteps'
+  selections between "update" and "only accumulate" are constants that XLA folds away: the program does
+  the work of one update, not of k.
+
+  With `local_axis` (the mesh's data axis, when it has several replicas and k > 1), each replica sums the
+  gradients of its own rows of all k micro-batches and the replicas add their sums once (`_local_sum`):
+  one all-reduce per optimizer step instead of one per micro-batch. The additions then come in another
+  order (within float32 rounding of the sum; tests/test_train_step.py), and MultiSteps gets the sum with
+  an empty accumulator.
 
   Args:
-    batch: tokens, segment_ids, positions, each [micro_batch_size x data-parallel devices, seq_len].
-    loss_scale: 1 / (real target tokens in the whole optimizer step), float32 scalar.
+    batch: tokens, segment_ids, positions, each [k, micro_batch_size x data-parallel devices, seq_len]:
+      the global batch, micro-batch after micro-batch, each micro-batch's rows split over the devices.
+  Returns:
+    (new state, metrics): per-sequence loss sums and token counts [k x rows] in global row order, the
+    gradient norm and the count of skipped updates.
   """
-
-  grads, metrics = _gradient(model, state.params, batch, loss_scale)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return TrainState(params=params, opt_state=opt_state), _with_optimizer_figures(metrics, opt_state)
-
-
-def accumulate_step(state: TrainState, batch, loss_scale, *, model: Decoder):
-  """A micro-step before the last of its optimizer step: adds its gradient to the accumulator, and only
-  that. `train_step` (MultiSteps) would also run the whole optimizer and throw its result away: on a
-  60M model that is 2.9x the memory traffic of this step (docs/performance.md)."""
-  grads, metrics = _gradient(model, state.params, batch, loss_scale)
+  k = batch["tokens"].shape[0]
+  scale = loss_scale(batch["segment_ids"])
   opt_state = state.opt_state
-  acc_grads = jax.tree.map(lambda g, acc: (g + acc).astype(acc.dtype), grads, opt_state.acc_grads)
-  opt_state = opt_state._replace(mini_step=opt_state.mini_step + 1, acc_grads=acc_grads)
-  return state.replace(opt_state=opt_state), _with_optimizer_figures(metrics, opt_state)
-
-
-def update_step(state: TrainState, batch, loss_scale, *, model: Decoder, tx: optax.MultiSteps,
-                accumulation_steps: int):
-  """The last micro-step of an optimizer step: adds its gradient to the accumulated ones, runs the inner
-  optimizer on the sum, applies it and restarts the accumulator from zeros. MultiSteps' `update` computes
-  the optimizer's outcome and the accumulate-only outcome, both, and selects one with `where` inside a
-  `lax.cond`: 2.5 GB more memory traffic per step on the 60M benchmark model (docs/performance.md).
-  With `accumulation_steps` = 1 the accumulator is not read or written at all (it stays zero)."""
-  grads, metrics = _gradient(model, state.params, batch, loss_scale)
-  opt_state = state.opt_state
-  if accumulation_steps == 1:
-    total, acc_grads = grads, opt_state.acc_grads
+  zeros = jax.tree.map(jnp.zeros_like, opt_state.acc_grads)  # constants: XLA adds them for free
+  if local_axis is not None and k > 1:
+    grads, figures = _local_sum(model, state.params, batch, scale, opt_state.acc_grads, local_axis)
+    acc_grads = zeros
   else:
-    total = jax.tree.map(lambda g, acc: (g + acc).astype(acc.dtype), grads, opt_state.acc_grads)
-    acc_grads = jax.tree.map(jnp.zeros_like, opt_state.acc_grads)
-  updates, inner_opt_state = tx.inner_opt.update(optax.tree.cast_like(total, grads),
-                                                 opt_state.inner_opt_state, state.params)
-  opt_state = opt_state._replace(mini_step=jnp.zeros_like(opt_state.mini_step),
-                                 gradient_step=optax.safe_increment(opt_state.gradient_step),
-                                 inner_opt_state=inner_opt_state, acc_grads=acc_grads)
+    if k > 1:
+      acc_grads, head_figures = jax.lax.scan(_accumulate(model, state.params, scale), opt_state.acc_grads,
+                                             jax.tree.map(lambda x: x[:-1], batch))
+    else:  # nothing accumulated: the state's accumulator is not read
+      acc_grads, head_figures = zeros, None
+    grads, figures = gradient(model, state.params, jax.tree.map(lambda x: x[-1], batch), scale)
+    if head_figures is not None:
+      figures = jax.tree.map(lambda h, f: jnp.concatenate([h.reshape(-1), f]), head_figures, figures)
+  last = opt_state._replace(mini_step=jnp.asarray(k - 1, opt_state.mini_step.dtype), acc_grads=acc_grads)
+  updates, opt_state = tx.update(grads, last, state.params)
   params = optax.apply_updates(state.params, updates)
-  return TrainState(params=params, opt_state=opt_state), _with_optimizer_figures(metrics, opt_state)
+  return (TrainState(params=params, opt_state=opt_state),
+          {**figures, "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)})
 
 
-def _gradient(model: Decoder, params, batch, loss_scale):
+def _accumulate(model: Decoder, params, scale):
+  """The scan body: one micro-batch's gradient added to the accumulator (MultiSteps' rule, its dtype)."""
+  def accumulate(acc, micro_batch):
+    grads, figures = gradient(model, params, micro_batch, scale)
+    return jax.tree.map(lambda g, a: (g + a).astype(a.dtype), grads, acc), figures
+  return accumulate
+
+
+def _local_sum(model: Decoder, params, batch, scale, acc_grads, axis: str):
+  """(sum of the gradients of all micro-batches, per-sequence figures flattened in global row order):
+  each replica along `axis` accumulates the gradients of its rows, then one psum adds the replicas'
+  sums. Manual over `axis` alone: the other mesh axes (fsdp, tensor) stay with the compiler."""
+  def local(params, batch, scale, acc_grads):
+    with sharding.rules_within(axis):
+      acc_grads, figures = jax.lax.scan(_accumulate(model, params, scale), acc_grads, batch)
+    return jax.lax.psum(acc_grads, axis), figures
+
+  summed, figures = jax.shard_map(
+      local, in_specs=(P(), P(None, axis), P(), P()), out_specs=(P(), P(None, axis)),
+      axis_names=frozenset({axis}), check_vma=False)(params, batch, scale, acc_grads)
+  # In the parameters' dtype, as MultiSteps hands the sum of micro-batch gradients to the inner optimizer.
+  return optax.tree.cast_like(summed, params), jax.tree.map(lambda f: f.reshape(-1), figures)
+
+
+def gradient(model: Decoder, params, batch, scale):
+  """(gradient of the micro-batch's loss sum x `scale`, per-sequence loss sums and token counts)."""
   def loss_fn(params):
     seq_loss_B, seq_tokens_B = sequence_losses(model, params, batch)
-    return jnp.sum(seq_loss_B) * loss_scale, (seq_loss_B, seq_tokens_B)
+    return jnp.sum(seq_loss_B) * scale, (seq_loss_B, seq_tokens_B)
 
   grads, (seq_loss_B, seq_tokens_B) = jax.grad(loss_fn, has_aux=True)(params)
   return grads, {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B}
-
-
-def _with_optimizer_figures(metrics, opt_state):
-  return {**metrics, "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)}
 
 
 def eval_step(params, batch, *, model: Decoder):

@@ -6,9 +6,12 @@ Measures the float32 and bfloat16 matmul peak of the machine (a 4096 x 4096 matm
 variant (float32 / bfloat16 compute; accumulation 1 / 4 at the same global batch; the minimal step) for
 --warmup + --steps optimizer steps, and prints one JSON line: per variant the median step time, tokens/s,
 MFU against the measured peak of its dtype, compile time and peak resident memory, and the ratios that
-show the framework's cost. The project path is `lm.train._loop` itself: the AOT-compiled sharded step
-with MultiSteps, the delayed metrics fetch, per-step logging, and an asynchronous orbax save in the middle
-of the timed steps. Only the eval function is a stub (eval time is not step time anyway).
+show the framework's cost. The project path is `lm.train.loop` itself: the AOT-compiled sharded step
+(one program per optimizer step, MultiSteps inside), the delayed metrics fetch, per-step logging, and an
+asynchronous orbax save in the middle of the timed steps. Only the eval function is a stub (eval time is
+not step time anyway). The host-loop path is the previous design, kept as a reference: k programs per
+optimizer step fed by the host (k - 1 that add a micro-batch's gradient to the accumulator, one that adds
+the last and updates), each step timed to its end. Runs without TensorFlow (then without TensorBoard).
 --device_only_rounds=N then replays each variant's compiled programs alone (no host work), the variants
 taking turns: the in-graph cost of the framework, robust to other load on the machine (the *_device_only
 ratios use the fastest replay). Numbers and their analysis: docs/performance.md.
@@ -16,6 +19,7 @@ ratios use the fastest replay). Numbers and their analysis: docs/performance.md.
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import random
@@ -38,10 +42,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from lm import checkpoint, data, metrics, sharding, train  # noqa: E402
+from lm import checkpoint, data, metrics, runtime, sharding, train, train_step  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
 from lm.model import Decoder  # noqa: E402
-from lm.optimizer import learning_rate_schedule  # noqa: E402
+from lm.optimizer import make_optimizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed optimizer steps per variant.")
@@ -62,7 +66,7 @@ MEAN_DOCUMENT_TOKENS = 600  # synthetic documents: a typical mix of whole and sp
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  path: str  # "project" (lm.train's loop) or "minimal" (a plain jax.jit step)
+  path: str  # "project" (lm.train's loop), "minimal" (a plain jax.jit step) or "hostloop" (k programs)
   dtype: str  # compute dtype
   accumulation: int  # micro-batches per optimizer step; the micro-batch shrinks to keep the global batch
   global_fraction: int = 1  # 4: a quarter of the global batch, to time one accumulation micro-step alone
@@ -75,10 +79,11 @@ VARIANTS = tuple(v for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")
     Variant(f"project_{short}_accum1", "project", dtype, 1),
     Variant(f"project_{short}_accum4", "project", dtype, 4),
     Variant(f"project_{short}_accum1_quarter", "project", dtype, 1, global_fraction=4),
+    Variant(f"hostloop_{short}_accum4", "hostloop", dtype, 4),
 ))
 # About 5 minutes for bench_60m on 2 idle cores: the accumulation comparison in float32 only.
 DEFAULT = ("minimal_f32", "project_f32_accum1", "project_f32_accum4", "project_f32_accum1_quarter",
-           "minimal_bf16", "project_bf16_accum1")
+           "hostloop_f32_accum4", "minimal_bf16", "project_bf16_accum1")
 
 
 def variant_config(config: Config, variant: Variant) -> Config:
@@ -136,60 +141,114 @@ def _stub_eval(params, batch):
 
 def run_project(config: Config, steps: int, warmup: int, workdir: str,
                 peak: float) -> tuple[dict, Callable[[], None]]:
-  """lm.train's loop on synthetic data, and a replay of its compiled programs. The step times are those
+  """lm.train's loop on synthetic data, and a replay of its compiled program. The step times are those
   the loop's StepTimer logs to metrics.jsonl."""
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  plan = train.BatchPlan(t.micro_batch_size, t.gradient_accumulation_steps,
-                         sharding.data_parallel_size(mesh), t.seq_len)
   # +1: the loop times a step from the end of the one before, so the first step is never timed.
   num_steps = 1 + warmup + steps
-  batches = data.TrainBatches(synthetic_sequences(config, 4 * plan.global_sequences), t.seed,
-                              plan.global_sequences)
   # One asynchronous save in the middle of the timed steps (its write overlaps them), one at the end.
-  t = dataclasses.replace(t, log_interval_steps=1, eval_interval_steps=num_steps,
+  t = dataclasses.replace(config.train, log_interval_steps=1, eval_interval_steps=num_steps,
                           save_interval_steps=max(1 + warmup + steps // 2, 1))
   config = dataclasses.replace(config, train=t)
-  with sharding.activate(mesh):
-    fns = train.build_step_functions(config, mesh, num_steps)
+  rt = runtime.setup(config)
+  batches = data.TrainBatches(synthetic_sequences(config, 4 * rt.plan.global_sequences), t.seed,
+                              rt.plan.global_sequences)
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
     state = fns.create_state()
     start = time.perf_counter()
     # Compiled ahead of time, so that the compile time is measured apart and no step carries it.
-    abstract_args = (fns.abstract_state, fns.abstract_micro_batch(plan.micro_rows, t.seq_len), np.float32(1.0))
-    step_fns = {name: getattr(fns, name).lower(*abstract_args).compile()
-                for name in ("step_fn", "accumulate_fn")}
+    compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
     compile_seconds = time.perf_counter() - start
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
-    flops = metrics.flops_per_token(config.model, t.seq_len).train * plan.global_sequences * t.seq_len
-    run = train.Run(config=config, workdir=workdir, mesh=mesh, plan=plan, batches=batches,
-                    eval_batches=[batches.get(0)], eval_fn=_stub_eval, manager=manager,
-                    lr_schedule=learning_rate_schedule(t, num_steps), num_train_steps=num_steps,
-                    flops_per_step=flops, peak_flops_per_device=peak, **step_fns)
-    train._loop(run, state)  # pylint: disable=protected-access
-    replay = _project_replay(fns.create_state, step_fns, batches.get(0), plan, mesh)
+    run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, batches=batches,
+                    eval_fn=_stub_eval, eval_batches=[batches.get(0)], manager=manager,
+                    num_train_steps=num_steps, peak_flops_per_device=peak,
+                    tensorboard=importlib.util.find_spec("clu") is not None)
+    train.loop(run, state)
+    replay = _project_replay(fns.create_state, compiled, batches.get(0), rt)
   logged = metrics.read_jsonl(workdir)
   seconds = [logged[s]["step_time"] for s in sorted(logged) if "step_time" in logged[s]]
   return {"compile_seconds": compile_seconds, "step_times": seconds[warmup:],
-          "xla_temp_mb": step_fns["step_fn"].memory_analysis().temp_size_in_bytes / 2**20}, replay
+          "xla_temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}, replay
 
 
-def _project_replay(create_state, step_fns: dict, global_batch: dict, plan, mesh) -> Callable[[], None]:
-  """One optimizer step of the compiled programs alone, inputs already on the device: no host work. The
-  state is made at the first call, so that it does not weigh on the memory of the variants after."""
-  micro_batches = [sharding.put_batch(m, mesh) for m in train.split_micro_batches(global_batch, plan)]
-  last = len(micro_batches) - 1
+def _project_replay(create_state, compiled, global_batch: dict, rt: runtime.Runtime) -> Callable[[], None]:
+  """One optimizer step of the compiled program alone, its input already on the device: no host work.
+  The state is made at the first call, so that it does not weigh on the memory of the variants after."""
+  batch = sharding.put_step_batch(data.micro_batches(global_batch, rt.plan), rt.mesh)
   holder = [None]
 
   def replay():
     if holder[0] is None:
-      with sharding.activate(mesh):
+      with sharding.activate(rt.mesh):
         holder[0] = create_state()
-    for i, micro in enumerate(micro_batches):
-      step_fn = step_fns["step_fn"] if i == last else step_fns["accumulate_fn"]
-      holder[0], _ = step_fn(holder[0], micro, np.float32(1e-4))
+    holder[0], _ = compiled(holder[0], batch)
     jax.block_until_ready(holder[0])
 
   return replay
+
+
+def host_loop_programs(rt: runtime.Runtime, tx) -> tuple[Callable, Callable]:
+  """The previous design's two programs, (accumulate, update), each (state, micro-batch, loss scale) ->
+  (state, figures): the gradient of one micro-batch added to MultiSteps' accumulator; and the last one's
+  gradient handed to MultiSteps at its last mini-step, which adds it, updates and restarts."""
+  def accumulate(state, micro, scale):
+    grads, figures = train_step.gradient(rt.model, state.params, micro, scale)
+    acc = jax.tree.map(lambda g, a: (g + a).astype(a.dtype), grads, state.opt_state.acc_grads)
+    opt_state = state.opt_state._replace(mini_step=state.opt_state.mini_step + 1, acc_grads=acc)
+    return state.replace(opt_state=opt_state), figures
+
+  def update(state, micro, scale):
+    grads, figures = train_step.gradient(rt.model, state.params, micro, scale)
+    last = state.opt_state._replace(mini_step=jnp.asarray(rt.plan.accumulation_steps - 1, jnp.int32))
+    updates, opt_state = tx.update(grads, last, state.params)
+    return train_step.TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state), figures
+
+  return tuple(jax.jit(f, donate_argnums=0) for f in (accumulate, update))
+
+
+def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callable[[], None]]:
+  """The previous design on the project's mesh: the host computes the loss scale, dispatches k programs
+  per optimizer step and fetches the step's figures at its end (each step timed to its end)."""
+  rt = runtime.setup(config)
+  t = config.train
+  batches = data.TrainBatches(synthetic_sequences(config, 4 * rt.plan.global_sequences), t.seed,
+                              rt.plan.global_sequences)
+  with sharding.activate(rt.mesh):
+    tx = make_optimizer(t, warmup + steps + 1)
+    fns = runtime.train_functions(rt, tx)
+    accumulate, update = host_loop_programs(rt, tx)
+    state = fns.create_state()
+
+    def on_device(global_batch):
+      micro = data.micro_batches(global_batch, rt.plan)
+      return ([sharding.put_batch({k: v[i] for k, v in micro.items()}, rt.mesh) for i in range(len(micro["tokens"]))],
+              np.float32(1.0 / max(data.loss_mask(global_batch["segment_ids"]).sum(), 1)))
+
+    def programs(state, micro_batches, scale):
+      for i, micro in enumerate(micro_batches):
+        state, figures = (update if i == len(micro_batches) - 1 else accumulate)(state, micro, scale)
+      return state, figures
+
+    def one_step(state, global_batch):
+      return programs(state, *on_device(global_batch))
+
+    start = time.perf_counter()
+    state, figures = one_step(state, batches.get(0))  # compiles both programs
+    jax.block_until_ready(figures)
+    compile_seconds, seconds = time.perf_counter() - start, []
+    for s in range(1, warmup + steps + 1):
+      start = time.perf_counter()
+      state, figures = one_step(state, batches.get(s))
+      jax.device_get(figures)
+      seconds.append(time.perf_counter() - start)
+    holder, first = [state], on_device(batches.get(0))
+
+    def replay():
+      holder[0], figures = programs(holder[0], *first)
+      jax.block_until_ready(figures)
+
+  return {"compile_seconds": compile_seconds, "step_times": seconds[warmup:], "xla_temp_mb": None}, replay
 
 
 def minimal_step(config: Config):
@@ -255,6 +314,8 @@ def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dic
   rss_before = rss.reset()
   if variant.path == "minimal":
     result, replay = run_minimal(cfg, steps, warmup)
+  elif variant.path == "hostloop":
+    result, replay = run_host_loop(cfg, steps, warmup)
   else:
     with tempfile.TemporaryDirectory() as workdir:
       result, replay = run_project(cfg, steps, warmup, workdir, peak[variant.dtype] / len(jax.devices()))
@@ -289,12 +350,14 @@ def replay_interleaved(replays: dict[str, Callable[[], None]], rounds: int) -> d
 
 
 def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str = "") -> dict[str, float]:
-  """The targets: project / minimal step time (<= 1 wanted) and the cost of accumulating 4 micro-steps
-  against 4 single steps of the same micro-batch (< 1.05 wanted)."""
+  """The targets: project / minimal step time (<= 1 wanted), the cost of accumulating 4 micro-steps
+  against 4 single steps of the same micro-batch (< 1.05 wanted), and the one-program step against the
+  previous host loop at accumulation 4 (<= 1 wanted)."""
   out = {}
   for short in ("f32", "bf16"):
     names = {"minimal": f"minimal_{short}", "accum1": f"project_{short}_accum1",
-             "accum4": f"project_{short}_accum4", "quarter": f"project_{short}_accum1_quarter"}
+             "accum4": f"project_{short}_accum4", "quarter": f"project_{short}_accum1_quarter",
+             "hostloop": f"hostloop_{short}_accum4"}
     time_of = {k: results[name][key] for k, name in names.items() if key in results.get(name, {})}
     if {"minimal", "accum1"} <= set(time_of):
       out[f"project_over_minimal_{short}{suffix}"] = time_of["accum1"] / time_of["minimal"]
@@ -302,6 +365,8 @@ def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str 
       out[f"accum4_over_accum1_{short}{suffix}"] = time_of["accum4"] / time_of["accum1"]
     if {"accum4", "quarter"} <= set(time_of):
       out[f"accum4_over_4_quarter_steps_{short}{suffix}"] = time_of["accum4"] / (4 * time_of["quarter"])
+    if {"accum4", "hostloop"} <= set(time_of):
+      out[f"accum4_over_hostloop_accum4_{short}{suffix}"] = time_of["accum4"] / time_of["hostloop"]
   return out
 
 

@@ -3,8 +3,8 @@
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --device_kind=h100
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --memory_table=16,24,40,80,141
 
-The train micro-step of `lm.train.build_step_functions` is compiled for a mesh of --devices simulated CPU
-devices (a -1 mesh axis resolves against them). Printed per device: parameter, optimizer-state and
+The train step of `lm.runtime.train_functions` (one optimizer step: every micro-batch and the update) is
+compiled for a mesh of --devices simulated CPU devices (a -1 mesh axis resolves against them). Printed per device: parameter, optimizer-state and
 accumulator bytes (from the state's shardings), temporary bytes (XLA's memory analysis of the compiled
 step: activations, gradients, the logits), their total against the device's memory; then FLOPs per
 optimizer step and the step time and tokens/s they imply at --mfu. When the step does not fit, smaller
@@ -50,10 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from lm import metrics, sharding, train  # noqa: E402
+from lm import metrics, runtime, sharding  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
+from lm.optimizer import make_optimizer  # noqa: E402
 
 GB = 1e9  # decimal, as vendors quote memory; conservative against the GiB devices have
 
@@ -76,13 +76,13 @@ _MEMORY_TABLE = flags.DEFINE_list("memory_table", [], "Memory sizes in GB: print
 _MIN_MICRO_TOKENS = flags.DEFINE_integer(
     "min_micro_tokens", 4096, "--memory_table suggests micro-steps of at least this many tokens per device "
     "when one fits: the costs of a micro-step that do not shrink with it (FSDP's parameter all-gathers and "
-    "gradient reduce-scatter, MultiSteps' optimizer pass) outweigh a few percent of recomputation below.")
+    "gradient reduce-scatter) outweigh a few percent of recomputation below.")
 flags.mark_flags_as_required(["config"])
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-  """Per-device bytes of one compiled train micro-step."""
+  """Per-device bytes of one compiled train step (one optimizer step)."""
   config: Config
   mesh_shape: dict[str, int]
   params: int
@@ -131,17 +131,13 @@ def with_changes(config: Config, micro_batch_size: int | None = None, remat: str
 
 
 def compile_step(config: Config, num_devices: int):
-  """(compiled train micro-step, its StepFunctions, mesh, seconds to lower and compile)."""
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
-  sharding.check_divisible(config.model, dict(mesh.shape))
-  t = config.train
+  """(compiled train step, its TrainFunctions, mesh, seconds to set up, lower and compile)."""
   start = time.perf_counter()
-  with sharding.activate(mesh):
-    fns = train.build_step_functions(config, mesh, max(t.num_train_steps, 1))
-    rows = t.micro_batch_size * sharding.data_parallel_size(mesh)
-    compiled = fns.step_fn.lower(fns.abstract_state, fns.abstract_micro_batch(rows, t.seq_len),
-                                 np.float32(1.0)).compile()
-  return compiled, fns, mesh, time.perf_counter() - start
+  rt = runtime.setup(config, jax.devices()[:num_devices])
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(config.train, max(config.train.num_train_steps, 1)))
+    compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
+  return compiled, fns, rt.mesh, time.perf_counter() - start
 
 
 def estimate(config: Config, num_devices: int) -> Estimate:
@@ -158,10 +154,11 @@ def estimate(config: Config, num_devices: int) -> Estimate:
 
 
 def flops_of(est: Estimate, num_devices: int) -> metrics.StepFlops:
-  """Model FLOPs (analytic) and hardware FLOPs (XLA, every layer: see metrics.hardware_flops_per_device)."""
-  unrolled = lambda n: compile_step(with_changes(est.config, num_layers=n, scan_layers=False), num_devices)[0]
+  """Model FLOPs (analytic) and hardware FLOPs (XLA, every layer and micro-batch: see
+  metrics.hardware_flops_per_device)."""
   data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
-  return metrics.step_flops(est.compiled, est.config, num_devices, data_parallel, unrolled)
+  compile_variant = lambda cfg: est.compiled if cfg == est.config else compile_step(cfg, num_devices)[0]
+  return metrics.step_flops(est.config, num_devices, data_parallel, compile_variant)
 
 
 class Estimator:

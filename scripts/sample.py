@@ -39,13 +39,13 @@ def main(argv):
   import jax  # after absl has parsed the flags (XLA_FLAGS may be set by the caller)
   import numpy as np
 
-  from lm import data, evaluate, sampling
+  from lm import corpus, evaluate, sampling
   from lm.model import Decoder
 
   try:
     config = from_config_dict(_CONFIG.value)
     sampler = sampling.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    tokenizer = data.load_tokenizer(config.data, config.model.vocab_size)
+    tokenizer = corpus.load_tokenizer(config.data, config.model.vocab_size)
     prompt = [tokenizer.bos_id, *tokenizer.encode(_PROMPT.value)]
     if len(prompt) + _MAX_TOKENS.value > config.model.max_seq_len:
       raise ConfigError(f"The prompt ({len(prompt)} tokens) + --max_tokens={_MAX_TOKENS.value} is over "

@@ -1,4 +1,4 @@
-"""Tests for lm/data.py on tiny corpora written into tmp dirs."""
+"""Tests for lm/data.py and lm/corpus.py on tiny corpora written into tmp dirs."""
 
 import dataclasses
 import os
@@ -13,6 +13,7 @@ import sentencepiece as spm
 
 from configs import base
 from lm import config as config_lib
+from lm import corpus as lm_corpus
 from lm import data
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -40,7 +41,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-  return data.load_tokenizer(corpus, VOCAB)
+  return lm_corpus.load_tokenizer(corpus, VOCAB)
 
 
 def write_files(directory, contents: dict[str, str]):
@@ -54,7 +55,7 @@ def write_files(directory, contents: dict[str, str]):
 
 
 def test_byte_tokenizer_round_trip_and_ids():
-  tok = data.load_tokenizer(base_data_config(tokenizer="byte"), 300)
+  tok = lm_corpus.load_tokenizer(base_data_config(tokenizer="byte"), 300)
   text = "héllo\n\tworld ✓  "
   ids = tok.encode(text)
   assert tok.pad_id == data.PAD_ID == 0 and (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 259)
@@ -64,7 +65,7 @@ def test_byte_tokenizer_round_trip_and_ids():
 
 def test_byte_tokenizer_rejects_small_model_vocab():
   with pytest.raises(config_lib.ConfigError, match="config.model.vocab_size"):
-    data.load_tokenizer(base_data_config(tokenizer="byte"), 258)
+    lm_corpus.load_tokenizer(base_data_config(tokenizer="byte"), 258)
 
 
 def test_sentencepiece_round_trips_python_source(corpus, tokenizer):
@@ -81,29 +82,29 @@ def test_sentencepiece_round_trips_python_source(corpus, tokenizer):
 def test_sentencepiece_model_is_cached(corpus, tokenizer, monkeypatch):
   path = tokenizer.describe().split("(")[1].rstrip(")")
   mtime = os.path.getmtime(path)
-  monkeypatch.setattr(data, "_train_sentencepiece", lambda *a: pytest.fail("retrained the tokenizer"))
-  again = data.load_tokenizer(corpus, VOCAB)
+  monkeypatch.setattr(lm_corpus, "_train_sentencepiece", lambda *a: pytest.fail("retrained the tokenizer"))
+  again = lm_corpus.load_tokenizer(corpus, VOCAB)
   assert again.fingerprint == tokenizer.fingerprint and os.path.getmtime(path) == mtime
   assert not [name for name in os.listdir(os.path.dirname(path)) if name.endswith(".tmp")]
 
 
 def test_tokenizer_path_errors(corpus, tokenizer, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="config.data.tokenizer_path.*missing.model"):
-    data.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "missing.model")), VOCAB)
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "missing.model")), VOCAB)
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(config_lib.ConfigError, match="not a SentencePiece model"):
-    data.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "junk.model")), VOCAB)
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "junk.model")), VOCAB)
   trained = tokenizer.describe().split("(")[1].rstrip(")")
   with pytest.raises(config_lib.ConfigError, match=f"{VOCAB} pieces.*vocab_size = 300; raise"):
-    data.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 300)
-  assert data.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), VOCAB).vocab_size == VOCAB
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 300)
+  assert lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), VOCAB).vocab_size == VOCAB
   # More embedding rows than pieces: an imported model's rows that no text token uses (Gemma3 4B).
-  assert data.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 1000).vocab_size == VOCAB
+  assert lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 1000).vocab_size == VOCAB
 
 
 def test_failed_training_leaves_no_file(corpus):
   with pytest.raises(config_lib.ConfigError, match="config.model.vocab_size = 50000.*too high"):
-    data.load_tokenizer(corpus, 50_000)
+    lm_corpus.load_tokenizer(corpus, 50_000)
   cache = os.path.join(corpus.data_dir, "lm_cache")
   assert not [name for name in os.listdir(cache) if "50000" in name or name.endswith(".tmp")]
 
@@ -115,14 +116,14 @@ def test_tokenizer_path_with_nonzero_pad_is_rejected(tmp_path):
                                  model_prefix=str(model), minloglevel=2)  # default pad_id is -1
   cfg = base_data_config(tokenizer_path=f"{model}.model")
   with pytest.raises(config_lib.ConfigError, match="pad id -1"):
-    data.load_tokenizer(cfg, 200)
+    lm_corpus.load_tokenizer(cfg, 200)
 
 
 # --- documents and splits --------------------------------------------------------------------------
 
 
 def documents(cfg, split):
-  return list(data._documents(cfg, data._builder(cfg), split))
+  return list(lm_corpus._documents(cfg, lm_corpus._builder(cfg), split))
 
 
 def test_splits_are_disjoint_and_cover_the_files(corpus):
@@ -136,48 +137,48 @@ def test_splits_are_disjoint_and_cover_the_files(corpus):
 
 def test_validation_assignment_is_stable_and_proportional():
   paths = [f"/corpus/dir{i % 7}/file{i}.py" for i in range(400)]
-  chosen = data._validation_files(paths, 0.25)
+  chosen = lm_corpus._validation_files(paths, 0.25)
   assert 60 < len(chosen) < 140
   shuffled = random.Random(0).sample(paths, len(paths))
-  assert sorted(data._validation_files(shuffled, 0.25)) == sorted(chosen)
+  assert sorted(lm_corpus._validation_files(shuffled, 0.25)) == sorted(chosen)
   # a file's assignment depends only on its own path, not on the others
-  assert set(data._validation_files(paths[:200], 0.25)) == set(chosen) & set(paths[:200])
-  assert len(data._validation_files(paths[:3], 0.001)) == 1  # never an empty validation split
-  assert len(data._validation_files(paths[:3], 0.999)) == 2  # nor an empty train split
+  assert set(lm_corpus._validation_files(paths[:200], 0.25)) == set(chosen) & set(paths[:200])
+  assert len(lm_corpus._validation_files(paths[:3], 0.001)) == 1  # never an empty validation split
+  assert len(lm_corpus._validation_files(paths[:3], 0.999)) == 2  # nor an empty train split
 
 
 def test_changed_files_get_a_new_prepared_dataset(tmp_path):
   write_files(tmp_path / "src", {"a.txt": "alpha " * 50, "sub/b.txt": "beta " * 50})
   cfg = base_data_config(text_files=str(tmp_path / "src" / "**" / "*.txt"), data_dir=str(tmp_path / "d"),
                          tokenizer="byte")
-  before = data._builder(cfg).info.full_name
-  assert data._builder(cfg).info.full_name == before
+  before = lm_corpus._builder(cfg).info.full_name
+  assert lm_corpus._builder(cfg).info.full_name == before
   with open(tmp_path / "src" / "a.txt", "a") as f:
     f.write("gamma")
-  assert data._builder(cfg).info.full_name != before
+  assert lm_corpus._builder(cfg).info.full_name != before
 
 
 def test_local_text_errors(tmp_path):
   cfg = base_data_config(text_files=str(tmp_path / "none" / "*.txt"), data_dir=str(tmp_path / "d"))
   with pytest.raises(config_lib.ConfigError, match="config.data.text_files.*0 file"):
-    data.load_tokenizer(cfg, VOCAB)
+    lm_corpus.load_tokenizer(cfg, VOCAB)
   write_files(tmp_path / "empty", {"a.txt": "", "b.txt": ""})
   cfg = dataclasses.replace(cfg, text_files=str(tmp_path / "empty" / "*.txt"), tokenizer="byte")
   with pytest.raises(config_lib.ConfigError, match="config.data.text_files.*empty"):
-    data.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
+    lm_corpus.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
 
 
 def test_unknown_tfds_dataset(tmp_path):
   cfg = base_data_config(dataset="no_such_dataset_xyz", data_dir=str(tmp_path), tokenizer="byte")
   with pytest.raises(config_lib.ConfigError, match="config.data.dataset = 'no_such_dataset_xyz'"):
-    data.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
+    lm_corpus.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
 
 
 def test_unknown_split_and_too_little_text(corpus):
   with pytest.raises(config_lib.ConfigError, match="config.data.eval_split = 'test'"):
-    data.load_split(dataclasses.replace(corpus, eval_split="test"), data.ByteTokenizer(), SEQ_LEN, "eval")
+    lm_corpus.load_split(dataclasses.replace(corpus, eval_split="test"), data.ByteTokenizer(), SEQ_LEN, "eval")
   with pytest.raises(config_lib.ConfigError, match="fewer than seq_len = 1000000"):
-    data.load_split(corpus, data.ByteTokenizer(), 1_000_000, "eval")
+    lm_corpus.load_split(corpus, data.ByteTokenizer(), 1_000_000, "eval")
 
 
 # --- packing ---------------------------------------------------------------------------------------
@@ -193,8 +194,8 @@ def test_pack_small_example():
 
 
 def test_load_split_packing_invariants(corpus, tokenizer):
-  packed = data.load_split(corpus, tokenizer, SEQ_LEN, "train")
-  stream = data._token_stream(tokenizer, documents(corpus, "train"))
+  packed = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "train")
+  stream = lm_corpus._token_stream(tokenizer, documents(corpus, "train"))
   assert packed.tokens.shape == (len(stream) // SEQ_LEN, SEQ_LEN) == packed.positions.shape
   assert all(a.dtype == np.int32 for a in (packed.tokens, packed.segment_ids, packed.positions))
   non_pad = np.asarray(packed.tokens)[np.asarray(packed.segment_ids) != 0]
@@ -209,12 +210,12 @@ def test_load_split_packing_invariants(corpus, tokenizer):
 
 
 def test_load_split_reads_the_cache(corpus, tokenizer, monkeypatch):
-  first = data.load_split(corpus, tokenizer, SEQ_LEN, "eval")
-  monkeypatch.setattr(data, "_token_stream", lambda *a: pytest.fail("re-tokenized a cached split"))
-  second = data.load_split(corpus, tokenizer, SEQ_LEN, "eval")
+  first = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "eval")
+  monkeypatch.setattr(lm_corpus, "_token_stream", lambda *a: pytest.fail("re-tokenized a cached split"))
+  second = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "eval")
   assert isinstance(second.tokens, np.memmap)
   np.testing.assert_array_equal(first.tokens, second.tokens)
-  train = data.load_split(corpus, tokenizer, SEQ_LEN, "train")
+  train = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "train")
   assert train.tokens.shape != second.tokens.shape or (train.tokens != second.tokens).any()
 
 

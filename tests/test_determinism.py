@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lm import checkpoint, metrics, sharding
-from lm.train import BatchPlan, split_micro_batches, train_and_evaluate
+from lm.data import BatchPlan, micro_batches
+from lm.train import train_and_evaluate
 from tests.helpers import base_config, mesh_config
 from tests.test_train import corpus  # noqa: F401 (a fixture)
 
@@ -36,11 +37,12 @@ def test_every_split_feeds_the_same_global_batch_to_the_devices():
     mesh = sharding.make_mesh(mesh_config(data=-1, fsdp=1, tensor=1), jax.devices()[:num_devices])
     plan = BatchPlan(micro_batch_size, accumulation, sharding.data_parallel_size(mesh), SEQ_LEN)
     seen = []  # rows in the order (micro-step, device)
-    for micro in split_micro_batches(global_batch, plan):
-      array = sharding.put_batch(micro, mesh)["tokens"]
-      shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-      assert [s.data.shape[0] for s in shards] == [micro_batch_size] * num_devices
-      seen.extend(np.asarray(s.data) for s in shards)
+    array = sharding.put_step_batch(micro_batches(global_batch, plan), mesh)["tokens"]
+    assert array.shape == (accumulation, micro_batch_size * num_devices, SEQ_LEN)
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[1].start or 0)
+    assert [s.data.shape for s in shards] == [(accumulation, micro_batch_size, SEQ_LEN)] * num_devices
+    for i in range(accumulation):
+      seen.extend(np.asarray(s.data[i]) for s in shards)
     np.testing.assert_array_equal(np.concatenate(seen), global_batch["tokens"])
 
 

@@ -12,9 +12,10 @@ import time
 import jax
 import pytest
 
-from lm import checkpoint, console, evaluate, metrics, sharding, train
+from lm import checkpoint, console, evaluate, metrics, runtime, sharding
 from lm.config import Config, ConfigError, from_config_dict, to_dict
 from lm.errors import TrainingError
+from lm.optimizer import make_optimizer
 from tests.test_train import MAIN_ENV, ROOT, main_command
 
 TEXT = "0123456789abcdefghijklmnopqrstuvwxyz\n" * 400  # each character decides the next one
@@ -84,10 +85,10 @@ def test_eval_on_eight_devices_of_a_checkpoint_written_on_one(trained, tmp_path)
   config_of8 = config_of(command, data=2, fsdp=2, tensor=2)
   # A one-device checkpoint: the trained params restored onto one device and saved from there.
   reference = evaluate.run(one, str(root / "run"), step=12, devices=jax.devices()[:1])[12]
-  mesh = sharding.make_mesh(one.mesh, jax.devices()[:1])
-  with sharding.activate(mesh):
-    fns = train.build_step_functions(one, mesh, STEPS)
-    params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), fns.abstract_state.params,
+  rt = runtime.setup(one, jax.devices()[:1])
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(one.train, STEPS))
+    params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), rt.abstract_params,
                                    to_dict(one)["model"]).at(12)
     state = fns.create_state().replace(params=params)
     manager = checkpoint.make_manager(str(tmp_path / "one" / "checkpoints"), one.train)

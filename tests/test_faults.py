@@ -6,6 +6,7 @@ without touching the checkpoints of an earlier run.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -137,12 +138,13 @@ def test_nan_stops_with_the_step_and_saves_nothing_bad(tmp_path, corpus):
 
 
 def test_nonfinite_updates_are_skipped_and_counted_when_asked():
-  from tests.test_train_step import _batch, _init, _train_cfg, loop_steps
+  from tests.test_train_step import _batch, _init, _train_cfg, micro_batches
   from tests.helpers import tiny_model
   from lm.model import Decoder
+  from lm.train_step import train_step
   model = Decoder(tiny_model())
   tx = make_optimizer(dataclasses.replace(_train_cfg(2), skip_nonfinite_updates=True), 10)
-  step = loop_steps(model, tx, 2)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
   state = _init(model, tx)
   poisoned = state.params["embedding"].at[7].set(jnp.inf)  # any batch holding token 7 goes non-finite
   state = state.replace(params={**state.params, "embedding": poisoned})
@@ -152,9 +154,7 @@ def test_nonfinite_updates_are_skipped_and_counted_when_asked():
   bad["tokens"][1, 2] = 7
 
   def optimizer_step(state, batch):
-    for i in range(2):
-      state, m = step(state, {k: v[2 * i:2 * i + 2] for k, v in batch.items()}, np.float32(0.01), i)
-    return state, m
+    return step(state, micro_batches(batch, 2))
 
   before = state.params["lm_head"]
   state, m = optimizer_step(state, bad)

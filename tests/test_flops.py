@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm import metrics, sharding
-from lm.train import build_step_functions
+from lm import metrics, runtime, sharding
+from lm.optimizer import make_optimizer
 from tests.helpers import base_config
 
 SEQ_LEN = 128
@@ -29,19 +29,15 @@ def config(rows: int = 8, accumulation: int = 1, **model):
 
 @functools.cache  # configs are frozen dataclasses: the tests share compiles
 def compile_step(cfg, num_devices: int = 1):
-  devices = jax.devices()[:num_devices]
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  with sharding.activate(mesh):
-    fns = build_step_functions(cfg, mesh, 10)
-    rows = cfg.train.micro_batch_size * sharding.data_parallel_size(mesh)
-    return fns.step_fn.lower(fns.abstract_state, fns.abstract_micro_batch(rows, cfg.train.seq_len),
-                             np.float32(1.0)).compile()
+  rt = runtime.setup(cfg, jax.devices()[:num_devices])
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(cfg.train, 10))
+    return fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
 
 
-def unrolled(cfg, num_devices: int = 1):
-  """n -> the step compiled with n unscanned layers: what hardware_flops_per_device extrapolates from."""
-  return lambda n: compile_step(dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, num_layers=n, scan_layers=False)), num_devices)
+def variants(num_devices: int = 1):
+  """config -> its step compiled: what hardware_flops_per_device extrapolates from."""
+  return lambda cfg: compile_step(cfg, num_devices)
 
 
 @pytest.fixture(scope="module")
@@ -66,38 +62,42 @@ def test_sharded_step_counts_one_device_share(plain):
   cfg, compiled = plain
   sharded = compile_step(cfg, num_devices=8)  # 8 rows on each of 8 devices
   assert metrics.xla_flops(sharded) == pytest.approx(metrics.xla_flops(compiled), rel=0.01)
-  flops = metrics.step_flops(sharded, cfg, num_devices=8, data_parallel=8)
+  flops = metrics.step_flops(cfg, num_devices=8, data_parallel=8, compile_variant=variants(8))
   assert flops.hardware == pytest.approx(8 * metrics.xla_flops(compiled), rel=0.01)
   assert flops.model == metrics.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
 
 
-def test_accumulation_counts_every_micro_step(plain):
-  cfg, compiled = plain
-  accumulating = config(accumulation=4)
-  flops = metrics.step_flops(compile_step(accumulating), accumulating, num_devices=1, data_parallel=1)
-  # step_flops counts the compiled last micro-step (optimizer included) once per micro-step; the loop's
-  # earlier micro-steps only accumulate (an overcount of k - 1 optimizer updates, see lm/metrics.py).
-  assert flops.hardware == pytest.approx(4 * metrics.xla_flops(compiled), rel=1e-3)
-  assert flops.model == 4 * metrics.step_flops(compiled, cfg, 1, 1).model
+def test_accumulation_counts_every_micro_batch_and_one_update():
+  # One sequence per micro-batch, so that the optimizer (about 10 FLOPs per parameter, once per step)
+  # is a visible part of a micro-step's 6 x 128 FLOPs per parameter.
+  single, accumulating = config(rows=1), config(rows=1, accumulation=4)
+  one = metrics.step_flops(single, 1, 1, variants())
+  four = metrics.step_flops(accumulating, 1, 1, variants())
+  # XLA counts the scan over the first 3 micro-batches once: the program alone undercounts.
+  assert metrics.xla_flops(compile_step(accumulating)) < 0.8 * four.hardware
+  # 4 gradients and 1 update: less than 4 whole single-micro-batch steps, by 3 optimizer updates.
+  update = 4 * one.hardware - four.hardware
+  params = sum(np.prod(x.shape) for x in jax.tree.leaves(runtime.setup(single, jax.devices()[:1]).abstract_params))
+  assert 5 * params < update / 3 < 30 * params, (update / 3, params)
+  assert four.model == 4 * one.model
 
 
 def test_scanned_layers_are_extrapolated_from_unrolled_ones():
   scanned = config(num_layers=3, scan_layers=True)  # unrolled, 2 layers of it is the `plain` step
   compiled = compile_step(scanned)
-  three = metrics.xla_flops(unrolled(scanned)(3))
+  three = metrics.xla_flops(compile_step(dataclasses.replace(scanned, model=dataclasses.replace(
+      scanned.model, scan_layers=False))))
   # XLA counts the scan's body once: the scanned step alone misses two of the three layers.
   assert metrics.xla_flops(compiled) < 0.6 * three
-  hardware = metrics.hardware_flops_per_device(compiled, scanned.model, unrolled(scanned))
+  hardware = metrics.hardware_flops_per_device(scanned, variants())
   assert hardware == pytest.approx(three, rel=1e-4)
-  with pytest.raises(ValueError, match="compile_unrolled"):
-    metrics.hardware_flops_per_device(compiled, scanned.model)
 
 
 def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
   cfg, compiled = plain
   remat = config(remat="full")
-  flops = metrics.step_flops(compile_step(remat), remat, 1, 1)
-  assert flops.model == metrics.step_flops(compiled, cfg, 1, 1).model
+  flops = metrics.step_flops(remat, 1, 1, variants())
+  assert flops.model == metrics.step_flops(cfg, 1, 1, variants()).model
   # The backward pass recomputes most of each layer's forward: the layers are about 2/3 of the FLOPs
   # here, the forward a third of them, minus what the backward does not need again.
   assert 1.15 < flops.hardware / flops.model < 1.35

@@ -30,13 +30,12 @@ def test_cached_logits_equal_the_full_forward(overrides):
   tokens_BxL = jax.random.randint(jax.random.key(1), (2, 10), 3, 64)
   positions_BxL = jnp.broadcast_to(jnp.arange(10), tokens_BxL.shape)
   ones = jnp.ones_like(tokens_BxL)
-  apply = jax.jit(model.apply)
-  full = apply({"params": params}, tokens_BxL, ones, positions_BxL)
+  full = jax.jit(model.apply)({"params": params}, tokens_BxL, ones, positions_BxL)
+  decode = jax.jit(functools.partial(model.apply, method=Decoder.decode))
   cache = KVCache.zeros(model.cfg, 2, 16)
   parts = []
   for start, stop in ((0, 6), (6, 7), (7, 10)):  # a prefill, one token, three tokens
-    logits, cache = apply({"params": params}, tokens_BxL[:, start:stop], ones[:, start:stop],
-                          positions_BxL[:, start:stop], cache)
+    logits, cache = decode({"params": params}, tokens_BxL[:, start:stop], positions_BxL[:, start:stop], cache)
     parts.append(logits)
   assert int(cache.index) == 10
   np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)

@@ -6,13 +6,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
 from lm import data, sharding
 from lm.model import Decoder
-from lm.optimizer import make_optimizer
-from lm.train_step import TrainState, accumulate_step, train_step, update_step
+from lm.optimizer import grad_norm, make_optimizer, record_grad_norm, skipped_updates
+from lm.train_step import TrainState, gradient, train_step
 from tests.helpers import base_config, mesh_config, tiny_model
 
 L = 16
@@ -45,33 +46,41 @@ def _init(model, tx):
   return TrainState(params=params, opt_state=tx.init(params))
 
 
-def loop_steps(model, tx, k):
-  """The loop's micro-steps (as lm.train runs them): `step(state, batch, scale, i)` for micro-step i."""
-  accumulate = jax.jit(functools.partial(accumulate_step, model=model))
-  update = jax.jit(functools.partial(update_step, model=model, tx=tx, accumulation_steps=k))
-  return lambda state, batch, scale, i: (update if i == k - 1 else accumulate)(state, batch, scale)
+def multisteps_micro_step(state: TrainState, batch, scale, *, model, tx):
+  """The specification of `train_step`: one micro-step as `optax.MultiSteps` defines it, the gradient of
+  one micro-batch accumulated, and every k-th call the update. `train_step` must leave exactly the state
+  and figures that k of these leave."""
+  grads, figures = gradient(model, state.params, batch, scale)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(params=params, opt_state=opt_state), {
+      **figures, "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)}
+
+
+def micro_batches(batch, k):
+  """The global batch [k x rows, L] as the train step takes it: [k, rows, L]."""
+  return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in batch.items()}
 
 
 def _run(model, k, batch, steps=1, per_micro_mean=False):
   """`steps` optimizer steps on the same global batch, split into k micro-batches.
 
-  per_micro_mean: the common mistake, each micro-batch's mean loss averaged over micro-batches.
+  per_micro_mean: the common mistake, each micro-batch's mean loss averaged over micro-batches (through
+  the MultiSteps micro-steps, since the one-program step cannot make it).
   """
   tx = make_optimizer(_train_cfg(k), 10)
-  step = loop_steps(model, tx, k)
   state = _init(model, tx)
   scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
-  rows = len(batch["tokens"]) // k
-  micro = [{n: v[i * rows:(i + 1) * rows] for n, v in batch.items()} for i in range(k)]
   losses = []
+  if per_micro_mean:
+    micro_step = jax.jit(functools.partial(multisteps_micro_step, model=model, tx=tx))
+    for m_batch in (dict(zip(batch, v)) for v in zip(*micro_batches(batch, k).values())):
+      state, _ = micro_step(state, m_batch, np.float32(1.0 / (k * data.loss_mask(m_batch["segment_ids"]).sum())))
+    return state, None
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
   for _ in range(steps):
-    total = 0.0
-    for i, m_batch in enumerate(micro):
-      if per_micro_mean:
-        scale_i = np.float32(1.0 / (k * data.loss_mask(m_batch["segment_ids"]).sum()))
-      state, m = step(state, m_batch, scale_i if per_micro_mean else scale, i)
-      total += float(m["sequence_loss"].sum())
-    losses.append(total * scale)
+    state, m = step(state, micro_batches(batch, k))
+    losses.append(float(m["sequence_loss"].sum()) * scale)
   return state, losses
 
 
@@ -104,11 +113,13 @@ def test_accumulation_equals_one_large_batch_with_unequal_token_counts():
 
 
 def test_micro_steps_do_not_update_params_until_the_kth():
+  """What the specification (MultiSteps' micro-steps) does, checked, so that comparing with it means
+  something."""
   model = Decoder(tiny_model())
   tx = make_optimizer(_train_cfg(3), 10)
   state = _init(model, tx)
   batch = _batch(3)
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(multisteps_micro_step, model=model, tx=tx))
   params0 = state.params
   for i in range(3):
     state, _ = step(state, {n: v[i:i + 1] for n, v in batch.items()}, np.float32(0.01))
@@ -145,13 +156,10 @@ def test_sharded_equals_unsharded():
   state = _init(model, tx)
   state = state.replace(params=jax.device_put(state.params, param_sharding))
   with sharding.activate(mesh):
-    step = loop_steps(model, tx, 2)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx))
     scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
-    total = 0.0
-    for i in range(2):
-      micro = sharding.put_batch({n: v[i * 4:(i + 1) * 4] for n, v in batch.items()}, mesh)
-      state, m = step(state, micro, scale, i)
-      total += float(m["sequence_loss"].sum())
+    state, m = step(state, sharding.put_step_batch(micro_batches(batch, 2), mesh))
+    total = float(m["sequence_loss"].sum())
   assert state.params["layers"]["mlp"]["gate_proj"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", "tensor")
   assert abs(total * scale - plain_loss[0]) < 1e-6 * plain_loss[0]
@@ -159,32 +167,103 @@ def test_sharded_equals_unsharded():
 
 
 def _assert_same(a, b):
-  """Same values (NaN equal to NaN; -0.0 equal to 0.0) and the same dtype."""
-  np.testing.assert_array_equal(a, b)
+  """Same bits (NaN equal to NaN of the same payload; -0.0 not equal to 0.0) and the same dtype."""
+  a, b = np.asarray(a), np.asarray(b)
   assert a.dtype == b.dtype, (a.dtype, b.dtype)
+  np.testing.assert_array_equal(a.view(f"u{a.dtype.itemsize}") if a.dtype.kind == "f" else a,
+                                b.view(f"u{b.dtype.itemsize}") if b.dtype.kind == "f" else b)
 
 
 @pytest.mark.parametrize("k,skip_nonfinite", [(3, False), (3, True), (1, False)])
-def test_loop_steps_are_bitwise_the_multisteps_micro_steps(k, skip_nonfinite):
-  """The loop runs `accumulate_step` for all micro-steps but the last and `update_step` for the last: they
-  must leave exactly the state (accumulator, counters, params, optimizer state) and figures that
-  MultiSteps' own micro-steps leave, dtypes included (the restarted accumulator may differ in the sign of
-  zero: MultiSteps multiplies it by 0)."""
+def test_train_step_is_bitwise_the_multisteps_micro_steps(k, skip_nonfinite):
+  """One program per optimizer step must leave exactly the state (accumulator, counters, params,
+  optimizer state) and figures that MultiSteps' own k micro-steps leave, dtypes included."""
   model = Decoder(tiny_model())
   cfg = dataclasses.replace(_train_cfg(k), skip_nonfinite_updates=skip_nonfinite)
   tx = make_optimizer(cfg, 10)
-  full = jax.jit(functools.partial(train_step, model=model, tx=tx))
-  fast = loop_steps(model, tx, k)
+  micro_step = jax.jit(functools.partial(multisteps_micro_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
   batch = _batch(2 * k)
   scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
-  micro = [{n: v[i * 2:(i + 1) * 2] for n, v in batch.items()} for i in range(k)]
+  micro = micro_batches(batch, k)
   reference = state = _init(model, tx)
   for _ in range(2):  # two optimizer steps: the accumulator must restart the same way too
-    for i, m_batch in enumerate(micro):
-      reference, ref_metrics = full(reference, m_batch, scale)
-      state, metrics = fast(state, m_batch, scale, i)
-      jax.tree.map(_assert_same, state, reference)
-      jax.tree.map(_assert_same, metrics, ref_metrics)
+    figures = []
+    for i in range(k):
+      reference, ref_metrics = micro_step(reference, {n: v[i] for n, v in micro.items()}, scale)
+      figures.append(ref_metrics)
+    state, metrics = step(state, micro)
+    jax.tree.map(_assert_same, state, reference)
+    for name in ("sequence_loss", "sequence_tokens"):
+      _assert_same(metrics[name], np.concatenate([f[name] for f in figures]))
+    for name in ("grad_norm", "skipped_updates"):
+      _assert_same(metrics[name], figures[-1][name])
   assert int(state.step) == 2 and _grad_norm(state) > 0
   assert not jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), state.params,
                                        _init(model, tx).params))
+
+
+def _record_gradient() -> optax.GradientTransformation:
+  """Keeps the gradient the optimizer receives (the sum over micro-batches) in its state, for the probe."""
+  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                      lambda updates, state, params=None: (updates, updates))
+
+
+def _sharded_steps(k: int, local_axis, mesh_sizes: dict, steps: int = 3, record: bool = False):
+  """`steps` optimizer steps of the one-program step on a mesh, and the compiled program's collectives.
+  record: plain SGD whose state is the summed gradient it was given."""
+  from lm import hlo
+  cfg = tiny_model()
+  model = Decoder(cfg)
+  tx = make_optimizer(_train_cfg(k), 10)
+  if record:
+    tx = optax.MultiSteps(optax.chain(record_grad_norm(), _record_gradient(), optax.sgd(1e-2)), k,
+                          use_grad_mean=False)
+  mesh = sharding.make_mesh(mesh_config(**mesh_sizes))
+  tokens = jnp.zeros((1, L), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens + 1, tokens)["params"])
+  param_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  state = _init(model, tx)
+  state = state.replace(params=jax.device_put(state.params, param_sharding))
+  batch = sharding.put_step_batch(micro_batches(_batch(8 * k), k), mesh)
+  with sharding.activate(mesh):
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, local_axis=local_axis))
+    found = hlo.collectives(step.lower(state, batch).compile().as_text())
+    figures = []
+    for _ in range(steps):
+      state, m = step(state, batch)
+      figures.append(jax.device_get(m))
+  return state, figures, found
+
+
+@pytest.mark.parametrize("mesh_sizes", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)])
+def test_local_accumulation_adds_the_replicas_once_and_agrees_with_all_reduce_per_micro_batch(mesh_sizes):
+  """Data-parallel replicas summing their own micro-batches before one all-reduce: the same step, the
+  additions in another order. The all-reduce per micro-batch is what XLA compiles otherwise."""
+  local, local_figures, local_collectives = _sharded_steps(4, "data", mesh_sizes)
+  plain, plain_figures, plain_collectives = _sharded_steps(4, None, mesh_sizes)
+  # The first step's losses come before any gradient: bitwise.
+  _assert_same(local_figures[0]["sequence_loss"], plain_figures[0]["sequence_loss"])
+  # The probe: the summed gradient itself differs by the rounding of the order of its float32 additions.
+  local_sgd, _, _ = _sharded_steps(4, "data", mesh_sizes, steps=1, record=True)
+  plain_sgd, _, _ = _sharded_steps(4, None, mesh_sizes, steps=1, record=True)
+  gradient_difference = _relative_l2(local_sgd.opt_state.inner_opt_state[1],
+                                     plain_sgd.opt_state.inner_opt_state[1])
+  assert 0 < gradient_difference < 1e-7
+  # Through AdamW at lr 1e-2 it grows, as any float32 change of order does (Adam's first steps divide by
+  # |g|: elements with tiny gradients move by the full learning rate whatever their rounding); the same
+  # bound as accumulation against one large batch.
+  assert _relative_l2(local.params, plain.params) < 1e-6
+  assert abs(float(local_figures[-1]["grad_norm"]) / float(plain_figures[-1]["grad_norm"]) - 1) < 1e-6
+  assert int(local.step) == int(plain.step) == 3
+  local_reduce, plain_reduce = local_collectives["all-reduce"], plain_collectives["all-reduce"]
+  _, _, more = _sharded_steps(8, "data", mesh_sizes, steps=0)
+  if mesh_sizes["fsdp"] == 1:
+    # The gradient all-reduce of every micro-batch (3 in the scan, 1 after) becomes one, and no longer
+    # grows with the accumulation.
+    assert local_reduce.bytes < 0.6 * plain_reduce.bytes
+    assert more["all-reduce"] == local_reduce
+  else:
+    # With fsdp the gradient's reduction over the fsdp axis stays in every micro-batch (XLA:CPU makes it
+    # an all-reduce); the one over data leaves the loop.
+    assert local_reduce.count < 0.5 * plain_reduce.count and local_reduce.bytes <= plain_reduce.bytes

@@ -1,0 +1,84 @@
+"""What XLA compiled: the collectives one call of a compiled program runs, read from its HLO text.
+
+A collective inside a while loop runs once per iteration: the loops of a train step (the scan over
+micro-batches, the scans over layers in the forward and backward passes) carry XLA's
+`known_trip_count`, and each collective is counted that many times, nested loops multiplied.
+Bytes are those of each collective's result on one device (for an all-gather the gathered array, for a
+reduce-scatter the scattered shard), summed over its runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) ([a-z][a-z\-]*)\(")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str
+  count: int  # runs per call of the program
+  bytes: int  # result bytes per device, summed over the runs
+
+
+def _shape_bytes(shape: str) -> int:
+  return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _ARRAY.findall(shape))
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+  """{name: instruction lines} of an HLO module's text, and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match and not line.startswith(" "):
+      current = match.group(1)
+      computations[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      computations[current].append(line)
+  return computations, entry
+
+
+def collectives(hlo_text: str) -> dict[str, Collective]:
+  """{kind: Collective} of one call of the program whose optimized HLO text (`compiled.as_text()`) is
+  given; kinds that do not occur are left out."""
+  computations, entry = _computations(hlo_text)
+  counts, sizes = collections.Counter(), collections.Counter()
+
+  def visit(name: str, runs: int) -> None:
+    for line in computations.get(name, ()):
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      shape, op = match.groups()
+      kind = op.removesuffix("-start")
+      if kind in KINDS and not op.endswith("-done"):
+        counts[kind] += runs
+        sizes[kind] += runs * _shape_bytes(shape.split(")")[0] if kind != "all-reduce" else shape)
+      elif op == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+        visit(body, runs * (int(trips.group(1)) if trips else 1))
+      elif op in ("call", "conditional", "async-start"):
+        for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?", line):
+          for callee in called.replace("%", "").split(", "):
+            visit(callee.strip(), runs)
+
+  visit(entry, 1)
+  return {kind: Collective(kind, counts[kind], sizes[kind]) for kind in KINDS if counts[kind]}
+
+
+def describe(found: dict[str, Collective]) -> str:
+  """`all-reduce 12 x (3.1 MB), all-gather 16 x (45.0 MB)`, or `none`."""
+  return ", ".join(f"{c.kind} {c.count} x ({c.bytes / 1e6:,.1f} MB)" for c in found.values()) or "none"

@@ -1,0 +1,113 @@
+"""The set-up every command shares: mesh, batch plan, model, parameter shardings, abstract parameters;
+and the jitted programs built on it (the train step with its optimizer, the eval step).
+
+Training, eval, sampling, the planner and the benchmark all start from `setup(config)`; only training
+adds an optimizer (`train_functions`). Trace and call the programs inside `sharding.activate(rt.mesh)`:
+the model's activation constraints resolve against its mesh and rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from lm import checkpoint, data, sharding
+from lm.config import Config
+from lm.model import Decoder
+from lm.train_step import TrainState, eval_step, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What a config becomes on a set of devices, before any array is allocated."""
+  config: Config
+  mesh: jax.sharding.Mesh
+  plan: data.BatchPlan
+  model: Decoder
+  boxed_params: Any  # ShapeDtypeStructs in flax's logical-partitioning boxes: the logical axis names
+  param_sharding: Any  # NamedShardings of the parameters
+  abstract_params: Any  # ShapeDtypeStructs with shardings: the restore and AOT-compile target
+
+  @property
+  def rng(self) -> jax.Array:
+    return jax.random.key(self.config.train.seed)
+
+  def init_params(self, rng: jax.Array):
+    """The model's initial parameters, boxed with their logical axis names (trace under jit or
+    eval_shape)."""
+    # One row per data-parallel device, so that the batch-sharded activation constraints divide.
+    dummy_BxL = jnp.zeros((self.plan.data_parallel, self.plan.seq_len), jnp.int32)
+    return self.model.init(rng, dummy_BxL, dummy_BxL + 1, dummy_BxL)["params"]
+
+  def abstract_step_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one optimizer step as the train step takes it, [k, rows, seq_len]."""
+    shape = (self.plan.accumulation_steps, self.plan.micro_rows, self.plan.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.step_batch_sharding(self.mesh))
+            for k in data.ARRAYS}
+
+
+def setup(config: Config, devices=None) -> Runtime:
+  """Mesh over `devices` (all by default), checked against the model; the batch plan; the model and
+  its parameters' shapes and shardings (nothing allocated)."""
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh, jax.devices() if devices is None else devices)
+  sharding.check_divisible(config.model, dict(mesh.shape))
+  plan = data.batch_plan(t.micro_batch_size, t.gradient_accumulation_steps, t.seq_len, mesh)
+  rt = Runtime(config, mesh, plan, Decoder(config.model), None, None, None)
+  with sharding.activate(mesh):
+    boxed = jax.eval_shape(rt.init_params, rt.rng)
+  param_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  return dataclasses.replace(rt, boxed_params=boxed, param_sharding=param_sharding,
+                             abstract_params=checkpoint.abstract_like(sharding.strip_boxes(boxed),
+                                                                      param_sharding))
+
+
+def eval_function(rt: Runtime) -> Callable:
+  """(params, batch [rows, seq_len]) -> per-sequence loss sums and token counts, jitted."""
+  return jax.jit(functools.partial(eval_step, model=rt.model),
+                 in_shardings=(rt.param_sharding, sharding.batch_sharding(rt.mesh)),
+                 out_shardings=sharding.replicated(rt.mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFunctions:
+  """The jitted programs of training and the state's shardings."""
+  create_state: Callable  # () -> initial TrainState, created directly in its shardings
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore and AOT-compile target
+  state_sharding: TrainState
+  step_fn: Callable  # (state, step batch) -> (state, metrics): one optimizer step; state donated
+  state_from_params: Callable  # params (in the parameter shardings) -> a fresh TrainState at step 0
+
+
+def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
+  """The train state's shardings (the optimizer state follows its parameters') and the programs."""
+  boxed_state = TrainState(params=rt.boxed_params, opt_state=jax.eval_shape(tx.init, rt.boxed_params))
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed_state), rt.mesh)
+
+  def init(rng):
+    params = rt.init_params(rng)
+    return sharding.strip_boxes(TrainState(params=params, opt_state=tx.init(params)))
+
+  create = jax.jit(init, out_shardings=state_sharding)
+  # Data-parallel replicas sum their micro-batches' gradients locally and add them up once per step.
+  # Not on a mesh split three ways (data, fsdp and tensor all > 1): XLA's SPMD partitioner (jax 0.12)
+  # aborts on the shard_map manual over data there, so such a step all-reduces per micro-batch.
+  shape = rt.mesh.shape
+  local_axis = "data" if shape["data"] > 1 and (shape["fsdp"] == 1 or shape["tensor"] == 1) else None
+  replicated = sharding.replicated(rt.mesh)
+  return TrainFunctions(
+      create_state=lambda: create(rt.rng),
+      abstract_state=checkpoint.abstract_like(sharding.strip_boxes(boxed_state), state_sharding),
+      state_sharding=state_sharding,
+      step_fn=jax.jit(functools.partial(train_step, model=rt.model, tx=tx, local_axis=local_axis),
+                      in_shardings=(state_sharding, sharding.step_batch_sharding(rt.mesh)),
+                      out_shardings=(state_sharding, replicated), donate_argnums=0),
+      state_from_params=jax.jit(lambda p: TrainState(params=p, opt_state=tx.init(p)),
+                                in_shardings=(state_sharding.params,), out_shardings=state_sharding),
+  )

@@ -1,0 +1,26 @@
+"""The core imports no TensorFlow, TFDS or CLU: the step and a synthetic-data benchmark run in a plain JAX
+image (a GPU machine with jax and flax only, for example)."""
+
+import subprocess
+import sys
+
+from tests.test_train import ROOT
+
+CORE = ("lm.model", "lm.train_step", "lm.sharding", "lm.optimizer", "lm.checkpoint", "lm.data", "lm.runtime",
+        "lm.metrics", "lm.hlo")
+HEAVY = ("tensorflow", "tensorflow_datasets", "clu")
+
+
+def _loaded_after_import(modules) -> list[str]:
+  code = (f"import sys; import {', '.join(modules)}; "
+          f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  return result.stdout.split()
+
+
+def test_core_imports_neither_tensorflow_nor_tfds_nor_clu():
+  assert _loaded_after_import(CORE) == []
+
+
+def test_the_check_can_fail():
+  assert "tensorflow_datasets" in _loaded_after_import(["lm.corpus"])
