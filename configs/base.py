@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (CPU: measured once)
   c.train.deterministic = True  # reproducible kernels where the platform needs a switch (GPU)
   c.train.skip_nonfinite_updates = False  # False: stop at a NaN/Inf; True: skip such updates, count them
+  # Data-parallel replicas (mesh.data > 1) sum their micro-batches' gradients, then one all-reduce per
+  # optimizer step; False: XLA all-reduces every micro-batch's gradient (another order of additions).
+  c.train.local_accumulation = True
 
   # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

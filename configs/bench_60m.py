@@ -18,6 +18,7 @@ def get_config():
   c.model.head_dim = 64
   c.model.mlp_dim = 1536
   c.model.max_seq_len = 256
+  c.model.scan_layers = False  # 8 layers: unrolled is faster and compiles quickly (docs/performance.md)
   c.train.seq_len = 256
   # micro_batch_size 8 is the base's: on one device a step is 8 sequences = 2,048 tokens.
   return c

@@ -19,6 +19,7 @@ def get_config():
   c.model.head_dim = 64
   c.model.mlp_dim = 768
   c.model.max_seq_len = 256
+  c.model.scan_layers = False  # 4 layers: unrolled compiles in seconds and runs faster (docs/performance.md)
   c.train.seq_len = 256
   c.train.micro_batch_size = 8
   c.train.gradient_accumulation_steps = 2  # exercise accumulation: 16 sequences per step on one device

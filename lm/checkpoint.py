@@ -200,10 +200,13 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int 
                  for section, keys in STATE_KEYS.items() for key in keys
                  if saved_value(section, key) != config[section][key]]
   if differences:
+    # configs/default.py and bench_60m.py unrolled their layers: say how to resume their older runs.
+    scan = (f" To resume it, pass --config.model.scan_layers={saved_value('model', 'scan_layers')}."
+            if saved_value("model", "scan_layers") != config["model"]["scan_layers"] else "")
     raise ConfigError(
         f"config.train.checkpoint_dir = {str(manager.directory)!r} holds a checkpoint (step {step}) of "
         f"another model or optimizer: {'; '.join(differences)}. Use a new --workdir (or "
-        "config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.")
+        f"config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.{scan}")
   return step, saved
 
 

@@ -90,6 +90,7 @@ class TrainConfig:
   peak_flops_per_device: float
   deterministic: bool
   skip_nonfinite_updates: bool
+  local_accumulation: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,10 +96,8 @@ class SentencePieceTokenizer:
     return f"sentencepiece {self.vocab_size} ({self._path})"
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # Packing
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +187,6 @@ def loss_mask(segment_ids):
   current, following = segment_ids[..., :-1], segment_ids[..., 1:]
   has_target = (current != 0) & (following == current)
   return xp.concatenate([has_target, xp.zeros_like(has_target[..., :1])], axis=-1)
-
 
 
 # ---------------------------------------------------------------------------------------------------

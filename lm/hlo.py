@@ -29,11 +29,6 @@ class Collective:
   bytes: int  # result bytes per device, summed over the runs
 
 
-def _shape_bytes(shape: str) -> int:
-  return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in _ARRAY.findall(shape))
-
-
 def _computations(text: str) -> tuple[dict[str, list[str]], str]:
   """{name: instruction lines} of an HLO module's text, and the entry computation's name."""
   computations, entry, current = {}, None, None
@@ -65,7 +60,11 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
       kind = op.removesuffix("-start")
       if kind in KINDS and not op.endswith("-done"):
         counts[kind] += runs
-        sizes[kind] += runs * _shape_bytes(shape.split(")")[0] if kind != "all-reduce" else shape)
+        arrays = _ARRAY.findall(shape)
+        if op.endswith("-start") and shape.startswith("(") and len(arrays) > 1:
+          arrays = arrays[1:2]  # an asynchronous start's tuple: (operand, result, context...)
+        sizes[kind] += runs * sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+                                  for d, dims in arrays)
       elif op == "while":
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         body = re.search(r"body=%?([\w.\-]+)", line).group(1)

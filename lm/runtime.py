@@ -75,6 +75,18 @@ def eval_function(rt: Runtime) -> Callable:
                  out_shardings=sharding.replicated(rt.mesh))
 
 
+def local_accumulation(rt: Runtime) -> bool:
+  """Whether data-parallel replicas sum their micro-batches' gradients locally and add them up once per
+  optimizer step (config.train.local_accumulation, with more than one replica and more than one
+  micro-batch).
+
+  Not on a mesh split three ways (data, fsdp and tensor all > 1): XLA's SPMD partitioner (jax 0.12)
+  aborts on the shard_map manual over data there, so such a step all-reduces per micro-batch."""
+  shape = rt.mesh.shape
+  return (rt.config.train.local_accumulation and shape["data"] > 1 and rt.plan.accumulation_steps > 1
+          and (shape["fsdp"] == 1 or shape["tensor"] == 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainFunctions:
   """The jitted programs of training and the state's shardings."""
@@ -95,17 +107,14 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
     return sharding.strip_boxes(TrainState(params=params, opt_state=tx.init(params)))
 
   create = jax.jit(init, out_shardings=state_sharding)
-  # Data-parallel replicas sum their micro-batches' gradients locally and add them up once per step.
-  # Not on a mesh split three ways (data, fsdp and tensor all > 1): XLA's SPMD partitioner (jax 0.12)
-  # aborts on the shard_map manual over data there, so such a step all-reduces per micro-batch.
-  shape = rt.mesh.shape
-  local_axis = "data" if shape["data"] > 1 and (shape["fsdp"] == 1 or shape["tensor"] == 1) else None
+  local_axis = "data" if local_accumulation(rt) else None
   replicated = sharding.replicated(rt.mesh)
   return TrainFunctions(
       create_state=lambda: create(rt.rng),
       abstract_state=checkpoint.abstract_like(sharding.strip_boxes(boxed_state), state_sharding),
       state_sharding=state_sharding,
-      step_fn=jax.jit(functools.partial(train_step, model=rt.model, tx=tx, local_axis=local_axis),
+      step_fn=jax.jit(functools.partial(train_step, model=rt.model, tx=tx,
+                                        accumulation_steps=rt.plan.accumulation_steps, local_axis=local_axis),
                       in_shardings=(state_sharding, sharding.step_batch_sharding(rt.mesh)),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
       state_from_params=jax.jit(lambda p: TrainState(params=p, opt_state=tx.init(p)),

@@ -88,19 +88,3 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
 
   carry = (jnp.int32(0), logits_BxV, cache, out_BxT, done_B, rng)
   return jax.lax.while_loop(cond, body, carry)[3]
-
-
-def generate_without_cache(params, prompt_BxP, *, model: Decoder, max_new_tokens: int, eos_id: int):
-  """Greedy decoding that runs the model over the whole sequence for every new token: the reference
-  for tests. The sequence lives in a buffer of the final length (one compilation); causal attention
-  keeps the not yet written positions from mattering."""
-  B, P = prompt_BxP.shape
-  tokens_BxL = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt_BxP)
-  positions_BxL = jnp.broadcast_to(jnp.arange(P + max_new_tokens), tokens_BxL.shape)
-  forward = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.ones_like(t), positions_BxL))
-  done_B = jnp.zeros(B, jnp.bool_)
-  for i in range(max_new_tokens):
-    token_B = jnp.where(done_B, eos_id, jnp.argmax(forward(params, tokens_BxL)[:, P + i - 1], axis=-1))
-    done_B = done_B | (token_B == eos_id)
-    tokens_BxL = tokens_BxL.at[:, P + i].set(token_B)
-  return tokens_BxL[:, P:]

@@ -9,6 +9,7 @@ host; eval and checkpoints happen between steps.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from typing import Callable
@@ -19,7 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from lm import checkpoint, console, data, distributed, evaluate, metrics, runtime, sharding
-from lm.config import Config, to_dict
+from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
@@ -72,6 +73,9 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   checkpoint.check_writable(workdir, "--workdir")
   checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
   checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
+  if t.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"config.train.wandb_project = {t.wandb_project!r} needs the wandb package: "
+                      "pip install -e '.[wandb]', or leave it empty.")
   rt = runtime.setup(config, devices)
 
   manager = checkpoint.make_manager(checkpoint_dir, t)
@@ -141,12 +145,30 @@ def _startup_lines(run: Run, tokenizer, train_sequences: int) -> list[tuple[str,
       ("Data", f"{train_sequences:,} train sequences of {t.seq_len} tokens "
                f"({run.batches.steps_per_epoch:,} steps per epoch), {len(run.eval_batches)} eval batches"),
       *rt.plan.describe(),
+      ("Gradient sum", _gradient_sum(rt)),
       ("Optimizer", f"{run.num_train_steps:,} steps, {t.optimizer}, peak learning rate {t.learning_rate:g}"),
       ("FLOPs per token", f"{flops.train:.4g} model FLOPs in training = 3 x {flops.forward:.4g} forward "
                           f"(attention projections {flops.attention_projections:.4g}, attention "
                           f"scores {flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output "
                           f"{flops.output:.4g})"),
   ]
+
+
+def _gradient_sum(rt: runtime.Runtime) -> str:
+  """How the micro-batches' gradients are added up across the data-parallel devices."""
+  shape, t = rt.mesh.shape, rt.config.train
+  if rt.plan.data_parallel == 1:
+    return "one data-parallel device: no reduction across devices"
+  if rt.plan.accumulation_steps == 1:
+    return "one micro-batch: one reduction across the devices per optimizer step"
+  fsdp = " (over fsdp: in every micro-batch)" if shape["fsdp"] > 1 else ""
+  if runtime.local_accumulation(rt):
+    return f"each data replica sums its micro-batches, then one all-reduce per optimizer step{fsdp}"
+  if t.local_accumulation and shape["data"] > 1:
+    console.logger.warning("config.train.local_accumulation does not apply on a mesh with data, fsdp and "
+                           "tensor all > 1 (XLA's SPMD partitioner aborts on it): the gradient is reduced in "
+                           "every micro-batch. Set one of config.mesh.fsdp or config.mesh.tensor to 1 for it.")
+  return "reduced across the devices in every micro-batch"
 
 
 def loop(run: Run, state: TrainState) -> dict[str, float]:
@@ -156,11 +178,13 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
                                  log_interval_steps=t.log_interval_steps, throughput=run.throughput,
                                  start_step=int(state.step), wandb_project=t.wandb_project,
                                  run_config=run.run_description, tensorboard=run.tensorboard)
-  with checkpoint.PreemptionNotice(run.manager) as preemption:
-    state = _steps(run, state, logger, preemption)
-  run.manager.wait_until_finished()
-  run.manager.check_for_errors()
-  logger.close()
+  try:
+    with checkpoint.PreemptionNotice(run.manager) as preemption:
+      state = _steps(run, state, logger, preemption)
+    run.manager.wait_until_finished()
+    run.manager.check_for_errors()
+  finally:  # also on an error: the writers' buffered figures and the wandb run are closed
+    logger.close()
   return {**logger.last, "step": int(state.step)}
 
 

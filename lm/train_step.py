@@ -49,7 +49,8 @@ def loss_scale(segment_ids) -> jax.Array:
   return 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps, local_axis: str | None = None):
+def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps, accumulation_steps: int,
+               local_axis: str | None = None):
   """One optimizer step in one program: the gradients of the k micro-batches, summed, then the update.
 
   Without `local_axis`, the first k - 1 micro-batches run in a `lax.scan` that adds each gradient to
@@ -69,16 +70,19 @@ def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps
   Args:
     batch: tokens, segment_ids, positions, each [k, micro_batch_size x data-parallel devices, seq_len]:
       the global batch, micro-batch after micro-batch, each micro-batch's rows split over the devices.
+    accumulation_steps: k, as `tx` (MultiSteps) was made with: checked against the batch.
   Returns:
     (new state, metrics): per-sequence loss sums and token counts [k x rows] in global row order, the
     gradient norm and the count of skipped updates.
   """
   k = batch["tokens"].shape[0]
+  if k != accumulation_steps:  # MultiSteps would then never reach its update: a silent no-op step
+    raise ValueError(f"the step's batch holds {k} micro-batches, the optimizer accumulates {accumulation_steps}")
   scale = loss_scale(batch["segment_ids"])
   opt_state = state.opt_state
   zeros = jax.tree.map(jnp.zeros_like, opt_state.acc_grads)  # constants: XLA adds them for free
   if local_axis is not None and k > 1:
-    grads, figures = _local_sum(model, state.params, batch, scale, opt_state.acc_grads, local_axis)
+    grads, figures = _local_sum(model, state.params, batch, scale, zeros, local_axis)
     acc_grads = zeros
   else:
     if k > 1:
@@ -91,6 +95,8 @@ def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps
       figures = jax.tree.map(lambda h, f: jnp.concatenate([h.reshape(-1), f]), head_figures, figures)
   last = opt_state._replace(mini_step=jnp.asarray(k - 1, opt_state.mini_step.dtype), acc_grads=acc_grads)
   updates, opt_state = tx.update(grads, last, state.params)
+  if k == 1:  # the state's accumulator is zeros, as MultiSteps' restart: passed through, never written
+    opt_state = opt_state._replace(acc_grads=state.opt_state.acc_grads)
   params = optax.apply_updates(state.params, updates)
   return (TrainState(params=params, opt_state=opt_state),
           {**figures, "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)})

@@ -51,7 +51,8 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from lm import metrics, runtime, sharding  # noqa: E402
+from lm import hlo, metrics, runtime, sharding  # noqa: E402
+from lm.model import param_count  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
 from lm.optimizer import make_optimizer  # noqa: E402
 
@@ -72,6 +73,8 @@ _MEMORY_GB = flags.DEFINE_float("memory_gb", 0.0, "Memory per device in GB; 0 = 
 _USABLE = flags.DEFINE_float("usable_fraction", 0.9,
                              "Share of the memory a step may use: runtime reserves, fragmentation and the "
                              "estimate's error need the rest. GPUs: JAX preallocates 0.75 by default.")
+_HARDWARE_FLOPS = flags.DEFINE_bool("hardware_flops", True, "Also count XLA's FLOPs of the step (HFU): up to "
+                                     "four more compiles (1 and 2 unrolled layers, accumulation 1 and 2).")
 _MEMORY_TABLE = flags.DEFINE_list("memory_table", [], "Memory sizes in GB: print the choices per size.")
 _MIN_MICRO_TOKENS = flags.DEFINE_integer(
     "min_micro_tokens", 4096, "--memory_table suggests micro-steps of at least this many tokens per device "
@@ -233,8 +236,8 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
       f"Batch: micro_batch_size {t.micro_batch_size} x gradient_accumulation_steps "
       f"{t.gradient_accumulation_steps} x {dp} data-parallel devices = {sequences:,} sequences = "
       f"{sequences * t.seq_len:,} tokens per step",
-      f"Remat: {est.config.model.remat}, compute {est.config.model.dtype}, parameters "
-      f"{est.config.model.param_dtype}",
+      f"Model: {param_count(est.config.model):,} parameters; remat {est.config.model.remat}, compute "
+      f"{est.config.model.dtype}, parameters {est.config.model.param_dtype}",
       "Memory per device (GB):",
       f"  parameters          {_gb(est.params):>9}",
       f"  optimizer state     {_gb(est.optimizer):>9}   (opt_state.inner_opt_state)",
@@ -242,6 +245,7 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
       f"  temporary           {_gb(est.temporary):>9}   (activations, gradients, logits: XLA memory analysis)",
       f"  total               {_gb(est.total):>9}   of {memory_gb:g} GB, {usable:g} usable = "
       f"{limit / GB:,.3g} GB: {verdict}",
+      f"Collectives per optimizer step and device: {hlo.describe(hlo.collectives(est.compiled.as_text()))}",
       f"Compiled in {est.compile_seconds:.1f} s",
   ]
 
@@ -345,7 +349,8 @@ def main(argv):
     lines = memory_table(config, _DEVICES.value, [float(s) for s in _MEMORY_TABLE.value], _USABLE.value,
                          _MIN_MICRO_TOKENS.value)
   else:
-    lines = report(config, _DEVICES.value, _DEVICE_KIND.value, _MEMORY_GB.value, _USABLE.value, _MFU.value)
+    lines = report(config, _DEVICES.value, _DEVICE_KIND.value, _MEMORY_GB.value, _USABLE.value, _MFU.value,
+                   _HARDWARE_FLOPS.value)
   print("\n".join([header, *lines]), flush=True)
 
 

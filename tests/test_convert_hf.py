@@ -270,7 +270,7 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
   overrides = dict(
       model=dict(name="qwen3", qk_norm=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6,
                  vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 mlp_dim=128, max_seq_len=64),
+                 mlp_dim=128, max_seq_len=64, scan_layers=True),  # the layout the import wrote
       data=dict(tokenizer="byte", eval_sequences=8, data_dir=str(tmp_path / "data"), text_files=f"{corpus}/*.py"),
       train=dict(init_from=str(tmp_path / "imported"), seq_len=64, micro_batch_size=2, num_train_steps=steps,
                  learning_rate=learning_rate, warmup_steps=0, schedule="constant", save_interval_steps=steps,

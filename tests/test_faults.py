@@ -144,7 +144,7 @@ def test_nonfinite_updates_are_skipped_and_counted_when_asked():
   from lm.train_step import train_step
   model = Decoder(tiny_model())
   tx = make_optimizer(dataclasses.replace(_train_cfg(2), skip_nonfinite_updates=True), 10)
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, accumulation_steps=2))
   state = _init(model, tx)
   poisoned = state.params["embedding"].at[7].set(jnp.inf)  # any batch holding token 7 goes non-finite
   state = state.replace(params={**state.params, "embedding": poisoned})

@@ -67,16 +67,17 @@ def test_sharded_step_counts_one_device_share(plain):
   assert flops.model == metrics.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
 
 
-def test_accumulation_counts_every_micro_batch_and_one_update():
+@pytest.mark.parametrize("num_devices", [1, 8])  # 8: data parallel, so the step accumulates locally
+def test_accumulation_counts_every_micro_batch_and_one_update(num_devices):
   # One sequence per micro-batch, so that the optimizer (about 10 FLOPs per parameter, once per step)
   # is a visible part of a micro-step's 6 x 128 FLOPs per parameter.
   single, accumulating = config(rows=1), config(rows=1, accumulation=4)
-  one = metrics.step_flops(single, 1, 1, variants())
-  four = metrics.step_flops(accumulating, 1, 1, variants())
-  # XLA counts the scan over the first 3 micro-batches once: the program alone undercounts.
-  assert metrics.xla_flops(compile_step(accumulating)) < 0.8 * four.hardware
+  one = metrics.step_flops(single, num_devices, num_devices, variants(num_devices))
+  four = metrics.step_flops(accumulating, num_devices, num_devices, variants(num_devices))
+  # XLA counts the scan over the micro-batches once: the program alone undercounts.
+  assert metrics.xla_flops(compile_step(accumulating, num_devices)) * num_devices < 0.8 * four.hardware
   # 4 gradients and 1 update: less than 4 whole single-micro-batch steps, by 3 optimizer updates.
-  update = 4 * one.hardware - four.hardware
+  update = (4 * one.hardware - four.hardware) / num_devices  # every replica runs the whole update
   params = sum(np.prod(x.shape) for x in jax.tree.leaves(runtime.setup(single, jax.devices()[:1]).abstract_params))
   assert 5 * params < update / 3 < 30 * params, (update / 3, params)
   assert four.model == 4 * one.model

@@ -46,7 +46,9 @@ def test_prints_the_plan_for_the_devices_asked():
   for field in ("Mesh: data=4 x fsdp=1 x tensor=1", "micro_batch_size 8 x gradient_accumulation_steps 2 x 4 data-parallel devices = 64 sequences",
                 "parameters", "optimizer state", "accumulator", "temporary", "of 16 GB", ": fits",
                 "FLOPs per step", "At MFU 0.5 on 4 x 1.97e+14 FLOP/s: step time", "tokens/s", "HFU",
-                "an estimate of TPU/GPU memory"):
+                "an estimate of TPU/GPU memory", "Model: 139,584 parameters",
+                # 4 data-parallel replicas at accumulation 2: the gradient is all-reduced once per step.
+                "Collectives per optimizer step and device: all-reduce 2 x"):
     assert field in out, (field, out)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm.model import Decoder, KVCache
-from lm.sampling import SamplingConfig, generate, generate_without_cache, next_token
+from lm.sampling import SamplingConfig, generate, next_token
 from tests.helpers import tiny_model
 
 
@@ -39,6 +39,22 @@ def test_cached_logits_equal_the_full_forward(overrides):
     parts.append(logits)
   assert int(cache.index) == 10
   np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def generate_without_cache(params, prompt_BxP, *, model: Decoder, max_new_tokens: int, eos_id: int):
+  """Greedy decoding that runs the model over the whole sequence for every new token: the reference
+  of the KV-cache decoder. The sequence lives in a buffer of the final length (one compilation); causal attention
+  keeps the not yet written positions from mattering."""
+  B, P = prompt_BxP.shape
+  tokens_BxL = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt_BxP)
+  positions_BxL = jnp.broadcast_to(jnp.arange(P + max_new_tokens), tokens_BxL.shape)
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.ones_like(t), positions_BxL))
+  done_B = jnp.zeros(B, jnp.bool_)
+  for i in range(max_new_tokens):
+    token_B = jnp.where(done_B, eos_id, jnp.argmax(forward(params, tokens_BxL)[:, P + i - 1], axis=-1))
+    done_B = done_B | (token_B == eos_id)
+    tokens_BxL = tokens_BxL.at[:, P + i].set(token_B)
+  return tokens_BxL[:, P:]
 
 
 def test_cached_greedy_decoding_gives_the_tokens_of_full_recomputation():

@@ -27,6 +27,7 @@ TINY = [
     "--config.train.warmup_steps=1", "--config.train.save_interval_steps=2",
     "--config.train.eval_interval_steps=2", "--config.train.log_interval_steps=1",
     "--config.mesh.data=4", "--config.mesh.fsdp=2",
+    "--config.model.scan_layers=True",  # the full-size configs' layout (configs/default.py unrolls its 4)
 ]
 
 
