@@ -237,8 +237,11 @@ def _sharded_steps(k: int, local_axis, mesh_sizes: dict, steps: int = 3, record:
   return state, figures, found
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
-                                        dict(data=4, fsdp=1, tensor=2)])
+@pytest.mark.parametrize("mesh_sizes", [
+    dict(data=8, fsdp=1, tensor=1),
+    # Data parallelism beside fsdp or tensor: 30 s each, in `pytest -m slow`.
+    pytest.param(dict(data=2, fsdp=4, tensor=1), marks=pytest.mark.slow),
+    pytest.param(dict(data=4, fsdp=1, tensor=2), marks=pytest.mark.slow)])
 def test_local_accumulation_adds_the_replicas_once_and_agrees_with_all_reduce_per_micro_batch(mesh_sizes):
   """Data-parallel replicas summing their own micro-batches before one all-reduce: the same step, the
   additions in another order. The all-reduce per micro-batch is what XLA compiles otherwise."""
