@@ -40,17 +40,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True  # one compiled layer body instead of num_layers copies
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "local_text"  # local_text, or any registered TFDS text dataset (lm1b, ...)
-  c.data.text_files = ""  # local_text only: comma-separated globs; empty = Python stdlib sources
-  c.data.data_dir = ""  # TFDS data_dir and token cache; empty = TFDS default (~/tensorflow_datasets)
-  c.data.text_feature = "text"  # feature holding the text in a TFDS dataset
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.validation_fraction = 0.02  # local_text only: share of files held out for validation
-  c.data.max_documents = 0  # cap on documents read per split; 0 = all
-  c.data.tokenizer = "sentencepiece"  # sentencepiece | byte
-  c.data.tokenizer_path = ""  # a SentencePiece .model; empty = train one on the corpus and cache it
-  c.data.eval_sequences = 64  # fixed validation set size, in packed sequences of train.seq_len
+  # Named document sources; several make a mixture (each row of a step drawn by weight). See source().
+  c.data.sources = ml_collections.ConfigDict({"main": source()})
+  # Where prepared tokens (and trained tokenizers) live: local or gs://. Empty = ~/.cache/lm.
+  c.data.data_dir = ""
+  c.data.tokenizer = "sentencepiece"  # sentencepiece | huggingface (a tokenizer.json) | byte
+  c.data.tokenizer_path = ""  # .model or tokenizer.json; empty (sentencepiece) = train one on the corpus
+  c.data.tokenizer_sample_bytes = 100_000_000  # text a trained tokenizer learns from (the first documents)
+  c.data.eval_split = "validation"  # validation | train (the loss on training rows)
+  c.data.eval_sequences = 0  # sequences of train.seq_len scored by eval; 0 = the whole split, else a sample
+  c.data.workers = 0  # tokenizing processes of the preparation; 0 = one per CPU core
+  c.data.shard_tokens = 134_217_728  # train tokens per prepared shard (256 MiB at 2 bytes a token)
 
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
@@ -95,6 +95,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
   return c
+
+
+def source(kind: str = "text_files", path: str = "", **changes) -> ml_collections.ConfigDict:
+  """A document source of config.data.sources, every key declared with its default."""
+  s = ml_collections.ConfigDict()
+  # text_files (one document per file) | jsonl | parquet (a record per document) | text (large files cut
+  # into documents) | tfds (a registered TFDS dataset)
+  s.kind = kind
+  # Comma-separated globs, local or gs:// (tfds: the dataset name). text_files with an empty path: the
+  # running Python's standard library sources.
+  s.path = path
+  s.text_field = "text"  # jsonl field, parquet column, tfds feature holding the text
+  # Validation documents: comma-separated globs (tfds: a split name). Empty: hold out validation_fraction
+  # of the documents, chosen by a hash of their text.
+  s.validation = ""
+  s.validation_fraction = 0.02
+  s.separator = ""  # text: the string between documents; empty = one or more blank lines
+  s.train_split = "train"  # tfds only
+  s.weight = 1.0  # share of the training rows in a mixture (weights are normalised)
+  s.max_documents = 0  # cap on the documents read per part; 0 = all
+  unknown = sorted(set(changes) - set(s.keys()))
+  if unknown:
+    raise KeyError(f"base.source: unknown keys {unknown}; the keys are {sorted(s.keys())}.")
+  s.update(changes)
+  return s
 
 
 def continued_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -5,11 +5,13 @@ post-norms, 5 sliding-window layers (512 keys, RoPE base 1e4) before each global
   python main.py --config=configs/gemma3_1b.py --workdir=gs://BUCKET/gemma3_1b
 
 On 8 devices a step is 2 x 32 x 8 = 512 sequences = 1,048,576 tokens. The Gemma tokenizer is a
-SentencePiece model: fine-tune the public weights with it (tokenizer.model of the checkpoint) as
+SentencePiece model (config.data.tokenizer = "sentencepiece", the default): the import copies it
+(tokenizer.model, with the checkpoint's other tokenizer files) beside the weights; fine-tune the public
+weights with it as
 
   python scripts/convert_hf.py import --hf_dir=gemma-3-1b-pt --out=ckpt/gemma3_1b --config=configs/gemma3_1b.py
   python main.py --config=configs/gemma3_1b.py --workdir=runs/gemma3_ft --config.train.init_from=ckpt/gemma3_1b \\
-      --config.data.tokenizer_path=gemma-3-1b-pt/tokenizer.model
+      --config.data.tokenizer_path=ckpt/gemma3_1b/tokenizer.model
 
 999,885,952 parameters (tests/test_model.py).
 """

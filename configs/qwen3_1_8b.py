@@ -4,13 +4,17 @@ heads of 128, per-head query/key RMSNorm, SwiGLU 6144, vocab 151936, tied embedd
   python main.py --config=configs/qwen3_1_8b.py --workdir=gs://BUCKET/qwen3_1_8b
 
 On 8 devices a step is 6 x 16 x 8 = 768 sequences = 1,572,864 tokens. Continued training from the public
-weights: convert them, then name the result in train.init_from:
+weights: convert them (the import copies Qwen's tokenizer, a byte-level BPE tokenizer.json, and its
+tokenizer_config.json beside them), then name the result in train.init_from and its tokenizer in
+data.tokenizer_path, so that the text is tokenized the way the weights expect:
 
   python scripts/convert_hf.py import --hf_dir=Qwen3-1.7B --out=ckpt/qwen3_1_8b --config=configs/qwen3_1_8b.py
-  python main.py --config=configs/qwen3_1_8b.py --workdir=runs/qwen3_ft --config.train.init_from=ckpt/qwen3_1_8b
+  python main.py --config=configs/qwen3_1_8b.py --workdir=runs/qwen3_ft --config.train.init_from=ckpt/qwen3_1_8b \\
+      --config.data.tokenizer=huggingface --config.data.tokenizer_path=ckpt/qwen3_1_8b/tokenizer.json
 
-Qwen's tokenizer (byte-level BPE, tokenizer.json) is not one lm/data.py reads yet: until it is, the text is
-not tokenized the way the weights expect.
+Qwen3's documents have no beginning-of-sequence token; each ends with tokenizer_config.json's eos_token
+(<|endoftext|> in Qwen3-1.7B-Base's, <|im_end|> in the chat model Qwen3-1.7B's). `scripts/convert_hf.py
+export` of the run writes the tokenizer beside the exported weights.
 
 1,720,574,976 parameters (tests/test_model.py). Too large to train on a CPU; the tests build its shapes
 with jax.eval_shape.

@@ -48,18 +48,30 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-  dataset: str
-  text_files: str
-  data_dir: str
-  text_feature: str
-  train_split: str
-  eval_split: str
+class SourceConfig:
+  name: str  # its key in config.data.sources
+  kind: str
+  path: str
+  text_field: str
+  validation: str
   validation_fraction: float
+  separator: str
+  train_split: str
+  weight: float
   max_documents: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  sources: tuple[SourceConfig, ...]
+  data_dir: str
   tokenizer: str
   tokenizer_path: str
+  tokenizer_sample_bytes: int
+  eval_split: str
   eval_sequences: int
+  workers: int
+  shard_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +132,9 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
-TOKENIZERS = ("sentencepiece", "byte")
+TOKENIZERS = ("sentencepiece", "huggingface", "byte")
+SOURCE_KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
+EVAL_SPLITS = ("validation", "train")
 
 
 def _section(cls, section: str, values: ml_collections.ConfigDict):
@@ -137,6 +151,9 @@ def _section(cls, section: str, values: ml_collections.ConfigDict):
   kwargs = {}
   for name, value in given.items():
     kind = hints[name]
+    if not isinstance(kind, type):  # a nested section, built and checked by its caller
+      kwargs[name] = value
+      continue
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -147,6 +164,21 @@ def _section(cls, section: str, values: ml_collections.ConfigDict):
   return cls(**kwargs)
 
 
+def _data_section(values: ml_collections.ConfigDict) -> DataConfig:
+  """The data section, whose `sources` (a ConfigDict of named sources) each become a SourceConfig."""
+  sources = values.get("sources")
+  if not isinstance(sources, ml_collections.ConfigDict) or not len(sources):
+    raise ConfigError("config.data.sources must hold at least one named source; start from configs/base.py "
+                      "(`c.data.sources.main = base.source(kind=..., path=...)`).")
+  named = []
+  for name, source in sources.items():
+    if not isinstance(source, ml_collections.ConfigDict):
+      raise ConfigError(f"config.data.sources.{name} = {source!r} is not a source; make it with "
+                        "configs/base.py's base.source(kind=..., path=...).")
+    named.append(_section(SourceConfig, f"data.sources.{name}", {"name": name, **dict(source)}))
+  return _section(DataConfig, "data", {**dict(values), "sources": tuple(named)})
+
+
 def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   """The single ConfigDict -> dataclass conversion, validated."""
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -154,7 +186,8 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   if unknown:
     raise ConfigError(f"config has unknown sections {unknown}; the sections are {sorted(sections)}.")
   hints = typing.get_type_hints(Config)
-  config = Config(**{name: _section(hints[name], name, c[name]) for name in sections})
+  config = Config(**{name: _section(hints[name], name, c[name]) if name != "data" else _data_section(c.data)
+                     for name in sections})
   validate(config)
   return config
 
@@ -199,18 +232,39 @@ def validate_model(m: ModelConfig) -> None:
   _require(m.head_dim % 2 == 0, f"config.model.head_dim = {m.head_dim} must be even for rotary embeddings.")
 
 
+def validate_data(d: DataConfig) -> None:
+  _one_of("data", "tokenizer", d.tokenizer, TOKENIZERS)
+  _require(d.tokenizer != "huggingface" or d.tokenizer_path != "",
+           "config.data.tokenizer = 'huggingface' needs config.data.tokenizer_path: a tokenizer.json, or the "
+           "directory holding it (scripts/convert_hf.py import copies it beside the weights).")
+  _one_of("data", "eval_split", d.eval_split, EVAL_SPLITS)
+  _require(d.eval_sequences >= 0, f"config.data.eval_sequences = {d.eval_sequences} must be >= 0 (0 = the "
+                                  "whole split).")
+  _require(d.workers >= 0, f"config.data.workers = {d.workers} must be >= 0 (0 = one per CPU core).")
+  _positive("data", d, "tokenizer_sample_bytes", "shard_tokens")
+  for src in d.sources:
+    where = f"config.data.sources.{src.name}"
+    _one_of(f"data.sources.{src.name}", "kind", src.kind, SOURCE_KINDS)
+    _require(src.kind in ("text_files", "tfds") or src.path != "",
+             f"{where}.path is empty; give the comma-separated globs of its {src.kind} files.")
+    _require(src.kind != "tfds" or src.path != "", f"{where}.path is empty; give the TFDS dataset name.")
+    _require(0.0 < src.validation_fraction < 1.0,
+             f"{where}.validation_fraction = {src.validation_fraction} must be in (0, 1).")
+    _require(src.max_documents >= 0, f"{where}.max_documents = {src.max_documents} must be >= 0 (0 = all).")
+    _require(src.weight >= 0.0 and src.weight != float("inf"),
+             f"{where}.weight = {src.weight} must be a finite number >= 0 (its share of the training rows).")
+  _require(sum(src.weight for src in d.sources) > 0,
+           "config.data.sources: every weight is 0, so no source would give training rows; give at least one "
+           "source a weight > 0.")
+
+
 def validate(config: Config) -> None:
   """Checks everything that can be checked without devices or data."""
   d, t, mesh = config.data, config.train, config.mesh
   m = config.model
   validate_model(m)
 
-  _one_of("data", "tokenizer", d.tokenizer, TOKENIZERS)
-  _require(d.dataset != "", "config.data.dataset is empty; use local_text or a TFDS dataset name.")
-  _require(0.0 < d.validation_fraction < 1.0,
-           f"config.data.validation_fraction = {d.validation_fraction} must be in (0, 1).")
-  _require(d.max_documents >= 0, f"config.data.max_documents = {d.max_documents} must be >= 0 (0 = all).")
-  _positive("data", d, "eval_sequences")
+  validate_data(d)
 
   _one_of("train", "optimizer", t.optimizer, OPTIMIZERS)
   _one_of("train", "schedule", t.schedule, SCHEDULES)

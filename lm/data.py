@@ -1,7 +1,8 @@
-"""Token sequences and batches: tokenizers, packing, the batch arithmetic and the batch of every step.
+"""Token sequences and batches: the prepared token stores, rows cut from them, the batch arithmetic and
+the batch of every step (of one source or a mixture), and the eval batches.
 
-No TensorFlow here (the corpus and its caches are `lm/corpus.py`'s): the train step and a benchmark on
-synthetic tokens need only this module.
+No TensorFlow here (the corpus and its preparation are `lm/corpus.py`'s and `lm/prepare.py`'s): the train
+step and a benchmark on synthetic tokens need only this module.
 
 Batch arithmetic (all per optimizer step):
   micro_batch_size            sequences per device per forward/backward pass
@@ -17,162 +18,230 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from typing import Protocol
 
-from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
 
 from lm import sharding
+from lm.token_store import TokenStore
 from lm.config import ConfigError
 
-PAD_ID = 0  # every tokenizer reserves id 0 for padding
 ARRAYS = ("tokens", "segment_ids", "positions")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class Tokenizer(Protocol):
-  vocab_size: int
-  bos_id: int
-  eos_id: int
-  pad_id: int
-  fingerprint: str  # changes whenever the id mapping changes; part of the token cache key
-
-  def encode(self, text: str) -> list[int]: ...
-  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-  def decode(self, ids) -> str: ...
-  def describe(self) -> str: ...
-
-
-class ByteTokenizer:
-  """UTF-8 bytes shifted past the special ids: pad 0, bos 1, eos 2, byte b -> b + 3."""
-
-  vocab_size, pad_id, bos_id, eos_id = 259, PAD_ID, 1, 2
-  fingerprint = "byte"
-  _OFFSET = 3
-
-  def encode(self, text: str) -> list[int]:
-    return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self._OFFSET).tolist()
-
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [self.encode(text) for text in texts]
-
-  def decode(self, ids) -> str:
-    data = bytes(int(i) - self._OFFSET for i in ids if self._OFFSET <= int(i) < self.vocab_size)
-    return data.decode("utf-8", errors="replace")
-
-  def describe(self) -> str:
-    return "byte 259"
-
-
-class SentencePieceTokenizer:
-  """A SentencePiece model whose pad id is 0."""
-
-  def __init__(self, model_proto: bytes, path: str):
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    self._path = path
-    self.vocab_size = self._sp.vocab_size()
-    self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
-    self.fingerprint = "spm-" + hashlib.sha256(model_proto).hexdigest()[:16]
-
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
-
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
-
-  def decode(self, ids) -> str:
-    special = {self.pad_id, self.bos_id, self.eos_id}
-    return self._sp.decode([int(i) for i in ids if int(i) not in special])
-
-  def describe(self) -> str:
-    return f"sentencepiece {self.vocab_size} ({self._path})"
+def segments(length: int, boundaries: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Segment ids (1, 2, ... from column 0) and positions of a row whose documents start at `boundaries`
+  (column 0 starts one too: a document cut by the previous row continues as a new segment)."""
+  starts = np.zeros(length, bool)
+  starts[0] = True
+  starts[boundaries] = True
+  columns = np.arange(length, dtype=np.int32)
+  start_column = np.maximum.accumulate(np.where(starts, columns, 0))
+  return np.cumsum(starts, dtype=np.int32), (columns - start_column).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Packing
+# Sequences: rows of seq_len tokens
+
+
+class Sequences(Protocol):
+  seq_len: int
+
+  def __len__(self) -> int: ...
+  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...  # int32 [len(indices), seq_len] each
+
+
+class StoredSequences:
+  """A token store cut into rows of seq_len: row i is tokens [i L, (i + 1) L) of the stream (the tail
+  that does not fill a row is not used)."""
+
+  def __init__(self, store: TokenStore, seq_len: int):
+    self.store, self.seq_len = store, seq_len
+
+  def __len__(self) -> int:
+    return self.store.num_tokens // self.seq_len
+
+  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    out = {name: np.empty((len(indices), self.seq_len), np.int32) for name in ARRAYS}
+    for n, i in enumerate(indices):
+      tokens, boundaries = self.store.read(int(i) * self.seq_len, (int(i) + 1) * self.seq_len)
+      out["tokens"][n] = tokens
+      out["segment_ids"][n], out["positions"][n] = segments(self.seq_len, boundaries)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedSequences:
-  """One split, tokenized and packed into rows of seq_len, in a fixed order."""
+  """Rows held in memory (synthetic data, tests)."""
 
   tokens: np.ndarray  # int32 [num_sequences, seq_len]
   segment_ids: np.ndarray  # int32 [N, L]; 0 = padding, 1, 2, ... = document pieces within the row
   positions: np.ndarray  # int32 [N, L]; position within its segment, from 0
 
+  @property
+  def seq_len(self) -> int:
+    return self.tokens.shape[1]
+
   def __len__(self) -> int:
     return self.tokens.shape[0]
 
+  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(getattr(self, name)[indices], np.int32) for name in ARRAYS}
 
-def pack(stream: np.ndarray, bos_id: int, seq_len: int) -> dict[str, np.ndarray]:
-  """Cuts the stream into full rows; a document split across rows continues as a new segment."""
+
+def pack(stream: np.ndarray, document_starts: np.ndarray, seq_len: int) -> PackedSequences:
+  """A token stream cut into full rows in memory; `document_starts` are the stream offsets of documents."""
   rows = len(stream) // seq_len
   tokens = stream[:rows * seq_len].reshape(rows, seq_len).astype(np.int32)
-  # bos marks every document start because encode never emits it; column 0 starts a continuation.
-  starts = tokens == bos_id
-  starts[:, 0] = True
-  columns = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
-  start_column = np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
-  return {"tokens": tokens, "segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
-          "positions": (columns - start_column).astype(np.int32)}
+  columns = [[int(s) - r * seq_len for s in document_starts if r * seq_len < s < (r + 1) * seq_len]
+             for r in range(rows)]
+  segment_ids, positions = zip(*(segments(seq_len, c) for c in columns)) if rows else ((), ())
+  empty = np.zeros((0, seq_len), np.int32)
+  return PackedSequences(tokens, np.stack(segment_ids) if rows else empty, np.stack(positions) if rows else empty)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Batches
 
+_MIXTURE_BLOCK = 1024  # positions per block; in each block every source has its weight's share, exactly
+
+
+def _hashed_seed(text: str) -> int:
+  # grain reshuffles epoch e with seed + e, so raw seeds s and s + 1 would replay each other's epochs
+  # one apart; hashing keeps runs with nearby seeds (and the sources of a mixture) unrelated.
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def mixture_counts(weights: list[float], block: int = _MIXTURE_BLOCK) -> np.ndarray:
+  """Positions of each source in a block: its weight's share, rounded by largest remainder."""
+  share = np.asarray(weights, np.float64) / sum(weights) * block
+  counts = np.floor(share).astype(np.int64)
+  remainder_order = np.argsort(-(share - counts), kind="stable")
+  counts[remainder_order[:block - counts.sum()]] += 1
+  return counts
+
 
 class TrainBatches:
-  """Random access to the global batch of every optimizer step: a function of (seed, step) only."""
+  """Random access to the global batch of every optimizer step: a function of (seed, step) only.
 
-  def __init__(self, data: PackedSequences, seed: int, global_batch_size: int):
-    if global_batch_size > len(data):
+  The global batches are consecutive positions of an endless stream. With one source, position p is row
+  order[p] of an endless reshuffled order of its rows (a new shuffle each epoch). With several (a
+  mixture), positions go in blocks of 1,024: in each block every source gets its weight's share of the
+  positions, in a seeded random arrangement, and takes them from its own endless order; so the
+  proportions hold in every block, and position p is found without reading anything before it."""
+
+  def __init__(self, sources: dict[str, Sequences], seed: int, global_batch_size: int,
+               weights: dict[str, float] | None = None):
+    weights = weights or {name: 1.0 for name in sources}
+    self._names = [name for name in sources if weights[name] > 0]
+    self._sources = [sources[name] for name in self._names]
+    total = sum(len(s) for s in self._sources)
+    if global_batch_size > total or not all(len(s) for s in self._sources):
+      sizes = ", ".join(f"{name} {len(s)}" for name, s in zip(self._names, self._sources))
+      seq_len = self._sources[0].seq_len
       raise ConfigError(
-          f"the train split has {len(data)} sequences of seq_len {data.tokens.shape[1]}, fewer than one "
-          f"global batch of {global_batch_size}; lower config.train.micro_batch_size or "
+          f"the train split has {sizes} sequences of seq_len {seq_len}: fewer than one global batch of "
+          f"{global_batch_size} (or none in a source); lower config.train.micro_batch_size or "
           "config.train.gradient_accumulation_steps, or add text.")
-    self._data = data
     self.global_batch_size = global_batch_size
-    self.steps_per_epoch = len(data) // global_batch_size
-    # grain reshuffles epoch e with seed + e, so raw seeds s and s + 1 would replay each other's epochs
-    # one apart; hashing the seed keeps runs with nearby seeds unrelated.
-    order_seed = int.from_bytes(hashlib.sha256(f"train-order-{seed}".encode()).digest()[:4], "little")
-    self._order = grain.MapDataset.range(len(data)).shuffle(seed=order_seed).repeat(None)
+    self.steps_per_epoch = total // global_batch_size
+    self._orders = [grain.MapDataset.range(len(s)).shuffle(seed=_hashed_seed(
+        f"train-order-{seed}" if len(sources) == 1 else f"train-order-{seed}-{name}")).repeat(None)
+        for name, s in zip(self._names, self._sources)]
+    self._counts = mixture_counts([weights[name] for name in self._names])
+    self._mixture_seed = _hashed_seed(f"mixture-{seed}")
+    self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  def describe(self) -> str:
+    if len(self._sources) == 1:
+      return f"{len(self._sources[0]):,} sequences"
+    shares = self._counts / self._counts.sum()
+    return "a mixture of " + ", ".join(f"{name} {share:.1%} ({len(s):,} sequences)"
+                                       for name, share, s in zip(self._names, shares, self._sources))
+
+  def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, rank among that source's positions) of each position of a block."""
+    if block not in self._blocks:
+      rng = np.random.default_rng([self._mixture_seed, block])
+      source = rng.permutation(np.repeat(np.arange(len(self._counts)), self._counts))
+      rank = np.empty(len(source), np.int64)
+      for j in range(len(self._counts)):
+        rank[source == j] = np.arange(self._counts[j])
+      self._blocks = {block: (source, rank)} if len(self._blocks) > 8 else {**self._blocks, block: (source, rank)}
+    return self._blocks[block]
+
+  def locate(self, step: int, rows: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """(source, row of that source) of this step's positions [step G, (step + 1) G), or the `rows` of
+    them (a slice or an array of positions in the global batch)."""
+    start = step * self.global_batch_size
+    positions = np.arange(start, start + self.global_batch_size, dtype=np.int64)[rows]
+    if len(self._sources) == 1:
+      source, nth = np.zeros(len(positions), np.int64), positions
+    else:
+      source, nth = np.empty(len(positions), np.int64), np.empty(len(positions), np.int64)
+      for n, p in enumerate(positions):
+        block, offset = divmod(int(p), _MIXTURE_BLOCK)
+        block_source, rank = self._block(block)
+        source[n] = block_source[offset]
+        nth[n] = block * self._counts[source[n]] + rank[offset]
+    index = np.fromiter((self._orders[s][int(i)] for s, i in zip(source, nth)), np.int64, count=len(nth))
+    return source, index
 
   def indices(self, step: int, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-    """Rows of the data for this step: positions [step * G, (step + 1) * G) of the endless order, or the
-    `rows` of them (a slice or an array of positions in the global batch)."""
-    start = step * self.global_batch_size
-    stream_positions = np.arange(start, start + self.global_batch_size)[rows]
-    return np.fromiter((self._order[int(i)] for i in stream_positions), np.int64, count=len(stream_positions))
+    """Rows of the (first) source for this step; with one source, the rows the step reads."""
+    return self.locate(step, rows)[1]
 
   def get(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
     """The step's global batch, or the `rows` part of it (a process's share) without reading the rest."""
-    indices = self.indices(step, rows)
-    return {name: np.asarray(getattr(self._data, name)[indices], np.int32) for name in ARRAYS}
+    return _gather(self._sources, *self.locate(step, rows))
 
 
-def eval_batches(data: PackedSequences, num_sequences: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-  """The first num_sequences rows in batches; the last batch is padded with all-zero rows."""
-  if len(data) < num_sequences:
-    logging.warning("The eval split has %d sequences, fewer than config.data.eval_sequences = %d; "
-                    "evaluating on all of them.", len(data), num_sequences)
-  count = min(num_sequences, len(data))
-  batches = []
-  for start in range(0, count, batch_size):
-    stop = min(start + batch_size, count)
-    batch = {name: np.zeros((batch_size, data.tokens.shape[1]), np.int32) for name in ARRAYS}
-    for name in ARRAYS:
-      batch[name][:stop - start] = getattr(data, name)[start:stop]
-    batches.append(batch)
-  return batches
+def _gather(sources: list[Sequences], source: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
+  """The rows (source[n], index[n]) in order, each source read once for all of its rows."""
+  out = {name: np.empty((len(index), sources[0].seq_len), np.int32) for name in ARRAYS}
+  for j in np.unique(source):
+    where = np.flatnonzero(source == j)
+    for name, array in sources[j].rows(index[where]).items():
+      out[name][where] = array
+  return out
+
+
+class EvalBatches:
+  """Eval rows in batches of `batch_size`, read when a batch is asked for; the last batch is padded with
+  rows of segment id 0 (masked). All rows of every source, or a seeded random sample of `num_sequences`
+  of them (0 = all)."""
+
+  def __init__(self, sources: list[Sequences], num_sequences: int, batch_size: int, seed: int = 0):
+    self._sources, self.batch_size = sources, batch_size
+    sizes = [len(s) for s in sources]
+    self.available = sum(sizes)
+    chosen = np.arange(self.available, dtype=np.int64)
+    if 0 < num_sequences < self.available:
+      rng = np.random.default_rng(_hashed_seed(f"eval-sample-{seed}"))
+      chosen = np.sort(rng.choice(self.available, num_sequences, replace=False))
+    offsets = np.cumsum([0] + sizes)
+    self._source = np.searchsorted(offsets, chosen, side="right") - 1
+    self._index = chosen - offsets[self._source]
+    self.num_sequences = len(chosen)
+
+  def describe(self) -> str:
+    if self.num_sequences == self.available:
+      return f"all {self.available:,} sequences"
+    return f"a seeded random sample of {self.num_sequences:,} of the {self.available:,} sequences"
+
+  def __len__(self) -> int:
+    return -(-self.num_sequences // self.batch_size)
+
+  def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    if not 0 <= b < len(self):
+      raise IndexError(b)
+    part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+    rows = _gather(self._sources, self._source[part], self._index[part])
+    pad = self.batch_size - len(rows["tokens"])
+    return {name: np.pad(array, ((0, pad), (0, 0))) for name, array in rows.items()}
 
 
 def targets(tokens):

@@ -11,20 +11,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import checkpoint, console, data, distributed, metrics, runtime, sharding
+from lm import checkpoint, console, distributed, metrics, runtime, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
 
 
-def evaluate(eval_fn: Callable, params, batches: list[dict[str, np.ndarray]],
+def evaluate(eval_fn: Callable, params, batches: Sequence[dict[str, np.ndarray]],
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss over the fixed validation batches (each process passes only its devices' rows of them), the
   per-sequence sums added in row order: training's eval and `--mode=eval` give the same figure."""
@@ -35,11 +35,6 @@ def evaluate(eval_fn: Callable, params, batches: list[dict[str, np.ndarray]],
   loss_sum, tokens = metrics.sum_losses({k: np.concatenate([f[k] for f in fetched]) for k in fetched[0]})
   loss = loss_sum / max(tokens, 1)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-
-
-def eval_batches(config: Config, split: data.PackedSequences, plan: data.BatchPlan) -> list[dict[str, np.ndarray]]:
-  """The fixed validation set, in batches of one micro-step's rows (training's and --mode=eval's)."""
-  return data.eval_batches(split, config.data.eval_sequences, plan.micro_rows)
 
 
 def checkpoint_steps(directory: str, manager: ocp.CheckpointManager) -> list[int]:
@@ -156,9 +151,10 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
   rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
     source = ParamsSource(checkpoint_dir, rt.abstract_params, to_dict(config)["model"])
-    with distributed.process_zero_first():  # process 0 may write the data caches
-      _, splits = corpus.load(config.data, config.model.vocab_size, config.train.seq_len, ("eval",))
-    batches = eval_batches(config, splits["eval"], rt.plan)
+    with distributed.process_zero_first():  # process 0 may prepare the data
+      _, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
+    batches = corpus.eval_batches(config.data, prepared, config.train.seq_len, rt.plan.micro_rows,
+                                  config.train.seed)
     eval_fn = runtime.eval_function(rt)
     console.block([
         ("Mode", "eval" + (f", following new checkpoints (timeout {follow_timeout:g} s)" if follow else "")),
@@ -167,8 +163,7 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
                     f"({rt.mesh.devices.flat[0].platform})"),
         ("Mesh", " x ".join(f"{k}={v}" for k, v in rt.mesh.shape.items())),
         ("Checkpoints", f"{checkpoint_dir} (steps {source.steps})"),
-        ("Eval data", f"{sum(len(b['tokens']) for b in batches)} rows of {config.train.seq_len} tokens in "
-                      f"{len(batches)} batches of {rt.plan.micro_rows}"),
+        ("Eval data", corpus.describe_eval(config.data, batches)),
     ])
     out_dir = os.path.join(workdir, "eval")
     is_main = jax.process_index() == 0

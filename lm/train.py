@@ -12,14 +12,14 @@ import dataclasses
 import importlib.util
 import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, console, data, distributed, evaluate, metrics, runtime, sharding
+from lm import checkpoint, console, corpus, data, distributed, evaluate, metrics, runtime, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
@@ -36,7 +36,7 @@ class Run:
   step_fn: Callable  # (state, step batch) -> (state, metrics): jitted or compiled ahead; state donated
   batches: data.TrainBatches
   eval_fn: Callable  # (params, batch) -> metrics
-  eval_batches: list[dict[str, np.ndarray]]
+  eval_batches: Sequence[dict[str, np.ndarray]]
   manager: ocp.CheckpointManager
   num_train_steps: int
   peak_flops_per_device: float
@@ -66,7 +66,6 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   Args:
     devices: the devices of the mesh; all of them by default.
   """
-  from lm import corpus  # here: TFDS (TensorFlow) only where a corpus is read; the loop runs on any data
   t = config.train
   console.setup(is_main=jax.process_index() == 0)
   workdir = checkpoint.absolute(workdir)
@@ -84,10 +83,10 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
     _, init_model = checkpoint.params_location(t.init_from)
     checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
-  with distributed.process_zero_first():  # process 0 may write the data caches
-    tokenizer, splits = corpus.load(config.data, config.model.vocab_size, t.seq_len, ("train", "eval"))
-  train_data, eval_batches = splits["train"], evaluate.eval_batches(config, splits["eval"], rt.plan)
-  batches = data.TrainBatches(train_data, t.seed, rt.plan.global_sequences)
+  with distributed.process_zero_first():  # process 0 prepares the data on first use
+    tokenizer, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
+  batches = corpus.train_batches(prepared, t.seq_len, t.seed, rt.plan.global_sequences)
+  eval_batches = corpus.eval_batches(config.data, prepared, t.seq_len, rt.plan.micro_rows, t.seed)
   num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
   peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
 
@@ -103,7 +102,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
     run = Run(config, workdir, rt, fns.step_fn, batches, runtime.eval_function(rt), eval_batches, manager,
               num_train_steps, peak)
     console.block([
-        *_startup_lines(run, tokenizer, len(train_data)),
+        *_startup_lines(run, tokenizer, prepared),
         ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
         ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {latest_step}" if latest_step is not None
                                                   else "fresh start") + ")"),
@@ -127,7 +126,7 @@ def _initial_state(fns: runtime.TrainFunctions, manager: ocp.CheckpointManager, 
   return fns.create_state()
 
 
-def _startup_lines(run: Run, tokenizer, train_sequences: int) -> list[tuple[str, str]]:
+def _startup_lines(run: Run, tokenizer, prepared: dict) -> list[tuple[str, str]]:
   """The start-up block's lines about the model, the devices, the data and the batch."""
   config, rt, t = run.config, run.rt, run.config.train
   device = rt.mesh.devices.flat[0]
@@ -142,8 +141,10 @@ def _startup_lines(run: Run, tokenizer, train_sequences: int) -> list[tuple[str,
                               f"{rt.plan.micro_rows} of each micro-batch: each process reads only its own")]
         if several else []),
       ("Tokenizer", tokenizer.describe()),
-      ("Data", f"{train_sequences:,} train sequences of {t.seq_len} tokens "
-               f"({run.batches.steps_per_epoch:,} steps per epoch), {len(run.eval_batches)} eval batches"),
+      *[(f"Source {name}", p.describe()) for name, p in prepared.items()],
+      ("Train rows", f"{run.batches.describe()} of {t.seq_len} tokens "
+                     f"({run.batches.steps_per_epoch:,} steps per epoch)"),
+      ("Eval rows", corpus.describe_eval(config.data, run.eval_batches)),
       *rt.plan.describe(),
       ("Gradient sum", _gradient_sum(rt)),
       ("Optimizer", f"{run.num_train_steps:,} steps, {t.optimizer}, peak learning rate {t.learning_rate:g}"),

@@ -103,8 +103,9 @@ def synthetic_sequences(config: Config, rows: int, seed: int = 0) -> data.Packed
   """Uniform random tokens in documents of random length, packed as the real data is."""
   rng = np.random.default_rng(seed)
   stream = rng.integers(3, config.model.vocab_size, rows * config.train.seq_len, dtype=np.int32)
-  stream[rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS] = BOS_ID
-  return data.PackedSequences(**data.pack(stream, BOS_ID, config.train.seq_len))
+  starts = np.flatnonzero(rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS)
+  stream[starts] = BOS_ID
+  return data.pack(stream, starts, config.train.seq_len)
 
 
 class PeakRss:
@@ -150,7 +151,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str,
                           save_interval_steps=max(1 + warmup + steps // 2, 1))
   config = dataclasses.replace(config, train=t)
   rt = runtime.setup(config)
-  batches = data.TrainBatches(synthetic_sequences(config, 4 * rt.plan.global_sequences), t.seed,
+  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
                               rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
@@ -212,7 +213,7 @@ def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callab
   per optimizer step and fetches the step's figures at its end (each step timed to its end)."""
   rt = runtime.setup(config)
   t = config.train
-  batches = data.TrainBatches(synthetic_sequences(config, 4 * rt.plan.global_sequences), t.seed,
+  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
                               rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     tx = make_optimizer(t, warmup + steps + 1)
@@ -284,7 +285,8 @@ def run_minimal(config: Config, steps: int, warmup: int) -> tuple[dict, Callable
   """The minimal step on the first device, on the project's global batch; each step timed to its end."""
   t = config.train
   global_sequences = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices())
-  batches = data.TrainBatches(synthetic_sequences(config, 4 * global_sequences), t.seed, global_sequences)
+  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * global_sequences)}, t.seed,
+                             global_sequences)
   init, step = minimal_step(config)
   params, opt_state = init(jax.random.key(t.seed), batches.get(0))
   start = time.perf_counter()

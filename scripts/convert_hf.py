@@ -9,9 +9,22 @@ language model) directory -> parameters that `train.init_from` names (an orbax `
 the config's shapes, and config.json's settings against its switches. Without it, the model is read from
 config.json and the run settings come from configs/base.py.
 
+import also copies the tokenizer files of the directory (tokenizer.json, tokenizer_config.json,
+tokenizer.model, special_tokens_map.json, generation_config.json: those it has) into --out, and prints the
+overrides that fine-tune with them, e.g. for Qwen3
+
+  --config.data.tokenizer=huggingface --config.data.tokenizer_path=ckpt/qwen3/tokenizer.json
+
+(a SentencePiece tokenizer.model alone, as Gemma's: --config.data.tokenizer=sentencepiece
+--config.data.tokenizer_path=ckpt/gemma3/tokenizer.model). A directory without them imports with a warning.
+
 export: the parameters of an import, or the newest (or --step) checkpoint of a run's checkpoint directory
 -> config.json and model.safetensors (5 GB shards with an index when larger), loadable with
-`transformers.AutoModelForCausalLM.from_pretrained`. Tokenizer files are not written.
+`transformers.AutoModelForCausalLM.from_pretrained`, and the tokenizer files beside them: for a run, those
+of the tokenizer its config's data.tokenizer_path names (a tokenizer.json with the tokenizer_config.json,
+special_tokens_map.json and generation_config.json of its directory, or a SentencePiece model as
+tokenizer.model), when that path exists here; otherwise the tokenizer files in the directory exported (an
+import's). A run that trained its own SentencePiece model (data.tokenizer_path empty) exports none.
 
 Needs numpy and safetensors, no torch. A problem with the input exits 2 with a message that names it.
 """
@@ -28,9 +41,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from etils import epath  # noqa: E402
 import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
@@ -39,6 +54,10 @@ from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_
 from lm.model import Decoder  # noqa: E402
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# The tokenizer files of a Hugging Face directory. None is a weight file (config.json, model*.safetensors*,
+# params/, model.json): copying them never touches the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def load_config_file(path: str):
@@ -76,7 +95,42 @@ def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
       raise hf.HFError(f"{hf_dir}: the tensors fit {config_path}, but its config.json describes another model: "
                        f"{'; '.join(differences)}.")
   checkpoint.save_params(out, params, dataclasses.asdict(cfg), source=os.path.abspath(hf_dir))
+  # After the weights: a failed copy leaves a complete import without (some) tokenizer files.
+  copied = copy_tokenizer_files({name: epath.Path(hf_dir) / name for name in TOKENIZER_FILES}, out)
+  if copied:
+    print(f"Copied {', '.join(copied)} from {hf_dir} into {out}.")
+  if overrides := tokenizer_overrides(out, copied):
+    print(f"Fine-tune with its tokenizer: {overrides}")
+  else:
+    print(f"Warning: {hf_dir} has no tokenizer (tokenizer.json or tokenizer.model); name the model's with "
+          "--config.data.tokenizer and --config.data.tokenizer_path.", file=sys.stderr)
   return cfg
+
+
+def copy_tokenizer_files(sources: dict[str, epath.Path], out: str) -> list[str]:
+  """Copies each source that exists to <out>/<name>, byte for byte (local or gs://); returns the names
+  copied. Names are TOKENIZER_FILES only, so no weight file is ever written."""
+  copied = []
+  for name, source in sources.items():
+    if name not in TOKENIZER_FILES:
+      raise ValueError(f"{name} is not a tokenizer file")
+    target = epath.Path(out) / name
+    if not source.is_file():
+      continue
+    local = "://" not in os.fspath(source) and "://" not in os.fspath(target)
+    if not (local and target.exists() and os.path.samefile(source, target)):  # exporting into its own dir
+      target.write_bytes(source.read_bytes())
+    copied.append(name)
+  return copied
+
+
+def tokenizer_overrides(out: str, copied: list[str]) -> str:
+  """The flags that name the tokenizer copied into `out`: its tokenizer.json, else its tokenizer.model;
+  empty when neither was copied."""
+  for kind, name in (("huggingface", "tokenizer.json"), ("sentencepiece", "tokenizer.model")):
+    if name in copied:
+      return f"--config.data.tokenizer={kind} --config.data.tokenizer_path={epath.Path(out) / name}"
+  return ""
 
 
 def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32",
@@ -91,7 +145,49 @@ def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float3
   hf.write_tensors(out, hf.to_hf(params, cfg, EXPORT_DTYPES[dtype]), max_shard_bytes)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  sources, origin = export_tokenizer_sources(path, step)
+  copied = copy_tokenizer_files(sources, out)
+  print(f"Copied {', '.join(copied)} ({origin}) to {out}" if copied else
+        f"No tokenizer files written to {out}: {origin}.")
   return cfg
+
+
+def export_tokenizer_sources(path: str, step: int | None) -> tuple[dict[str, epath.Path], str]:
+  """(name in the export -> file, where they come from) of the tokenizer to write beside an export of
+  `path`. A run's: the one its config's data.tokenizer_path names, which it trained with; the files in
+  `path` only when that path does not exist here. An import's: the files in `path`, which import copied.
+  Never files of both: those of two tokenizers would mix."""
+  directory = epath.Path(checkpoint.absolute(path))
+  beside = {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+  data = run_config(path, step).get("data")
+  if data is None:  # an import's parameters
+    return beside, f"from {path}" if beside else f"{path} has none"
+  kind, named = data.get("tokenizer", "sentencepiece"), data.get("tokenizer_path", "")
+  if kind == "byte" or not named:
+    return {}, ("the run used the byte tokenizer, which has no files" if kind == "byte" else
+                "the run trained its own SentencePiece model (data.tokenizer_path empty): copy it from its "
+                "data.data_dir as tokenizer.model by hand")
+  file = epath.Path(named)
+  if kind == "huggingface" and file.is_dir():
+    file = file / "tokenizer.json"
+  if not file.is_file():
+    return beside, (f"the run's data.tokenizer_path {named} does not exist here"
+                    + (f"; the files in {path} instead" if beside else ""))
+  if kind == "sentencepiece":
+    return {"tokenizer.model": file}, f"the run's data.tokenizer_path {named}"
+  extra = {name: file.parent / name for name in TOKENIZER_FILES if name not in ("tokenizer.json", "tokenizer.model")}
+  return {"tokenizer.json": file, **extra}, f"the run's data.tokenizer_path {named} and its directory"
+
+
+def run_config(path: str, step: int | None) -> dict:
+  """The config a run saved with its checkpoint `step` (default the newest) in `path`; {} for an import's
+  parameters, which have none."""
+  path = checkpoint.absolute(path)
+  if (epath.Path(path) / checkpoint.MODEL_FILE).exists():
+    return {}
+  manager = checkpoint.reader(path)
+  step = manager.latest_step() if step is None else step
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,9 @@ def main(argv):
     config = from_config_dict(_CONFIG.value)
     sampler = sampling.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     tokenizer = corpus.load_tokenizer(config.data, config.model.vocab_size)
-    prompt = [tokenizer.bos_id, *tokenizer.encode(_PROMPT.value)]
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as documents are framed in training
+    prompt = [*head, *tokenizer.encode(_PROMPT.value)]
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else -1  # -1: no end, max_tokens each
     if len(prompt) + _MAX_TOKENS.value > config.model.max_seq_len:
       raise ConfigError(f"The prompt ({len(prompt)} tokens) + --max_tokens={_MAX_TOKENS.value} is over "
                         f"config.model.max_seq_len = {config.model.max_seq_len}: shorten one of them.")
@@ -58,12 +60,12 @@ def main(argv):
     with jax.set_mesh(mesh):
       new_BxT = sampling.generate(params, prompt_BxP, jax.random.key(_SEED.value), model=Decoder(config.model),
                                   max_new_tokens=_MAX_TOKENS.value, sampling=sampler,
-                                  eos_id=tokenizer.eos_id, num_ids=num_ids)
+                                  eos_id=eos_id, num_ids=num_ids)
     console.logger.info("Checkpoint step %d, %s", step, sampler)
     for row in np.asarray(new_BxT):
       ids = row.tolist()
-      ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
-      print(tokenizer.decode(prompt[1:] + ids))
+      ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
+      print(tokenizer.decode(prompt[len(head):] + ids))
   except (ConfigError, ValueError) as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)

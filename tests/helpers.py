@@ -1,6 +1,9 @@
 """Small configs shared by the tests, and the XLA flags every test process runs with."""
 
 import dataclasses
+import functools
+
+import ml_collections
 
 from configs import base
 from lm.config import Config, MeshConfig, from_config_dict
@@ -26,3 +29,16 @@ def tiny_model(**overrides):
 def mesh_config(**sizes) -> MeshConfig:
   """The base mesh (data parallel across hosts) with some axis sizes changed."""
   return dataclasses.replace(base_config().mesh, **sizes)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, flags) -> ml_collections.ConfigDict:
+  """`--config.a.b=value` command-line overrides applied to c, as main.py's flags would (typed by the
+  value they replace); other arguments are skipped."""
+  for flag in flags:
+    if flag.startswith("--config."):
+      key, value = flag[len("--config."):].split("=", 1)
+      *sections, name = key.split(".")
+      section = functools.reduce(lambda part, s: part[s], sections, c)
+      old = section[name]
+      section[name] = (value == "True") if isinstance(old, bool) else type(old)(value)
+  return c

@@ -27,7 +27,7 @@ from tests.helpers import FAST_COMPILE, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
-VOCAB, B, L = 320, 2, 24  # 320: the byte tokenizer's 259 ids fit, for the training run below
+VOCAB, B, L = 320, 2, 24  # 320: the 300 ids of write_hf_tokenizer's tokenizer fit, for the training run below
 TOLERANCE = 1e-5  # relative error of float32 logits: max |ours - theirs| / max |theirs|
 
 _common = dict(vocab_size=VOCAB, max_position_embeddings=64)
@@ -259,9 +259,13 @@ def test_restoring_parameters_of_other_shapes_names_the_tensor(tmp_path):
 
 
 def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
-  """Fine-tuning through main.py: a Qwen3 imported from transformers, two steps at a small learning rate.
-  The saved parameters moved from the imported ones, but by no more than the steps could move them."""
-  convert.import_hf(str(reference["root"] / "qwen3_for_training"), str(tmp_path / "imported"))
+  """Fine-tuning through main.py: a Qwen3 imported from transformers with its tokenizer (a BPE
+  tokenizer.json, as Qwen3's), two steps at a small learning rate with that tokenizer. The saved parameters
+  moved from the imported ones, but by no more than the steps could move them; the export has the tokenizer."""
+  hf_dir = tmp_path / "hf_in"
+  shutil.copytree(reference["root"] / "qwen3_for_training", hf_dir)
+  write_hf_tokenizer(hf_dir)
+  convert.import_hf(str(hf_dir), str(tmp_path / "imported"))
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for name in ("textwrap.py", "csv.py", "shlex.py", "fractions.py"):
@@ -271,7 +275,9 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
       model=dict(name="qwen3", qk_norm=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6,
                  vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                  mlp_dim=128, max_seq_len=64, scan_layers=True),  # the layout the import wrote
-      data=dict(tokenizer="byte", eval_sequences=8, data_dir=str(tmp_path / "data"), text_files=f"{corpus}/*.py"),
+      data={"tokenizer": "huggingface", "tokenizer_path": tmp_path / "imported" / "tokenizer.json",
+            "eval_sequences": 8, "data_dir": tmp_path / "data", "sources.main.path": f"{corpus}/*.py",
+            "sources.main.validation": corpus / "shlex.py"},
       train=dict(init_from=str(tmp_path / "imported"), seq_len=64, micro_batch_size=2, num_train_steps=steps,
                  learning_rate=learning_rate, warmup_steps=0, schedule="constant", save_interval_steps=steps,
                  eval_interval_steps=steps, log_interval_steps=1))
@@ -282,6 +288,7 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
                                          "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr
+  assert f"huggingface 300 ({tmp_path / 'imported' / 'tokenizer.json'}; bos none, eos <|endoftext|>)" in run.stderr
   assert f"step {steps}/{steps} | loss" in run.stderr
   imported, _ = checkpoint.load_params_on_host(str(tmp_path / "imported"))
   trained, model = checkpoint.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
@@ -292,3 +299,114 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
   # And back out: the run's newest checkpoint as a Hugging Face directory.
   assert convert.main(["export", f"--checkpoint={tmp_path / 'run' / 'checkpoints'}", f"--out={tmp_path / 'hf'}"]) == 0
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+  for name in TOKENIZER_FILES:
+    assert (tmp_path / "hf" / name).read_bytes() == (hf_dir / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer files: import copies them, export writes them beside the weights. A Hugging Face directory of
+# this project's export (no transformers needed) with a tiny BPE tokenizer.json, as Qwen3's is.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def write_hf_tokenizer(directory):
+  """A 300-id BPE tokenizer.json whose end of text is <|endoftext|>, with a tokenizer_config.json naming it
+  (and no bos, as Qwen3's) and a generation_config.json; returns the id of <|endoftext|>."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+  texts = ["def add(a, b):\n  return a + b\n", "The quick brown fox jumps over the lazy dog.",
+           "import os\nprint(os.getcwd())\n", "class Point:\n  x: int\n  y: int\n"] * 4
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+  eos = tok.token_to_id("<|endoftext|>")
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+  return eos
+
+
+@pytest.fixture
+def small_qwen3(tmp_path):
+  """(config, parameters, their save_params directory, a Hugging Face directory of them without tokenizer)."""
+  cfg = ours_config(OURS["ours_qwen3_unscanned"])
+  params = random_params(cfg, seed=7)
+  checkpoint.save_params(str(tmp_path / "params"), params, dataclasses.asdict(cfg), source="test")
+  convert.export_hf(str(tmp_path / "params"), str(tmp_path / "hf"))
+  return cfg, params, tmp_path / "params", tmp_path / "hf"
+
+
+def test_import_copies_the_tokenizer_and_prints_its_overrides(small_qwen3, tmp_path, capsys):
+  from lm import tokenizer
+
+  _, params, _, hf_dir = small_qwen3
+  eos = write_hf_tokenizer(hf_dir)
+  out = tmp_path / "imported"
+  assert convert.main(["import", f"--hf_dir={hf_dir}", f"--out={out}"]) == 0
+  for name in TOKENIZER_FILES:
+    assert (out / name).read_bytes() == (hf_dir / name).read_bytes(), name
+  assert not (out / "tokenizer.model").exists()
+  stdout = capsys.readouterr().out
+  assert f"--config.data.tokenizer=huggingface --config.data.tokenizer_path={out / 'tokenizer.json'}" in stdout
+  for path in (out, out / "tokenizer.json"):  # the directory, or the file the overrides name
+    tok = tokenizer.read("huggingface", str(path))
+    assert (tok.eos_id, tok.bos_id, tok.vocab_size) == (eos, None, 300)
+    assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
+  # The weights are the ones exported, untouched by the copy.
+  back, _ = checkpoint.load_params_on_host(str(out))
+  back = {**{k: v for k, v in back.items() if k != "layers"},
+          **{f"layers_{i}": jax.tree.map(lambda x: x[i], back["layers"]) for i in range(3)}}
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_export_writes_the_imported_tokenizer_beside_the_weights(small_qwen3, tmp_path, capsys):
+  _, _, _, hf_dir = small_qwen3
+  write_hf_tokenizer(hf_dir)
+  convert.import_hf(str(hf_dir), str(tmp_path / "imported"))
+  assert convert.main(["export", f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'again'}"]) == 0
+  assert "Copied tokenizer.json, tokenizer_config.json, generation_config.json" in capsys.readouterr().out
+  for name in TOKENIZER_FILES:
+    assert (tmp_path / "again" / name).read_bytes() == (hf_dir / name).read_bytes(), name
+  original, again = hf.read_tensors(str(hf_dir)), hf.read_tensors(str(tmp_path / "again"))
+  assert set(again) == set(original)
+  for key in original:
+    np.testing.assert_array_equal(again[key], original[key], err_msg=key)
+
+
+def test_import_without_tokenizer_files_warns(small_qwen3, tmp_path, capsys):
+  _, _, _, hf_dir = small_qwen3
+  assert convert.main(["import", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'imported'}"]) == 0
+  assert f"Warning: {hf_dir} has no tokenizer (tokenizer.json or tokenizer.model)" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "imported")) == ["model.json", "params"]
+
+
+@pytest.mark.parametrize("kind", ["huggingface", "sentencepiece", "byte"])
+def test_export_of_a_run_writes_the_tokenizer_its_config_names(small_qwen3, tmp_path, kind, capsys):
+  """A run's checkpoint directory: the tokenizer is the one of its saved config's data section."""
+  from configs import base
+  from lm.config import from_config_dict, to_dict
+
+  cfg, _, params_dir, _ = small_qwen3
+  tok_dir = tmp_path / "tok"
+  tok_dir.mkdir()
+  write_hf_tokenizer(tok_dir)
+  (tok_dir / "spm.model").write_bytes(b"a SentencePiece model: copied, never parsed")
+  named = {"huggingface": str(tok_dir), "sentencepiece": str(tok_dir / "spm.model"), "byte": ""}[kind]
+  config = to_dict(from_config_dict(base.get_config()))
+  config["model"] = dataclasses.asdict(cfg)
+  config["data"].update(tokenizer=kind, tokenizer_path=named)
+  params, _ = checkpoint.load_params_on_host(str(params_dir))
+  manager = checkpoint.make_manager(str(tmp_path / "run"), from_config_dict(base.get_config()).train)
+  checkpoint.save(manager, 5, {"params": params}, config)
+  checkpoint.finish_saves(manager)
+  assert convert.main(["export", f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'hf_run'}"]) == 0
+  written = {"huggingface": {name: name for name in TOKENIZER_FILES}, "sentencepiece": {"tokenizer.model": "spm.model"},
+             "byte": {}}[kind]
+  assert sorted(n for n in os.listdir(tmp_path / "hf_run") if not n.startswith(("model", "config"))) == sorted(written)
+  for name, source in written.items():
+    assert (tmp_path / "hf_run" / name).read_bytes() == (tok_dir / source).read_bytes(), name
+  stdout = capsys.readouterr().out
+  assert ("the byte tokenizer, which has no files" in stdout if kind == "byte" else
+          f"the run's data.tokenizer_path {named}" in stdout)

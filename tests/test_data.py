@@ -1,12 +1,14 @@
-"""Tests for lm/data.py and lm/corpus.py on tiny corpora written into tmp dirs."""
+"""Tests for lm/tokenizer.py, lm/sources.py, lm/prepare.py, lm/corpus.py and lm/data.py on tiny corpora
+written into tmp dirs."""
 
 import dataclasses
+import gzip
+import json
 import os
-import random
+import pickle
 import shutil
 import sysconfig
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -14,7 +16,9 @@ import sentencepiece as spm
 from configs import base
 from lm import config as config_lib
 from lm import corpus as lm_corpus
-from lm import data
+from lm import data, prepare, sources, token_store
+from lm import tokenizer as tokenizers
+from lm.config import ConfigError
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 CORPUS_MODULES = ("bisect.py", "colorsys.py", "fnmatch.py", "keyword.py", "shlex.py", "textwrap.py",
@@ -23,9 +27,17 @@ VOCAB = 512
 SEQ_LEN = 64
 
 
-def base_data_config(**changes) -> config_lib.DataConfig:
-  cfg = config_lib.from_config_dict(base.get_config()).data
-  return dataclasses.replace(cfg, **changes)
+def data_config(**changes) -> config_lib.DataConfig:
+  """The base data section with `changes`; source keys go to the one source, `main`."""
+  c = base.get_config()
+  source_keys = set(c.data.sources.main.keys())
+  for key, value in changes.items():
+    (c.data.sources.main if key in source_keys else c.data)[key] = value
+  return config_lib.from_config_dict(c).data
+
+
+def source_of(cfg):
+  return cfg.sources[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +46,7 @@ def corpus(tmp_path_factory):
   root = tmp_path_factory.mktemp("corpus")
   for name in CORPUS_MODULES:
     shutil.copy(os.path.join(STDLIB, name), root / name)
-  cfg = base_data_config(text_files=str(root / "*.py"), data_dir=str(root / "data"),
-                         validation_fraction=0.25)
-  return cfg
+  return data_config(path=str(root / "*.py"), validation=str(root / "this.py"), data_dir=str(root / "data"))
 
 
 @pytest.fixture(scope="module")
@@ -51,200 +61,370 @@ def write_files(directory, contents: dict[str, str]):
     path.write_text(text)
 
 
+def texts_of(src, part="train"):
+  return [t for chunk in sources.chunks(src, part) for t in sources.documents(chunk)]
+
+
 # --- tokenizers ---------------------------------------------------------------------------------------
 
 
 def test_byte_tokenizer_round_trip_and_ids():
-  tok = lm_corpus.load_tokenizer(base_data_config(tokenizer="byte"), 300)
+  tok = lm_corpus.load_tokenizer(data_config(tokenizer="byte"), 300)
   text = "héllo\n\tworld ✓  "
   ids = tok.encode(text)
-  assert tok.pad_id == data.PAD_ID == 0 and (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 259)
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 259)
   assert min(ids) >= 3 and max(ids) < 259 and len(ids) == len(text.encode("utf-8"))
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, 0, 0]) == text
+  assert tokenizers.frame(tok, [text]) == [[1, *ids, 2]]
 
 
 def test_byte_tokenizer_rejects_small_model_vocab():
-  with pytest.raises(config_lib.ConfigError, match="config.model.vocab_size"):
-    lm_corpus.load_tokenizer(base_data_config(tokenizer="byte"), 258)
+  with pytest.raises(ConfigError, match="259 ids but config.model.vocab_size = 258"):
+    lm_corpus.load_tokenizer(data_config(tokenizer="byte"), 258)
 
 
-def test_sentencepiece_round_trips_python_source(corpus, tokenizer):
-  assert (tokenizer.pad_id, tokenizer.vocab_size) == (0, VOCAB)
-  assert str(VOCAB) in tokenizer.describe()
+def test_trained_sentencepiece_round_trips_python_source(corpus, tokenizer):
+  assert tokenizer.vocab_size == VOCAB and (tokenizer.bos_id, tokenizer.eos_id) == (2, 3)
   unseen = "class A:\n\tdef f(self):\n        return  [1,  22,\u00e9 , '✓']  \n\n\n# end\r\n"
   for text in [open(os.path.join(STDLIB, "textwrap.py")).read(), unseen]:
     ids = tokenizer.encode(text)
     assert len(ids) < len(text.encode("utf-8"))  # merges happen: not a byte tokenizer in disguise
     assert tokenizer.decode([tokenizer.bos_id] + ids + [tokenizer.eos_id, 0]) == text
   assert tokenizer.encode_batch(["a = 1", "b"]) == [tokenizer.encode("a = 1"), tokenizer.encode("b")]
+  assert pickle.loads(pickle.dumps(tokenizer)).encode(unseen) == tokenizer.encode(unseen)  # for workers
 
 
-def test_sentencepiece_model_is_cached(corpus, tokenizer, monkeypatch):
-  path = tokenizer.describe().split("(")[1].rstrip(")")
-  mtime = os.path.getmtime(path)
-  monkeypatch.setattr(lm_corpus, "_train_sentencepiece", lambda *a: pytest.fail("retrained the tokenizer"))
-  again = lm_corpus.load_tokenizer(corpus, VOCAB)
-  assert again.fingerprint == tokenizer.fingerprint and os.path.getmtime(path) == mtime
-  assert not [name for name in os.listdir(os.path.dirname(path)) if name.endswith(".tmp")]
-
-
-def test_tokenizer_path_errors(corpus, tokenizer, tmp_path):
-  with pytest.raises(config_lib.ConfigError, match="config.data.tokenizer_path.*missing.model"):
-    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "missing.model")), VOCAB)
-  (tmp_path / "junk.model").write_bytes(b"not a model")
-  with pytest.raises(config_lib.ConfigError, match="not a SentencePiece model"):
-    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "junk.model")), VOCAB)
-  trained = tokenizer.describe().split("(")[1].rstrip(")")
-  with pytest.raises(config_lib.ConfigError, match=f"{VOCAB} pieces.*vocab_size = 300; raise"):
-    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 300)
-  assert lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), VOCAB).vocab_size == VOCAB
-  # More embedding rows than pieces: an imported model's rows that no text token uses (Gemma3 4B).
-  assert lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 1000).vocab_size == VOCAB
+def test_trained_sentencepiece_is_cached_and_learns_from_a_bounded_sample(corpus, tokenizer, monkeypatch):
+  monkeypatch.setattr(tokenizers, "train_sentencepiece", lambda *a: pytest.fail("retrained the tokenizer"))
+  assert lm_corpus.load_tokenizer(corpus, VOCAB).fingerprint == tokenizer.fingerprint
+  learned = []
+  monkeypatch.setattr(tokenizers, "train_sentencepiece", lambda texts, vocab: learned.extend(texts) or b"")
+  with pytest.raises(ConfigError):  # b"" is no model; what matters is what it was given
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_sample_bytes=5000), VOCAB)
+  assert 0 < sum(len(t) for t in learned) < 5000 + max(map(len, texts_of(source_of(corpus))))
+  assert open(os.path.join(STDLIB, "this.py")).read() not in learned  # validation is not learned from
 
 
 def test_failed_training_leaves_no_file(corpus):
-  with pytest.raises(config_lib.ConfigError, match="config.model.vocab_size = 50000.*too high"):
+  with pytest.raises(ConfigError, match="config.model.vocab_size = 50000.*lower config.model.vocab_size"):
     lm_corpus.load_tokenizer(corpus, 50_000)
-  cache = os.path.join(corpus.data_dir, "lm_cache")
-  assert not [name for name in os.listdir(cache) if "50000" in name or name.endswith(".tmp")]
+  assert not [p for p in os.listdir(os.path.join(corpus.data_dir, "tokenizers")) if "50000" in p or ".tmp" in p]
 
 
-def test_tokenizer_path_with_nonzero_pad_is_rejected(tmp_path):
-  model = tmp_path / "default_ids"
+def test_tokenizer_path_errors(corpus, tokenizer, tmp_path):
+  with pytest.raises(ConfigError, match="config.data.tokenizer_path.*missing.model.*cannot be read"):
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "missing.model")), VOCAB)
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  with pytest.raises(ConfigError, match="not a SentencePiece model.*tokenizer=huggingface"):
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=str(tmp_path / "junk.model")), VOCAB)
+  with pytest.raises(ConfigError, match="not a Hugging Face tokenizer.json"):
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer="huggingface",
+                                                 tokenizer_path=str(tmp_path / "junk.model")), VOCAB)
+  trained = tokenizer.describe().split("(")[1].rstrip(")")
+  with pytest.raises(ConfigError, match=f"{VOCAB} ids but config.model.vocab_size = 300; raise"):
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 300)
+  # More embedding rows than ids: an imported model's rows that no text token uses (Gemma3 4B).
+  assert lm_corpus.load_tokenizer(dataclasses.replace(corpus, tokenizer_path=trained), 1000).vocab_size == VOCAB
+
+
+def _sentencepiece(tmp_path, **ids) -> str:
   text = [open(os.path.join(STDLIB, name)).read() for name in CORPUS_MODULES[:3]]
+  prefix = tmp_path / "spm"
   spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(text).splitlines()), vocab_size=200,
-                                 model_prefix=str(model), minloglevel=2)  # default pad_id is -1
-  cfg = base_data_config(tokenizer_path=f"{model}.model")
-  with pytest.raises(config_lib.ConfigError, match="pad id -1"):
-    lm_corpus.load_tokenizer(cfg, 200)
+                                 model_prefix=str(prefix), minloglevel=2, **ids)
+  return f"{prefix}.model"
 
 
-# --- documents and splits --------------------------------------------------------------------------
+def test_pretrained_sentencepiece_with_any_special_ids(tmp_path):
+  # SentencePiece's defaults, LLaMA-2's: unk 0, bos 1, eos 2, no pad (-1).
+  llama = lm_corpus.load_tokenizer(data_config(tokenizer_path=_sentencepiece(tmp_path)), 200)
+  assert (llama.bos_id, llama.eos_id) == (1, 2)
+  assert tokenizers.frame(llama, ["a b"]) == [[1, *llama.encode("a b"), 2]]
+  no_bos = lm_corpus.load_tokenizer(data_config(tokenizer_path=_sentencepiece(tmp_path, bos_id=-1)), 200)
+  assert no_bos.bos_id is None and tokenizers.frame(no_bos, ["a b"]) == [[*no_bos.encode("a b"), no_bos.eos_id]]
 
 
-def documents(cfg, split):
-  return list(lm_corpus._documents(cfg, lm_corpus._builder(cfg), split))
+def _hf_tokenizer(directory, config: dict | None) -> str:
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>", "<s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([open(os.path.join(STDLIB, n)).read() for n in CORPUS_MODULES], trainer)
+  from tokenizers import decoders
+  tok.decoder = decoders.ByteLevel()
+  directory.mkdir(parents=True, exist_ok=True)
+  tok.save(str(directory / "tokenizer.json"))
+  if config is not None:
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(directory / "tokenizer.json")
 
 
-def test_splits_are_disjoint_and_cover_the_files(corpus):
-  train, validation = documents(corpus, "train"), documents(corpus, "validation")
-  originals = sorted(open(os.path.join(STDLIB, name)).read() for name in CORPUS_MODULES)
-  assert train and validation and not set(train) & set(validation)
-  assert sorted(train + validation) == originals
-  assert documents(corpus, "train") == train  # fixed order
-  assert len(documents(dataclasses.replace(corpus, max_documents=2), "train")) == 2
+def test_hugging_face_tokenizer_json(tmp_path):
+  qwen_like = _hf_tokenizer(tmp_path / "qwen", {"bos_token": None, "eos_token": "<|endoftext|>"})
+  tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=qwen_like), 512)
+  eos = json.load(open(qwen_like))["added_tokens"][1]
+  assert tok.bos_id is None and tok.eos_id == eos["id"] and eos["content"] == "<|endoftext|>"
+  text = "def f(x):\n    return x  # ✓\n"
+  assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text)
+  assert tokenizers.frame(tok, [text]) == [[*tok.encode(text), tok.eos_id]]
+  assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)
+  # The directory works too; a bos in tokenizer_config.json frames documents with it (LLaMA-3 style).
+  llama_like = _hf_tokenizer(tmp_path / "llama", {"bos_token": {"content": "<s>"}, "eos_token": "<|endoftext|>"})
+  tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=str(tmp_path / "llama")), 512)
+  assert tok.bos_id == 2 and tokenizers.frame(tok, ["x"])[0][0] == 2 and llama_like.endswith("tokenizer.json")
+  # Without tokenizer_config.json: no bos, the end-of-text token it has.
+  bare = _hf_tokenizer(tmp_path / "bare", None)
+  tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=bare), 512)
+  assert (tok.bos_id, tok.eos_id) == (None, 1)
+  with pytest.raises(ConfigError, match="400 ids but config.model.vocab_size = 256"):
+    lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=bare), 256)
+  with pytest.raises(ConfigError, match="tokenizer = 'huggingface' needs config.data.tokenizer_path"):
+    data_config(tokenizer="huggingface")
 
 
-def test_validation_assignment_is_stable_and_proportional():
-  paths = [f"/corpus/dir{i % 7}/file{i}.py" for i in range(400)]
-  chosen = lm_corpus._validation_files(paths, 0.25)
-  assert 60 < len(chosen) < 140
-  shuffled = random.Random(0).sample(paths, len(paths))
-  assert sorted(lm_corpus._validation_files(shuffled, 0.25)) == sorted(chosen)
-  # a file's assignment depends only on its own path, not on the others
-  assert set(lm_corpus._validation_files(paths[:200], 0.25)) == set(chosen) & set(paths[:200])
-  assert len(lm_corpus._validation_files(paths[:3], 0.001)) == 1  # never an empty validation split
-  assert len(lm_corpus._validation_files(paths[:3], 0.999)) == 2  # nor an empty train split
+# --- sources ---------------------------------------------------------------------------------------
 
 
-def test_changed_files_get_a_new_prepared_dataset(tmp_path):
-  write_files(tmp_path / "src", {"a.txt": "alpha " * 50, "sub/b.txt": "beta " * 50})
-  cfg = base_data_config(text_files=str(tmp_path / "src" / "**" / "*.txt"), data_dir=str(tmp_path / "d"),
-                         tokenizer="byte")
-  before = lm_corpus._builder(cfg).info.full_name
-  assert lm_corpus._builder(cfg).info.full_name == before
-  with open(tmp_path / "src" / "a.txt", "a") as f:
-    f.write("gamma")
-  assert lm_corpus._builder(cfg).info.full_name != before
+def test_explicit_validation_files_are_never_trained_on(tmp_path):
+  write_files(tmp_path, {"train.txt": "the train text", "val.txt": "the validation text"})
+  src = source_of(data_config(path=str(tmp_path / "*.txt"), validation=str(tmp_path / "val.txt")))
+  assert texts_of(src) == ["the train text"] and texts_of(src, "validation") == ["the validation text"]
 
 
-def test_local_text_errors(tmp_path):
-  cfg = base_data_config(text_files=str(tmp_path / "none" / "*.txt"), data_dir=str(tmp_path / "d"))
-  with pytest.raises(config_lib.ConfigError, match="config.data.text_files.*0 file"):
-    lm_corpus.load_tokenizer(cfg, VOCAB)
+def test_held_out_documents_are_a_stable_fraction():
+  texts = [f"document {i}" for i in range(4000)]
+  chosen = {t for t in texts if sources.held_out(t, 0.1)}
+  assert 340 < len(chosen) < 460
+  assert {t for t in texts if sources.held_out(t, 0.1)} == chosen  # a function of the text alone
+  assert chosen < {t for t in texts if sources.held_out(t, 0.3)}  # more held out: a superset
+
+
+def test_jsonl_parquet_and_text_sources(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+
+  docs = [f"doc {i}: " + "word " * (i % 7) for i in range(40)]
+  lines = "".join(json.dumps({"id": i, "content": d}) + "\n" for i, d in enumerate(docs)).encode()
+  (tmp_path / "a.jsonl").write_bytes(lines[:len(lines) // 2 + lines[len(lines) // 2:].index(b"\n") + 1])
+  rest = lines[len(lines) // 2 + lines[len(lines) // 2:].index(b"\n") + 1:]
+  (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(rest))
+  (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+  for path, expected in ((f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl.gz", docs), (f"{tmp_path}/*.zst", docs)):
+    src = source_of(data_config(kind="jsonl", path=path, text_field="content"))
+    assert texts_of(src) == expected
+  assert len(texts_of(source_of(data_config(kind="jsonl", path=f"{tmp_path}/*.zst", text_field="content",
+                                            max_documents=7)))) == 7
+  with pytest.raises(ConfigError, match=r"sources.main.text_field = 'text': a record of .*a.jsonl has no such "
+                                        r"field; it has \['content', 'id'\]"):
+    texts_of(source_of(data_config(kind="jsonl", path=f"{tmp_path}/a.jsonl")))
+  pq.write_table(pa.table({"text": docs, "n": list(range(40))}), tmp_path / "d.parquet", row_group_size=16)
+  assert texts_of(source_of(data_config(kind="parquet", path=f"{tmp_path}/d.parquet"))) == docs
+  with pytest.raises(ConfigError, match=r"text_field = 'body' is not a column of .*d.parquet; it has \['text', 'n'\]"):
+    texts_of(source_of(data_config(kind="parquet", path=f"{tmp_path}/d.parquet", text_field="body")))
+  (tmp_path / "big.txt").write_text("first\nstill first\n\n\n  \nsecond\n\nthird<END>fourth")
+  assert texts_of(source_of(data_config(kind="text", path=f"{tmp_path}/big.txt"))) == [
+      "first\nstill first", "second", "third<END>fourth"]
+  assert texts_of(source_of(data_config(kind="text", path=f"{tmp_path}/big.txt", separator="<END>"))) == [
+      "first\nstill first\n\n\n  \nsecond\n\nthird", "fourth"]
+
+
+def test_source_errors(tmp_path):
+  with pytest.raises(ConfigError, match=r"config.data.sources.main.path = .*matches no file"):
+    sources.check(source_of(data_config(path=str(tmp_path / "none" / "*.txt"))))
   write_files(tmp_path / "empty", {"a.txt": "", "b.txt": ""})
-  cfg = dataclasses.replace(cfg, text_files=str(tmp_path / "empty" / "*.txt"), tokenizer="byte")
-  with pytest.raises(config_lib.ConfigError, match="config.data.text_files.*empty"):
-    lm_corpus.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
+  with pytest.raises(ConfigError, match="config.data.sources.main: the train files .2. are all empty"):
+    sources.check(source_of(data_config(path=str(tmp_path / "empty" / "*.txt"))))
+  with pytest.raises(ConfigError, match="config.data.sources.main.path is empty"):
+    data_config(kind="jsonl")
+  (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:40])
+  with pytest.raises(ConfigError, match=r"sources.main: cannot read .*cut.jsonl.gz \((EOFError|BadGzipFile)"):
+    texts_of(source_of(data_config(kind="jsonl", path=str(tmp_path / "cut.jsonl.gz"))))
+  (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+  with pytest.raises(ConfigError, match=r"cannot read .*junk.parquet .*Fix or remove the file"):
+    texts_of(source_of(data_config(kind="parquet", path=str(tmp_path / "junk.parquet"))))
+  with pytest.raises(ConfigError, match="config.data.sources.main.path = 'no_such_dataset_xyz' is not a registered"):
+    sources.check(source_of(data_config(kind="tfds", path="no_such_dataset_xyz")))
 
 
-def test_unknown_tfds_dataset(tmp_path):
-  cfg = base_data_config(dataset="no_such_dataset_xyz", data_dir=str(tmp_path), tokenizer="byte")
-  with pytest.raises(config_lib.ConfigError, match="config.data.dataset = 'no_such_dataset_xyz'"):
-    lm_corpus.load_split(cfg, data.ByteTokenizer(), SEQ_LEN, "train")
+# --- preparation -----------------------------------------------------------------------------------
 
 
-def test_unknown_split_and_too_little_text(corpus):
-  with pytest.raises(config_lib.ConfigError, match="config.data.eval_split = 'test'"):
-    lm_corpus.load_split(dataclasses.replace(corpus, eval_split="test"), data.ByteTokenizer(), SEQ_LEN, "eval")
-  with pytest.raises(config_lib.ConfigError, match="fewer than seq_len = 1000000"):
-    lm_corpus.load_split(corpus, data.ByteTokenizer(), 1_000_000, "eval")
+def _jsonl_corpus(directory, count=120) -> str:
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "gamma", "delta", "\n", "x = 1", "é", "✓"]
+  docs = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(count)]
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / "docs.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+  return str(directory / "docs.jsonl")
 
 
-# --- packing ---------------------------------------------------------------------------------------
+def _shard_bytes(directory) -> dict[str, bytes]:
+  return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))
+          if name.endswith((".tokens", ".ends"))}
+
+
+def test_preparation_is_the_same_for_any_number_of_workers(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 4)  # 30 chunks: more than the workers' window
+  path = _jsonl_corpus(tmp_path / "src")
+  made = {}
+  for workers in (1, 2):
+    cfg = data_config(kind="jsonl", path=path, tokenizer="byte", workers=workers, shard_tokens=1500,
+                      data_dir=str(tmp_path / f"w{workers}"), validation_fraction=0.2)
+    _, prepared = lm_corpus.prepare_all(cfg, 259)
+    made[workers] = prepared["main"]
+  one, two = made[1], made[2]
+  assert _shard_bytes(one.directory) == _shard_bytes(two.directory)
+  assert one.manifest == two.manifest and len(one.manifest["shards"]) >= 3
+  assert one.manifest["dtype"] == "uint16"
+  # The stream is the documents framed by the tokenizer, train and held-out ones apart.
+  docs = texts_of(one.source)
+  for part, wanted in (("train", False), ("validation", True)):
+    expected = [i for d in docs if sources.held_out(d, 0.2) == wanted for i in [1, *tokenizers.ByteTokenizer().encode(d), 2]]
+    store = one.stores[part]
+    assert store.read(0, store.num_tokens)[0].tolist() == expected
+  assert 0 < one.stores["validation"].num_documents < one.stores["train"].num_documents
+
+
+def test_rows_derive_segments_from_document_boundaries(tmp_path):
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte", shard_tokens=700,
+                    data_dir=str(tmp_path / "d"))
+  _, prepared = lm_corpus.prepare_all(cfg, 259)
+  store = prepared["main"].stores["train"]
+  stream, boundaries = store.read(0, store.num_tokens)
+  ends = np.cumsum([len(d.encode()) + 2 for d in texts_of(prepared["main"].source) if not sources.held_out(d, 0.02)])
+  assert boundaries == ends[:-1].tolist()  # every document start but the first, across shard borders
+  rows = data.StoredSequences(store, SEQ_LEN)
+  packed = data.pack(stream, np.concatenate([[0], ends[:-1]]), SEQ_LEN)
+  assert len(rows) == len(packed) == store.num_tokens // SEQ_LEN
+  read = rows.rows(np.arange(len(rows)))
+  for name in data.ARRAYS:
+    np.testing.assert_array_equal(read[name], getattr(packed, name))
+  # Segments start at column 0 and wherever a bos (1) starts a document; positions count from each start.
+  starts = read["positions"] == 0
+  np.testing.assert_array_equal(starts[:, 1:], read["tokens"][:, 1:] == 1)
+  assert starts[:, 0].all() and (read["segment_ids"] > 1).any()
 
 
 def test_pack_small_example():
-  stream = np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2], np.int32)
-  packed = data.pack(stream, bos_id=1, seq_len=4)
-  np.testing.assert_array_equal(packed["tokens"], [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 11]])
-  np.testing.assert_array_equal(packed["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1]])
-  np.testing.assert_array_equal(packed["positions"], [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]])
-  assert all(a.dtype == np.int32 for a in packed.values())
+  packed = data.pack(np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2]), np.array([0, 4, 7]), 4)
+  np.testing.assert_array_equal(packed.tokens, [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 11]])
+  np.testing.assert_array_equal(packed.segment_ids, [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(packed.positions, [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]])
 
 
-def test_load_split_packing_invariants(corpus, tokenizer):
-  packed = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "train")
-  stream = lm_corpus._token_stream(tokenizer, documents(corpus, "train"))
-  assert packed.tokens.shape == (len(stream) // SEQ_LEN, SEQ_LEN) == packed.positions.shape
-  assert all(a.dtype == np.int32 for a in (packed.tokens, packed.segment_ids, packed.positions))
-  non_pad = np.asarray(packed.tokens)[np.asarray(packed.segment_ids) != 0]
-  np.testing.assert_array_equal(non_pad, stream[:len(non_pad)])
-  # positions restart at 0 exactly where a segment starts: column 0 and at each bos
-  starts = np.asarray(packed.positions) == 0
-  np.testing.assert_array_equal(starts[:, 1:], np.asarray(packed.tokens)[:, 1:] == tokenizer.bos_id)
-  assert starts[:, 0].all()
-  steps = np.diff(packed.positions, axis=1)
-  np.testing.assert_array_equal(steps == 1, np.diff(packed.segment_ids, axis=1) == 0)
-  assert (np.asarray(packed.segment_ids) > 1).any()  # some rows hold several documents
+class _Killed(Exception):
+  pass
 
 
-def test_load_split_reads_the_cache(corpus, tokenizer, monkeypatch):
-  first = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "eval")
-  monkeypatch.setattr(lm_corpus, "_token_stream", lambda *a: pytest.fail("re-tokenized a cached split"))
-  second = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "eval")
-  assert isinstance(second.tokens, np.memmap)
-  np.testing.assert_array_equal(first.tokens, second.tokens)
-  train = lm_corpus.load_split(corpus, tokenizer, SEQ_LEN, "train")
-  assert train.tokens.shape != second.tokens.shape or (train.tokens != second.tokens).any()
+def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatch):
+  path = _jsonl_corpus(tmp_path / "src", count=200)
+  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 8)
+  settings = dict(kind="jsonl", path=path, tokenizer="byte", shard_tokens=1000, workers=1)
+  straight = lm_corpus.prepare_all(data_config(**settings, data_dir=str(tmp_path / "a")), 259)[1]["main"]
+  original, calls = sources.documents, []
+
+  def dies_at_chunk_14(chunk):
+    calls.append(1)
+    if len(calls) == 14:
+      raise _Killed()
+    return original(chunk)
+
+  monkeypatch.setattr(sources, "documents", dies_at_chunk_14)
+  cfg = data_config(**settings, data_dir=str(tmp_path / "b"))
+  with pytest.raises(_Killed):
+    lm_corpus.prepare_all(cfg, 259)
+  directory = lm_corpus.prepared_directory(cfg, cfg.sources[0], tokenizers.ByteTokenizer())[0]
+  partial = json.loads((directory / "manifest.json").read_text())
+  assert not partial["complete"] and len(partial["shards"]) >= 1
+  kept = {n: os.stat(directory / n).st_mtime_ns for n in _shard_bytes(directory)
+          if int(n.split("-")[1].split(".")[0]) < len(partial["shards"])}
+  monkeypatch.setattr(sources, "documents", original)
+  resumed = lm_corpus.prepare_all(cfg, 259)[1]["main"]
+  assert _shard_bytes(resumed.directory) == _shard_bytes(straight.directory)
+  assert {n: os.stat(directory / n).st_mtime_ns for n in kept} == kept  # finished shards were not redone
+  assert resumed.manifest["shards"] == straight.manifest["shards"]
+  assert not [n for n in os.listdir(directory) if n.startswith(".writing") or n.endswith(".tmp")]
 
 
-def test_targets_and_loss_mask_numpy_and_jax():
-  tokens = np.array([[1, 5, 6, 1, 7, 0, 0]], np.int32)
-  segment_ids = np.array([[1, 1, 1, 2, 2, 0, 0]], np.int32)
-  expected_mask = [[True, True, False, True, False, False, False]]
-  np.testing.assert_array_equal(data.targets(tokens), [[5, 6, 1, 7, 0, 0, 0]])
-  np.testing.assert_array_equal(data.loss_mask(segment_ids), expected_mask)
-  np.testing.assert_array_equal(np.asarray(data.targets(jnp.asarray(tokens))), [[5, 6, 1, 7, 0, 0, 0]])
-  np.testing.assert_array_equal(np.asarray(data.loss_mask(jnp.asarray(segment_ids))), expected_mask)
-  assert data.loss_mask(segment_ids).dtype == bool
+def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 8)
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte", shard_tokens=1000,
+                    data_dir=str(tmp_path / "d"))
+  prepared = lm_corpus.prepare_all(cfg, 259)[1]["main"]
+  assert token_store.verify(prepared.directory) == []
+  original = _shard_bytes(prepared.directory)
+  shard = os.path.join(prepared.directory, "train-00001.tokens")
+  content = open(shard, "rb").read()
+  with open(shard, "r+b") as f:
+    f.write(bytes([content[0] ^ 1]))
+  assert token_store.verify(prepared.directory) == [shard]  # a flipped bit: found by the checksum
+  kept = os.stat(os.path.join(prepared.directory, "train-00000.tokens")).st_mtime_ns
+  assert prepare.repair(prepared.directory) == [shard]  # shard 1 on is prepared again, shard 0 kept
+  lm_corpus.prepare_all(cfg, 259)
+  assert _shard_bytes(prepared.directory) == original and token_store.verify(prepared.directory) == []
+  assert os.stat(os.path.join(prepared.directory, "train-00000.tokens")).st_mtime_ns == kept
+  with open(shard, "wb") as f:
+    f.write(content[:-3])
+  with pytest.raises(ConfigError, match=r"train-00001.tokens is .* bytes, not .*damaged. Run "
+                                        r"scripts/prepare_data.py with the same config and --repair"):
+    lm_corpus.prepare_all(cfg, 259)
+  os.remove(shard)
+  with pytest.raises(ConfigError, match="train-00001.tokens is missing"):
+    lm_corpus.prepare_all(cfg, 259)
+  manifest = json.loads(open(os.path.join(prepared.directory, "manifest.json")).read())
+  manifest["tokenizer"] = "spm-0123"
+  with open(os.path.join(prepared.directory, "manifest.json"), "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(ConfigError, match="was prepared with tokenizer spm-0123; the config asks for byte 259"):
+    lm_corpus.prepare_all(cfg, 259)
+
+
+def test_prepared_data_lands_in_the_configured_remote_directory(tmp_path, monkeypatch):
+  from etils.epath import gpath, testing
+
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else gs:// goes to tf.io.gfile, unmocked
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  local = lambda p: os.fspath(p).replace("gs://bucket", str(bucket))
+  redirect = lambda fn, p, *a, **k: fn(local(p), *a, **k)
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte",
+                    data_dir="gs://bucket/prepared_data")
+  mocks = {name: redirect for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
+                                       "rename", "replace", "rmtree", "stat", "walk")}
+  mocks["glob"] = lambda fn, p: [p.replace(str(bucket), "gs://bucket") for p in fn(local(p))]
+  mocks["copy"] = lambda fn, src, dst, **k: fn(local(src), local(dst), **k)
+  with testing.mock_epath(**mocks):
+    _, prepared = lm_corpus.prepare_all(cfg, 259)
+    rows = data.StoredSequences(prepared["main"].stores["train"], SEQ_LEN).rows(np.array([0, 3]))
+  assert prepared["main"].directory.startswith("gs://bucket/prepared_data/prepared/main-")
+  written = bucket / prepared["main"].directory.removeprefix("gs://bucket/")
+  assert sorted(os.listdir(written)) == ["manifest.json", "train-00000.ends", "train-00000.tokens",
+                                         "validation-00000.ends", "validation-00000.tokens"]
+  assert not os.path.exists("gs:") and not os.path.exists(tmp_path / "gs:")
+  local_copy = lm_corpus.prepare_all(dataclasses.replace(cfg, data_dir=str(tmp_path / "d")), 259)[1]["main"]
+  np.testing.assert_array_equal(rows["tokens"], data.StoredSequences(local_copy.stores["train"], SEQ_LEN).rows(
+      np.array([0, 3]))["tokens"])
 
 
 # --- batches ---------------------------------------------------------------------------------------
 
 
-def synthetic(num_rows: int, seq_len: int = 3) -> data.PackedSequences:
-  """Row i holds the value i everywhere, so a batch shows which rows it took."""
-  rows = np.repeat(np.arange(num_rows, dtype=np.int32)[:, None], seq_len, axis=1)
+def synthetic(num_rows: int, seq_len: int = 3, first: int = 0) -> data.PackedSequences:
+  """Row i holds the value first + i everywhere, so a batch shows which rows it took."""
+  rows = np.repeat(np.arange(first, first + num_rows, dtype=np.int32)[:, None], seq_len, axis=1)
   positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), rows.shape)
   return data.PackedSequences(tokens=rows, segment_ids=np.ones_like(rows), positions=positions)
 
 
 def test_train_batches_are_a_function_of_seed_and_step():
-  packed = synthetic(12)
+  packed = {"main": synthetic(12)}
   a, b = data.TrainBatches(packed, seed=3, global_batch_size=4), data.TrainBatches(packed, 3, 4)
   for step in (0, 7, 1000):
-    for key in ("tokens", "segment_ids", "positions"):
+    for key in data.ARRAYS:
       np.testing.assert_array_equal(a.get(step)[key], b.get(step)[key])
   np.testing.assert_array_equal(a.get(7)["tokens"][:, 0], a.indices(7))
   other = data.TrainBatches(packed, seed=4, global_batch_size=4)
@@ -253,18 +433,19 @@ def test_train_batches_are_a_function_of_seed_and_step():
 
 
 def test_train_batches_row_slices():
-  batches = data.TrainBatches(synthetic(20), seed=0, global_batch_size=8)
-  full = batches.get(5)
-  # Slices, and the scattered positions a process holds when the hosts split an axis other than data.
-  for rows in (slice(0, 4), slice(4, 8), slice(2, 3), np.array([0, 1, 4, 5]), np.array([7])):
-    part = batches.get(5, rows=rows)
-    for key in full:
-      np.testing.assert_array_equal(part[key], full[key][rows])
-      assert part[key].dtype == np.int32
+  for sources_ in ({"main": synthetic(20)}, {"a": synthetic(20), "b": synthetic(9, first=100)}):
+    batches = data.TrainBatches(sources_, seed=0, global_batch_size=8)
+    full = batches.get(5)
+    # Slices, and the scattered positions a process holds when the hosts split an axis other than data.
+    for rows in (slice(0, 4), slice(4, 8), slice(2, 3), np.array([0, 1, 4, 5]), np.array([7])):
+      part = batches.get(5, rows=rows)
+      for key in full:
+        np.testing.assert_array_equal(part[key], full[key][rows])
+        assert part[key].dtype == np.int32
 
 
 def test_train_batches_cover_each_epoch_and_reshuffle():
-  batches = data.TrainBatches(synthetic(12), seed=0, global_batch_size=4)
+  batches = data.TrainBatches({"main": synthetic(12)}, seed=0, global_batch_size=4)
   assert batches.steps_per_epoch == 3
   epochs = [np.concatenate([batches.indices(e * 3 + s) for s in range(3)]) for e in range(3)]
   for order in epochs:
@@ -273,34 +454,63 @@ def test_train_batches_cover_each_epoch_and_reshuffle():
   assert (epochs[0] != np.arange(12)).any()
 
 
-def test_train_batches_span_epochs_when_not_divisible():
-  batches = data.TrainBatches(synthetic(10), seed=1, global_batch_size=4)
-  assert batches.steps_per_epoch == 2
-  stream = np.concatenate([batches.indices(s) for s in range(5)])  # 20 positions = 2 epochs
-  np.testing.assert_array_equal(np.sort(stream[:10]), np.arange(10))
-  np.testing.assert_array_equal(np.sort(stream[10:]), np.arange(10))
-
-
 def test_train_batches_larger_than_split():
-  with pytest.raises(config_lib.ConfigError, match="5 sequences.*global batch of 8.*micro_batch_size"):
-    data.TrainBatches(synthetic(5), seed=0, global_batch_size=8)
+  with pytest.raises(ConfigError, match="main 5 sequences.*global batch of 8.*micro_batch_size"):
+    data.TrainBatches({"main": synthetic(5)}, seed=0, global_batch_size=8)
 
 
-def test_eval_batches_padding_and_fixed_content():
-  packed = synthetic(7)
-  by_size = {size: data.eval_batches(packed, 5, size) for size in (2, 3)}
-  assert [len(b) for b in by_size.values()] == [3, 2]
-  last = by_size[2][-1]
-  assert last["tokens"].shape == (2, 3) and (last["segment_ids"][1] == 0).all()
-  assert (last["tokens"][1] == 0).all() and (last["positions"][1] == 0).all()
-  real = {size: np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in batches])
-          for size, batches in by_size.items()}
-  np.testing.assert_array_equal(real[2], real[3])
-  np.testing.assert_array_equal(real[2], packed.tokens[:5])
+def test_mixture_proportions_match_the_weights():
+  mixture = {"web": synthetic(1000), "code": synthetic(300, first=10_000), "books": synthetic(50, first=20_000)}
+  weights = {"web": 0.6, "code": 0.3, "books": 0.1}
+  batches = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
+  drawn = np.concatenate([batches.get(s)["tokens"][:, 0] for s in range(400)])  # 9,600 rows
+  share = {"web": np.mean(drawn < 10_000), "code": np.mean((drawn >= 10_000) & (drawn < 20_000)),
+           "books": np.mean(drawn >= 20_000)}
+  for name, weight in weights.items():
+    assert abs(share[name] - weight) < 0.005, share
+  # Each source runs through its own rows before repeating any: the 50 books rows in the first ~500 draws.
+  books = drawn[drawn >= 20_000]
+  np.testing.assert_array_equal(np.sort(books[:50]), np.arange(20_000, 20_050))
+  again = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
+  np.testing.assert_array_equal(again.get(399)["tokens"], batches.get(399)["tokens"])
+  assert (data.TrainBatches(mixture, seed=1, global_batch_size=24, weights=weights).get(0)["tokens"]
+          != batches.get(0)["tokens"]).any()
+  zero = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 0.0})
+  assert not (np.concatenate([zero.get(s)["tokens"][:, 0] for s in range(50)]) >= 20_000).any()
 
 
-def test_eval_batches_with_fewer_rows_than_asked():
-  batches = data.eval_batches(synthetic(3), 64, 2)
-  rows = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in batches])
-  np.testing.assert_array_equal(rows[:, 0], [0, 1, 2])
-  assert len(batches) == 2 and (batches[1]["segment_ids"][1] == 0).all()
+def test_mixture_weights_are_checked():
+  with pytest.raises(ConfigError, match="config.data.sources.main.weight = -0.5 must be a finite number >= 0"):
+    data_config(weight=-0.5)
+  with pytest.raises(ConfigError, match="every weight is 0"):
+    data_config(weight=0.0)
+
+
+def test_eval_batches_whole_split_or_a_seeded_sample():
+  parts = [synthetic(7), synthetic(4, first=100)]
+  whole = data.EvalBatches(parts, 0, 3)
+  assert len(whole) == 4 and whole.describe() == "all 11 sequences"
+  rows = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in whole])
+  np.testing.assert_array_equal(rows[:, 0], [0, 1, 2, 3, 4, 5, 6, 100, 101, 102, 103])
+  last = whole[3]
+  assert last["tokens"].shape == (3, 3) and (last["segment_ids"][2:] == 0).all() and (last["positions"][2:] == 0).all()
+  sample = data.EvalBatches(parts, 5, 2, seed=0)
+  assert sample.describe() == "a seeded random sample of 5 of the 11 sequences" and len(sample) == 3
+  picked = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in sample])[:, 0]
+  assert len(set(picked.tolist())) == 5 and list(picked) == sorted(picked)
+  np.testing.assert_array_equal(picked, np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)]
+                                                        for b in data.EvalBatches(parts, 5, 4, seed=0)])[:, 0])
+  assert data.EvalBatches(parts, 64, 2).num_sequences == 11
+
+
+def test_targets_and_loss_mask_numpy_and_jax():
+  import jax.numpy as jnp
+
+  tokens = np.array([[1, 5, 6, 1, 7, 0, 0]], np.int32)
+  segment_ids = np.array([[1, 1, 1, 2, 2, 0, 0]], np.int32)
+  expected_mask = [[True, True, False, True, False, False, False]]
+  np.testing.assert_array_equal(data.targets(tokens), [[5, 6, 1, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(data.loss_mask(segment_ids), expected_mask)
+  np.testing.assert_array_equal(np.asarray(data.targets(jnp.asarray(tokens))), [[5, 6, 1, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(data.loss_mask(jnp.asarray(segment_ids))), expected_mask)
+  assert data.loss_mask(segment_ids).dtype == bool

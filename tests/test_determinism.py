@@ -50,8 +50,9 @@ def _config(tmp_path, corpus_dir, micro_batch_size, accumulation):
   c = base_config()
   model = dataclasses.replace(c.model, vocab_size=320, d_model=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=SEQ_LEN)
-  data_cfg = dataclasses.replace(c.data, tokenizer="byte", data_dir=str(tmp_path / "data"),
-                                 text_files=f"{corpus_dir}/*.py", eval_sequences=16)
+  data_cfg = dataclasses.replace(c.data, tokenizer="byte", data_dir=str(tmp_path / "data"), eval_sequences=16,
+                                 sources=(dataclasses.replace(c.data.sources[0], path=f"{corpus_dir}/*.py",
+                                                              validation=f"{corpus_dir}/bisect.py"),))
   train = dataclasses.replace(c.train, seq_len=SEQ_LEN, micro_batch_size=micro_batch_size,
                               gradient_accumulation_steps=accumulation, num_train_steps=STEPS,
                               warmup_steps=2, learning_rate=3e-3, log_interval_steps=1,

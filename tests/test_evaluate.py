@@ -16,6 +16,7 @@ from lm import checkpoint, console, evaluate, metrics, runtime, sharding
 from lm.config import Config, ConfigError, from_config_dict, to_dict
 from lm.errors import TrainingError
 from lm.optimizer import make_optimizer
+from tests.helpers import apply_overrides
 from tests.test_train import MAIN_ENV, ROOT, main_command
 
 TEXT = "0123456789abcdefghijklmnopqrstuvwxyz\n" * 400  # each character decides the next one
@@ -33,7 +34,7 @@ def trained(tmp_path_factory):
     (corpus / name).write_text(TEXT)
   overrides = [f"--config.train.num_train_steps={STEPS}", "--config.train.save_interval_steps=12",
                "--config.train.eval_interval_steps=12", "--config.train.log_interval_steps=12",
-               "--config.data.text_files=" + str(corpus / "*.txt"), "--config.data.validation_fraction=0.4",
+               "--config.data.sources.main.path=" + str(corpus / "*.txt"), "--config.data.sources.main.validation=" + str(corpus / "c.txt"),
                "--config.data.eval_sequences=8"]
   command = main_command(root / "run", root / "data", corpus, *overrides)
   result = subprocess.run(command, cwd=ROOT, env=MAIN_ENV, capture_output=True, text=True, timeout=600)
@@ -44,14 +45,7 @@ def trained(tmp_path_factory):
 def config_of(command, **mesh) -> Config:
   """The run's Config (its main.py command's overrides applied to configs/default.py)."""
   from configs import default
-  c = default.get_config()
-  for arg in command:
-    if arg.startswith("--config."):
-      key, value = arg[len("--config."):].split("=", 1)
-      section, name = key.split(".")
-      old = c[section][name]
-      c[section][name] = type(old)(value == "True") if isinstance(old, bool) else type(old)(value)
-  config = from_config_dict(c)
+  config = from_config_dict(apply_overrides(default.get_config(), command))
   return dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, **mesh)) if mesh else config
 
 

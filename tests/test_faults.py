@@ -26,6 +26,7 @@ from lm.config import ConfigError, from_config_dict
 from lm.errors import TrainingError
 from lm.optimizer import make_optimizer
 from lm.train import train_and_evaluate
+from tests.helpers import apply_overrides
 from tests.test_train import MAIN_ENV, ROOT, TINY, corpus, main_command, run_main  # noqa: F401
 
 STEPS = ["--config.train.num_train_steps=8", "--config.train.save_interval_steps=2",
@@ -114,13 +115,10 @@ def test_every_fault_resumes_bit_identical(tmp_path, corpus):
 
 
 def _config(tmp_path, corpus_dir, **train):
-  c = default.get_config()
-  for flag in TINY:
-    key, value = flag.removeprefix("--config.").split("=")
-    section, name = key.split(".")
-    c[section][name] = type(c[section][name])(value)
+  c = apply_overrides(default.get_config(), TINY)
   c.data.data_dir = str(tmp_path / "data")
-  c.data.text_files = f"{corpus_dir}/*.py"
+  c.data.sources.main.path = f"{corpus_dir}/*.py"
+  c.data.sources.main.validation = f"{corpus_dir}/bisect.py"
   for name, value in train.items():
     c.train[name] = value
   return c
@@ -231,12 +229,16 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"mesh.data": 16}, "needs 32 devices but 8 are present"),
     ({"mesh.data": -1, "mesh.tensor": 3}, "config.mesh.data = -1 cannot fill 8 devices"),
     ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, "config.model.num_heads = 4 does not split over config.mesh.tensor = 8"),
-    ({"data.dataset": "no_such_dataset"}, "config.data.dataset = 'no_such_dataset' is not a registered TFDS dataset"),
-    ({"data.text_files": "/nonexistent/*.txt"}, "config.data.text_files"),
-    ({"data.text_files": "EMPTY"}, "the corpus is empty"),
-    ({"data.eval_split": "test"}, "config.data.eval_split = 'test' is not a split of local_text"),
+    ({"data.sources.main.kind": "tfds", "data.sources.main.path": "no_such_dataset"},
+     "config.data.sources.main.path = 'no_such_dataset' is not a registered TFDS dataset"),
+    ({"data.sources.main.path": "/nonexistent/*.txt"}, "config.data.sources.main.path = '/nonexistent/*.txt'"),
+    ({"data.sources.main.path": "EMPTY"}, "the corpus is empty"),
+    ({"data.eval_split": "test"}, "config.data.eval_split = 'test' is not known; choose one of validation, train"),
+    ({"data.sources.main.weight": -1.0}, "config.data.sources.main.weight = -1.0 must be a finite number >= 0"),
+    ({"data.sources.main.weight": 0.0}, "every weight is 0"),
+    ({"data.sources.main.kind": "jsonl"}, "has a line that is not JSON"),
     ({"data.tokenizer": "sentencepiece", "data.tokenizer_path": "/nonexistent/spm.model"}, "config.data.tokenizer_path = '/nonexistent/spm.model' cannot be read"),
-    ({"model.vocab_size": 200}, "config.model.vocab_size = 200 is below the 259 ids of the byte tokenizer"),
+    ({"model.vocab_size": 200}, "has 259 ids but config.model.vocab_size = 200; raise model.vocab_size to at least 259"),
     ({"train.micro_batch_size": 4096}, "fewer than one global batch"),
     ({"model.d_model": 96}, "holds a checkpoint (step 2) of another model or optimizer: model.d_model = 64 there, 96 here"),
     ({"train.optimizer": "lion"}, "of another model or optimizer: train.optimizer = 'adamw' there, 'lion' here"),
@@ -255,7 +257,7 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
   # that slipped through would resume that run (and fail the check below) rather than train for long.
   d = _config(earlier_run, corpus, num_train_steps=2).to_dict()
   for key, value in overrides.items():
-    section, name = key.split(".")
+    *sections, name = key.split(".")
     if value == "EMPTY":
       (tmp_path / "empty").mkdir()
       for i in range(3):
@@ -263,7 +265,7 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
       value = f"{tmp_path}/empty/*.py"
     if value == "EARLIER":
       value = str(earlier_run / "run" / "checkpoints")
-    d[section][name] = value
+    functools.reduce(lambda part, section: part[section], sections, d)[name] = value
   # A vocabulary change is caught first as "another model" in the earlier workdir, and parameters to start
   # from are used only on a fresh start: try them on a new one.
   fresh = "model.vocab_size" in overrides or "train.init_from" in overrides

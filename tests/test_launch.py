@@ -44,13 +44,13 @@ def test_tpu_create_picks_the_software_version(accelerator, version):
 def test_tpu_train_runs_main_on_every_worker():
   (command,) = _tpu("train", "--name=lm", "--zone=z", "--config=configs/llama_1_36b.py",
                     "--workdir=gs://bucket/run", "--", "--config.train.micro_batch_size=4",
-                    "--config.data.text_files=a b/*.txt")
+                    "--config.data.sources.main.path=a b/*.txt")
   assert command[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lm", "--worker=all"]
   assert command[-1] == "--zone=z"
   # The overrides survive the remote shell word for word, spaces and globs included.
   assert _remote(command) == ["cd", "~/lm", "&&", ".venv/bin/python", "main.py",
                               "--config=configs/llama_1_36b.py", "--workdir=gs://bucket/run",
-                              "--config.train.micro_batch_size=4", "--config.data.text_files=a b/*.txt"]
+                              "--config.train.micro_batch_size=4", "--config.data.sources.main.path=a b/*.txt"]
   (background,) = _tpu("train", "--name=lm", "--zone=z", "--workdir=gs://b/r", "--background")
   assert _remote(background)[3] == "nohup" and _remote(background)[-4:] == [">", "train.log", "2>&1", "&"]
 

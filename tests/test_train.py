@@ -47,7 +47,8 @@ def main_command(workdir, data_dir, corpus, *overrides) -> list[str]:
   """main.py on the tiny config and corpus, 8 simulated devices (MAIN_ENV)."""
   return [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/default.py",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          f"--config.data.text_files={corpus}/*.py", *TINY, *overrides]
+          f"--config.data.sources.main.path={corpus}/*.py",
+          f"--config.data.sources.main.validation={corpus}/bisect.py", *TINY, *overrides]
 
 
 def run_main(workdir, data_dir, corpus, *overrides, cwd=ROOT):

@@ -1,0 +1,322 @@
+"""Document sources: where the text of a corpus comes from, read as a stream in a fixed order.
+
+A source (`config.data.sources.<name>`) is one of
+  text_files  files of text, one document per file (empty path: the running Python's standard library)
+  jsonl       JSON Lines files (.jsonl, .jsonl.gz, .jsonl.zst), one document per line in `text_field`
+  parquet     Parquet files, one document per row in the column `text_field`
+  text        large text files cut into documents by `separator` (empty: one or more blank lines)
+  tfds        a registered TFDS dataset, read split by split (`path` is its name, `text_field` its feature)
+Paths are comma-separated globs, local or on a remote file system etils.epath knows (gs://...).
+
+Each source has two parts: `train`, and `validation` when `validation` names files (or a TFDS split).
+Without it, the validation documents are a `validation_fraction` of the train part's documents, chosen by
+a hash of their text (`held_out`): deterministic, independent of order and of the other documents.
+
+The main process only reads bytes: a source yields chunks (a few hundred documents' worth of raw input),
+and `documents(chunk)` turns one into texts in a worker process (JSON parsing, file reads, decoding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob as globlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sysconfig
+from typing import Iterator
+
+from etils import epath
+
+from lm.config import ConfigError, SourceConfig
+
+KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
+CHUNK_DOCUMENTS = 512  # documents (jsonl lines, parquet rows, text pieces) per chunk
+CHUNK_FILES = 32  # files per chunk of text_files
+_BLOCK_BYTES = 4 << 20  # read size of the text kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """Raw input of a few hundred documents, in the order of the source. `kind` says how to decode it."""
+  kind: str
+  payload: object  # text_files: paths; jsonl: (path, lines as bytes); others: texts
+  field: str = ""
+  where: str = ""  # for error messages: the config key of the source
+
+
+def held_out(text: str, fraction: float) -> bool:
+  """Whether a document belongs to the validation part: a hash of its text below `fraction`. Duplicates
+  land on the same side, so a repeated document never sits in both."""
+  digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest()
+  return int.from_bytes(digest, "big") / 2.0**64 < fraction
+
+
+def key(src: SourceConfig) -> str:
+  return f"config.data.sources.{src.name}"
+
+
+@contextlib.contextmanager
+def _reading(where: str, path: str):
+  """A file that cannot be read or decoded (permissions, a truncated .gz, a corrupt Parquet file) as a
+  ConfigError naming the source and the file."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except Exception as e:  # OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowInvalid, ...
+    raise ConfigError(f"{where}: cannot read {path} ({type(e).__name__}: {str(e)[:200]}). Fix or remove the "
+                      "file, or leave it out of the globs.") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def _patterns(value: str) -> list[str]:
+  return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def _glob(pattern: str) -> list[str]:
+  if "://" in pattern:
+    scheme, rest = pattern.split("://", 1)
+    root, *parts = rest.split("/")
+    base = epath.Path(f"{scheme}://{root}")
+    return sorted(os.fspath(p) for p in base.glob("/".join(parts))) if parts else [pattern]
+  return sorted(os.path.abspath(p) for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
+
+
+def files(src: SourceConfig, part: str) -> list[str]:
+  """The files of a part ("train" or "validation"), sorted; ConfigError when a pattern matches none."""
+  value = src.path if part == "train" else src.validation
+  if src.kind == "text_files" and part == "train" and not value:
+    stdlib = os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
+    # Third-party packages are not the standard library, and would make the corpus depend on the venv.
+    excluded = {"site-packages", "dist-packages"}
+    return sorted(p for p in globlib.glob(stdlib, recursive=True)
+                  if os.path.isfile(p) and not excluded & set(p.split(os.sep)))
+  found = []
+  # A validation file that the train globs also match (train.txt and val.txt under *.txt) is validation's.
+  excluded = set(files(src, "validation")) if part == "train" and src.validation else set()
+  for pattern in _patterns(value):
+    try:
+      matched = [p for p in _glob(pattern) if "://" in p or not os.path.isdir(p)]
+    except Exception as e:  # a remote file system's own errors (no credentials, no network, no bucket)
+      field = "path" if part == "train" else "validation"
+      raise ConfigError(f"{key(src)}.{field}: cannot list {pattern!r} ({str(e)[:300]}). Check the path and "
+                        "your access to it (gcloud auth application-default login).") from e
+    if not matched:
+      field = "path" if part == "train" else "validation"
+      raise ConfigError(f"{key(src)}.{field} = {value!r}: {pattern!r} matches no file. Fix the "
+                        "comma-separated globs (local paths or gs://...).")
+    found.extend(matched)
+  return sorted(set(found) - excluded)
+
+
+def _size(path: str) -> int | None:
+  """A local file's size; None for a remote one (a request per file would make start-up grow with the
+  number of files: thousands for a published corpus)."""
+  return None if "://" in path else os.path.getsize(path)
+
+
+def identity(src: SourceConfig) -> dict:
+  """What the prepared tokens of the source depend on (besides the tokenizer): its settings and each
+  file's path and, when local, size (not its time: a copied corpus is the same corpus)."""
+  settings = dataclasses.asdict(src)
+  for name in ("name", "weight"):  # a mixture's weight is applied when reading, not when preparing
+    settings.pop(name)
+  if src.kind == "tfds":
+    return settings
+  listed = {part: [(p, _size(p)) for p in files(src, part)]
+            for part in ("train", "validation") if part == "train" or src.validation}
+  return {**settings, "files": listed}
+
+
+def check(src: SourceConfig) -> None:
+  """Fails at startup, before any tokenizing, when the source cannot be read."""
+  if src.kind == "tfds":
+    _tfds_builder(src)
+    return
+  for part in ("train", "validation") if src.validation else ("train",):
+    paths = files(src, part)
+    if not paths:
+      raise ConfigError(f"{key(src)}.path matches no file; set it to comma-separated globs.")
+    if all(_size(p) == 0 for p in paths):
+      raise ConfigError(f"{key(src)}: the {part} files ({len(paths)}) are all empty: the corpus is empty.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunks (main process: reading only)
+
+
+def chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  """The raw input of the part, chunk after chunk, at most max_documents documents in all."""
+  reader = {"text_files": _text_file_chunks, "jsonl": _jsonl_chunks, "parquet": _parquet_chunks,
+            "text": _text_chunks, "tfds": _tfds_chunks}[src.kind]
+  return reader(src, part)
+
+
+def _text_file_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  paths = files(src, part)
+  if src.max_documents:
+    paths = paths[:src.max_documents]
+  for start in range(0, len(paths), CHUNK_FILES):
+    yield Chunk("text_files", paths[start:start + CHUNK_FILES], where=key(src))
+
+
+def _open(path: str):
+  raw = epath.Path(path).open("rb")
+  if path.endswith(".gz"):
+    return gzip.open(raw)
+  if path.endswith(".zst"):
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+  return raw
+
+
+def _jsonl_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  left = src.max_documents or None
+  for path in files(src, part):
+    with _reading(key(src), path), _open(path) as f:
+      lines = []
+      for line in io.BufferedReader(f) if path.endswith(".zst") else f:
+        if not line.strip():
+          continue
+        lines.append(line)
+        if left is not None:
+          left -= 1
+        if len(lines) == CHUNK_DOCUMENTS or left == 0:
+          yield Chunk("jsonl", (path, lines), src.text_field, key(src))
+          lines = []
+          if left == 0:
+            return
+      if lines:
+        yield Chunk("jsonl", (path, lines), src.text_field, key(src))
+
+
+def _parquet_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  import pyarrow.parquet as pq
+
+  left = src.max_documents or None
+  for path in files(src, part):
+    with _reading(key(src), path), epath.Path(path).open("rb") as f:
+      table = pq.ParquetFile(f)
+      if src.text_field not in table.schema_arrow.names:
+        raise ConfigError(f"{key(src)}.text_field = {src.text_field!r} is not a column of {path}; it has "
+                          f"{table.schema_arrow.names}.")
+      for batch in table.iter_batches(batch_size=CHUNK_DOCUMENTS, columns=[src.text_field]):
+        texts = [t for t in batch.column(0).to_pylist() if t is not None]
+        if left is not None:
+          texts, left = texts[:left], left - min(left, len(texts))
+        yield Chunk("texts", texts, where=key(src))
+        if left == 0:
+          return
+
+
+def _text_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  separator = re.compile(r"\n[ \t\r]*\n\s*" if not src.separator else re.escape(src.separator))
+  left = src.max_documents or None
+  texts = []
+  for path in files(src, part):
+    for document in _reading_each(key(src), path, _split_stream(path, separator)):
+      texts.append(document)
+      if left is not None:
+        left -= 1
+      if len(texts) == CHUNK_DOCUMENTS or left == 0:
+        yield Chunk("texts", texts, where=key(src))
+        texts = []
+        if left == 0:
+          return
+  if texts:
+    yield Chunk("texts", texts, where=key(src))
+
+
+def _reading_each(where: str, path: str, items: Iterator) -> Iterator:
+  with _reading(where, path):
+    yield from items
+
+
+def _split_stream(path: str, separator: re.Pattern) -> Iterator[str]:
+  """The documents of one large file, read a block at a time (memory bounded by the longest document)."""
+  with _open(path) as raw:
+    f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    tail = ""
+    while block := f.read(_BLOCK_BYTES):
+      pieces = separator.split(tail + block)
+      tail = pieces.pop()
+      yield from (p for p in pieces if p.strip())
+    if tail.strip():
+      yield tail
+
+
+def _tfds_builder(src: SourceConfig):
+  import tensorflow_datasets as tfds  # here: TFDS (TensorFlow) only for a source of this kind
+
+  try:
+    builder = tfds.builder(src.path)
+  except tfds.core.DatasetNotFoundError as e:
+    raise ConfigError(f"{key(src)}.path = {src.path!r} is not a registered TFDS dataset; use a name from "
+                      "https://www.tensorflow.org/datasets/catalog, or another kind.") from e
+  builder.download_and_prepare()
+  if src.text_field not in builder.info.features:
+    raise ConfigError(f"{key(src)}.text_field = {src.text_field!r} is not a feature of {src.path}; it has "
+                      f"{sorted(builder.info.features.keys())}.")
+  for field, split in (("train_split", src.train_split), ("validation", src.validation)):
+    if split and split.partition("[")[0] not in builder.info.splits:
+      raise ConfigError(f"{key(src)}.{field} = {split!r} is not a split of {src.path}; it has "
+                        f"{sorted(builder.info.splits.keys())}.")
+  return builder
+
+
+def _tfds_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  import tensorflow_datasets as tfds
+
+  builder = _tfds_builder(src)
+  split = src.train_split if part == "train" else src.validation
+  # Streamed from TFDS's record files in their fixed order, never held whole.
+  ds = builder.as_dataset(split=split, shuffle_files=False).map(lambda example: example[src.text_field])
+  if src.max_documents:
+    ds = ds.take(src.max_documents)
+  texts = []
+  for text in tfds.as_numpy(ds):
+    texts.append(text.decode("utf-8", errors="replace"))
+    if len(texts) == CHUNK_DOCUMENTS:
+      yield Chunk("texts", texts, where=key(src))
+      texts = []
+  if texts:
+    yield Chunk("texts", texts, where=key(src))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding (worker processes)
+
+
+def documents(chunk: Chunk) -> list[str]:
+  """The texts of a chunk, in order; ConfigError naming the source when its input is not as declared."""
+  if chunk.kind == "texts":
+    return chunk.payload
+  if chunk.kind == "text_files":
+    texts = []
+    for path in chunk.payload:
+      with _reading(chunk.where, path):
+        texts.append(epath.Path(path).read_bytes().decode("utf-8", errors="replace"))
+    return texts
+  path, lines = chunk.payload
+  texts = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      raise ConfigError(f"{chunk.where}: {path} has a line that is not JSON ({e}): "
+                        f"{line[:80]!r}. Fix or remove the file.") from e
+    if not isinstance(record, dict) or chunk.field not in record:
+      fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise ConfigError(f"{chunk.where}.text_field = {chunk.field!r}: a record of {path} has no such field; "
+                        f"it has {fields}. Set text_field to the field holding the text.")
+    texts.append(record[chunk.field] if isinstance(record[chunk.field], str) else str(record[chunk.field]))
+  return texts

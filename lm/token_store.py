@@ -1,0 +1,157 @@
+"""Prepared token stores: their layout on disk, their manifest, and random access to their tokens.
+
+One directory per source: manifest.json, and per shard and part (train, validation) two raw little-endian
+arrays, Megatron's .bin/.idx layout: `<part>-<shard>.tokens` (the documents' ids one after the other, in
+the smallest unsigned type that holds the vocabulary) and `<part>-<shard>.ends` (int64: where each
+document ends in the shard). Why raw arrays and not ArrayRecord: a training row is an arbitrary slice of
+the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
+memory-mapped (or read by range from gs://) without parsing, and the preparation appends to it as it
+tokenizes, holding nothing. Segment ids and positions are derived from the ends when a row is read
+(`lm.data`). Written by `lm.prepare`; no jax here, so that its worker processes stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+
+from etils import epath
+import numpy as np
+
+from lm.config import ConfigError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+PARTS = ("train", "validation")
+
+
+def shard_file(part: str, shard: int, what: str) -> str:
+  """`what`: tokens or ends."""
+  return f"{part}-{shard:05d}.{what}"
+
+
+class _RangeReader:
+  """A raw array on a remote file system (gs://...), read by byte ranges."""
+
+  def __init__(self, path: epath.Path, dtype: np.dtype, count: int):
+    self._file, self._dtype, self._count = path.open("rb"), dtype, count
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, items: slice) -> np.ndarray:
+    start, stop, _ = items.indices(self._count)
+    self._file.seek(start * self._dtype.itemsize)
+    data = self._file.read(max(stop - start, 0) * self._dtype.itemsize)
+    return np.frombuffer(data, self._dtype)
+
+
+def open_array(path: epath.Path, dtype: np.dtype, count: int, what: str, searched: bool = False):
+  """A memory map of a local raw array, after checking its size. A remote one is read by ranges, or whole
+  when it is `searched` (np.searchsorted needs an array; document ends are 8 bytes a document)."""
+  expected = count * dtype.itemsize
+  try:
+    size = path.stat().length
+  except OSError:
+    size = None
+  if size != expected:
+    found = "missing" if size is None else f"{size:,} bytes, not {expected:,}"
+    raise ConfigError(f"{what}: {path} is {found}: the prepared data is damaged. Run scripts/prepare_data.py "
+                      "with the same config and --repair: it keeps the shards before the damaged one and "
+                      "prepares the rest again.")
+  if count == 0:
+    return np.zeros([0], dtype)
+  if "://" in os.fspath(path):
+    return np.frombuffer(path.read_bytes(), dtype) if searched else _RangeReader(path, dtype, count)
+  return np.memmap(path, dtype, mode="r", shape=(count,))
+
+
+class TokenStore:
+  """One part of a prepared source: its documents' tokens as one stream, with random access."""
+
+  def __init__(self, directory: str, part: str, manifest: dict):
+    self.directory, self.part = epath.Path(directory), part
+    self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    shards = [(s["index"], s[part]) for s in manifest["shards"] if s[part]["tokens"] > 0]
+    self._shards = [index for index, _ in shards]
+    self._sizes = [(entry["tokens"], entry["documents"]) for _, entry in shards]
+    self._starts = np.concatenate([[0], np.cumsum([n for n, _ in self._sizes], dtype=np.int64)])
+    self.num_tokens = int(self._starts[-1])
+    self.num_documents = sum(d for _, d in self._sizes)
+    self._arrays: dict[int, tuple] = {}
+
+  def check_files(self) -> None:
+    """Every local shard file is there with its size (a stat each, no data read). Remote ones are checked
+    when first read: a request per file at start-up would grow with the corpus."""
+    if "://" not in os.fspath(self.directory):
+      for k in range(len(self._shards)):
+        self._shard(k)
+
+  def _shard(self, k: int):
+    if k not in self._arrays:
+      tokens, documents = self._sizes[k]
+      what = f"prepared {self.part} data of {self.directory.name}"
+      file = lambda name: self.directory / shard_file(self.part, self._shards[k], name)
+      self._arrays[k] = (open_array(file("tokens"), self.dtype, tokens, what),
+                         open_array(file("ends"), np.dtype("<i8"), documents, what, searched=True))
+    return self._arrays[k]
+
+  def read(self, start: int, stop: int) -> tuple[np.ndarray, list[int]]:
+    """Tokens [start, stop) of the stream, and the offsets (from start) where a document starts inside."""
+    pieces, boundaries = [], []
+    k = int(np.searchsorted(self._starts, start, side="right")) - 1
+    while start + sum(len(p) for p in pieces) < stop:
+      tokens, ends = self._shard(k)
+      shard_start = int(self._starts[k])
+      lo, hi = max(start - shard_start, 0), min(stop - shard_start, len(tokens))
+      if shard_start > start:  # shards hold whole documents: the shard's first token starts one
+        boundaries.append(shard_start - start)
+      inside = ends[int(np.searchsorted(ends, lo, side="right")):int(np.searchsorted(ends, hi, side="left"))]
+      boundaries.extend(int(e) + shard_start - start for e in inside)
+      pieces.append(np.asarray(tokens[lo:hi]))
+      k += 1
+    return np.concatenate(pieces), boundaries
+
+
+def read_manifest(directory: str) -> dict | None:
+  path = epath.Path(directory) / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ConfigError(f"{path} is damaged ({e}): delete {directory} to prepare the source again.") from e
+
+
+def write_manifest(directory: epath.Path, manifest: dict) -> None:
+  """Atomic: a local file is renamed into place; an object store writes whole objects."""
+  text = json.dumps(manifest, indent=1)
+  if "://" in os.fspath(directory):
+    (directory / MANIFEST).write_text(text)
+    return
+  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+    f.write(text)
+  os.chmod(f.name, 0o644)  # a temporary file is private; the manifest is not
+  os.replace(f.name, directory / MANIFEST)
+
+
+def verify(directory: str) -> list[str]:
+  """Every shard file's CRC-32 against the manifest; the files that differ (or are missing)."""
+  manifest = read_manifest(directory) or {"shards": []}
+  bad = []
+  for entry in manifest["shards"]:
+    for part in PARTS:
+      for what, expected in entry[part]["crc32"].items():
+        file = epath.Path(directory) / shard_file(part, entry["index"], what)
+        crc = 0
+        try:
+          with file.open("rb") as f:
+            while block := f.read(16 << 20):
+              crc = zlib.crc32(block, crc)
+        except OSError:
+          crc = None
+        if crc != expected:
+          bad.append(os.fspath(file))
+  return bad

@@ -1,0 +1,225 @@
+"""Tokenizers: UTF-8 bytes, SentencePiece models and Hugging Face `tokenizer.json` files, behind one protocol.
+
+Each tokenizer frames a document as it defines it: its beginning-of-sequence id first when it has one
+(LLaMA and Gemma do, Qwen3 does not), its end-of-sequence id last when it has one. Nothing depends on a
+padding id: padding is masked by segment id 0 (`lm.data.loss_mask`), whatever its token.
+
+Every tokenizer pickles to the bytes it was read from, so that worker processes of the preparation
+(`lm.prepare`) rebuild the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Protocol
+
+from etils import epath
+import numpy as np
+import sentencepiece as spm
+
+from lm.config import ConfigError, DataConfig
+
+KINDS = ("byte", "sentencepiece", "huggingface")
+# End-of-text tokens of common Hugging Face tokenizers, for a tokenizer.json without tokenizer_config.json.
+_EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+class Tokenizer(Protocol):
+  vocab_size: int  # ids are in [0, vocab_size)
+  bos_id: int | None  # None: the tokenizer does not start documents with a special id
+  eos_id: int | None
+  fingerprint: str  # changes whenever the id mapping or the framing changes; part of the data's key
+
+  def encode(self, text: str) -> list[int]: ...
+  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+  def decode(self, ids) -> str: ...
+  def describe(self) -> str: ...
+
+
+def frame(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+  """The documents' ids, each framed by the tokenizer's bos and eos where it has them."""
+  head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  return [head + ids + tail for ids in tokenizer.encode_batch(texts)]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The smallest unsigned integer type that holds every id."""
+  return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted past the special ids: 0 unused (padding), bos 1, eos 2, byte b -> b + 3."""
+
+  vocab_size, bos_id, eos_id = 259, 1, 2
+  fingerprint = "byte"
+  _OFFSET = 3
+
+  def encode(self, text: str) -> list[int]:
+    return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self._OFFSET).tolist()
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.encode(text) for text in texts]
+
+  def decode(self, ids) -> str:
+    data = bytes(int(i) - self._OFFSET for i in ids if self._OFFSET <= int(i) < self.vocab_size)
+    return data.decode("utf-8", errors="replace")
+
+  def describe(self) -> str:
+    return "byte 259"
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model with whatever special ids it has (-1 = none)."""
+
+  def __init__(self, model_proto: bytes, path: str):
+    self._proto, self._path = model_proto, path
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.vocab_size()
+    if self.vocab_size == 0:  # an empty proto loads without an error
+      raise RuntimeError("no pieces")
+    self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+    self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+    self._special = {i for i in (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) if i >= 0}
+    self.fingerprint = "spm-" + hashlib.sha256(model_proto).hexdigest()[:16]
+
+  def __reduce__(self):
+    return SentencePieceTokenizer, (self._proto, self._path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids if int(i) not in self._special])
+
+  def describe(self) -> str:
+    return f"sentencepiece {self.vocab_size} ({self._path})"
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json`, read with the `tokenizers` library. Its bos and eos tokens are the
+  ones `tokenizer_config.json` beside it names (null: none); without that file, none and the first known
+  end-of-text token it has."""
+
+  def __init__(self, tokenizer_json: str, path: str, bos: str | None, eos: str | None):
+    from tokenizers import Tokenizer as HFTokenizer  # here: only runs with such a tokenizer need it
+
+    self._json, self._path, self._bos, self._eos = tokenizer_json, path, bos, eos
+    self._tok = HFTokenizer.from_str(tokenizer_json)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id, self.eos_id = (None if t is None else self._tok.token_to_id(t) for t in (bos, eos))
+    framing = f"bos={bos!r} eos={eos!r}"
+    self.fingerprint = "hf-" + hashlib.sha256((tokenizer_json + framing).encode()).hexdigest()[:16]
+
+  def __reduce__(self):
+    return HuggingFaceTokenizer, (self._json, self._path, self._bos, self._eos)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def describe(self) -> str:
+    return (f"huggingface {self.vocab_size} ({self._path}; bos {self._bos or 'none'}, "
+            f"eos {self._eos or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a configured tokenizer
+
+
+def read(kind: str, path: str) -> Tokenizer:
+  """The tokenizer of `kind` stored at `path` (a file, or for huggingface a directory holding
+  tokenizer.json); ConfigError naming config.data.tokenizer_path when it cannot be read."""
+  if kind == "byte":
+    return ByteTokenizer()
+  what = f"config.data.tokenizer_path = {path!r}"
+  file = epath.Path(path)
+  if kind == "huggingface" and file.is_dir():
+    file = file / "tokenizer.json"
+  try:
+    content = file.read_bytes()
+  except OSError as e:
+    raise ConfigError(f"{what} cannot be read ({e}); point it at a "
+                      + ("tokenizer.json (or its directory)" if kind == "huggingface"
+                         else "SentencePiece .model file") + ".") from e
+  if kind == "sentencepiece":
+    try:
+      return SentencePieceTokenizer(content, path)
+    except RuntimeError as e:  # SentencePiece's parse failure
+      raise ConfigError(f"{what} is not a SentencePiece model ({e}). For a Hugging Face tokenizer.json "
+                        "set config.data.tokenizer=huggingface.") from e
+  try:
+    bos, eos = _hf_special_tokens(content.decode("utf-8"), file.parent / "tokenizer_config.json")
+    return HuggingFaceTokenizer(content.decode("utf-8"), os.fspath(file), bos, eos)
+  except (UnicodeDecodeError, ValueError, Exception) as e:  # tokenizers raises a plain Exception
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"{what} is not a Hugging Face tokenizer.json ({str(e)[:200]}). For a SentencePiece "
+                      "model set config.data.tokenizer=sentencepiece.") from e
+
+
+def _hf_special_tokens(tokenizer_json: str, config_file: epath.Path) -> tuple[str | None, str | None]:
+  added = {t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+  if config_file.exists():
+    settings = json.loads(config_file.read_text())
+    token = lambda v: v.get("content") if isinstance(v, dict) else v
+    bos, eos = token(settings.get("bos_token")), token(settings.get("eos_token"))
+    return (bos if bos in added else None), (eos if eos in added else None)
+  return None, next((t for t in _EOS_CANDIDATES if t in added), None)
+
+
+def check(tokenizer: Tokenizer, cfg: DataConfig, vocab_size: int) -> Tokenizer:
+  """The tokenizer, once its ids are known to fit the model's embedding."""
+  # Fewer ids than rows is allowed: imported models may have rows no text token uses (Gemma3 4B's image
+  # tokens, Qwen3's padding to a multiple of 128).
+  if tokenizer.vocab_size > vocab_size:
+    source = f"config.data.tokenizer_path = {cfg.tokenizer_path!r}" if cfg.tokenizer_path else (
+        f"config.data.tokenizer = {cfg.tokenizer!r}")
+    raise ConfigError(f"{source} has {tokenizer.vocab_size} ids but config.model.vocab_size = {vocab_size}; "
+                      f"raise model.vocab_size to at least {tokenizer.vocab_size}, or use the tokenizer "
+                      "the model was trained with.")
+  if tokenizer.bos_id is not None and tokenizer.bos_id == tokenizer.eos_id:
+    raise ConfigError(f"config.data.tokenizer_path = {cfg.tokenizer_path!r} uses id {tokenizer.bos_id} for "
+                      "both the beginning and the end of a document; give it distinct ids.")
+  return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training a SentencePiece model
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+  """A BPE SentencePiece model of `vocab_size` pieces learned from `texts` (a bounded sample), as bytes.
+
+  Ids: pad 0, unk 1, bos 2, eos 3. Raises ConfigError when the text has too few distinct pieces."""
+  import io
+
+  lines = (line for text in texts for line in text.splitlines() if line)
+  model = io.BytesIO()
+  # The sentence sample is random: a fixed seed gives every host and every rerun the same tokenizer.
+  spm.set_random_generator_seed(0)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, split_digits=True,
+        # Keep every space exactly as written so Python indentation round-trips. The corpus is fed line by
+        # line, so a dummy prefix would teach pieces that never occur mid-document.
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, add_dummy_prefix=False,
+        normalization_rule_name="identity", input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        max_sentence_length=1 << 16,  # longer lines are skipped (the default 4,192 bytes drops minified code)
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:  # e.g. "Vocabulary size too high": the sample has too few distinct pieces
+    raise ConfigError(f"config.model.vocab_size = {vocab_size}: SentencePiece cannot learn that many pieces "
+                      f"from the sample ({e}); lower config.model.vocab_size, or raise "
+                      "config.data.tokenizer_sample_bytes or add text.") from e
+  return model.getvalue()
