@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 
 from absl import logging
 from etils import epath
@@ -26,7 +25,8 @@ from lm.tokenizer import Tokenizer
 def data_dir(cfg: DataConfig) -> epath.Path:
   if not cfg.data_dir:
     return epath.Path(os.path.expanduser("~/.cache/lm"))
-  return epath.Path(cfg.data_dir if "://" in cfg.data_dir else os.path.abspath(os.path.expanduser(cfg.data_dir)))
+  return epath.Path(cfg.data_dir if token_store.is_remote(cfg.data_dir)
+                    else os.path.abspath(os.path.expanduser(cfg.data_dir)))
 
 
 def _key(*parts) -> str:
@@ -50,12 +50,12 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
 
 
 def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
-  for src in cfg.sources:
-    sources.check(src)
-  identities = [sources.identity(src) for src in cfg.sources if src.weight > 0]
+  learned_from = [sources.settings(src) for src in cfg.sources if src.weight > 0]
   path = data_dir(cfg) / "tokenizers" / (
-      f"spm_{vocab_size}_{_key(identities, cfg.tokenizer_sample_bytes, vocab_size, 'bpe-v2')}.model")
+      f"spm_{vocab_size}_{_key(learned_from, cfg.tokenizer_sample_bytes, vocab_size, 'bpe-v2')}.model")
   if not path.exists():
+    for src in cfg.sources:
+      sources.check(src)
     logging.info("Training a SentencePiece model of %d pieces on the first %s bytes of the corpus",
                  vocab_size, f"{cfg.tokenizer_sample_bytes:,}")
     model = tokenizers.train_sentencepiece(_sample(cfg), vocab_size)
@@ -65,7 +65,7 @@ def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
       raise ConfigError(f"SentencePiece training gave no usable model ({e}); raise "
                         "config.data.tokenizer_sample_bytes or add text.") from e
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, model)
+    token_store.write_atomic(path, model)
   return tokenizers.read("sentencepiece", os.fspath(path))
 
 
@@ -85,16 +85,6 @@ def _sample(cfg: DataConfig):
           break
       if budget <= 0:
         break
-
-
-def _write_atomic(path: epath.Path, content: bytes) -> None:
-  if "://" in os.fspath(path):
-    path.write_bytes(content)  # an object store writes whole objects
-    return
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-    f.write(content)
-  os.chmod(f.name, 0o644)  # a temporary file is private; the data is not
-  os.replace(f.name, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,53 +108,68 @@ class Prepared:
             f"documents ({self.directory})")
 
 
-def prepared_directory(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> tuple[epath.Path, dict]:
-  """Where the source's tokens are prepared, and the identity they are prepared from."""
-  identity = sources.identity(src)
-  return data_dir(cfg) / "prepared" / f"{src.name}-{_key(token_store.FORMAT, identity, tokenizer.fingerprint)}", identity
+def prepared_directory(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> epath.Path:
+  """`<data_dir>/prepared/<name>-<settings key>-<tokenizer fingerprint>`."""
+  return data_dir(cfg) / "prepared" / f"{_prefix(src)}{tokenizer.fingerprint}"
 
 
-def prepare_source(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> Prepared:
-  """The source's stores, prepared first when they are not (or only partly) there."""
-  sources.check(src)
-  directory, identity = prepared_directory(cfg, src, tokenizer)
+def _prefix(src: SourceConfig) -> str:
+  return f"{src.name}-{_key(token_store.FORMAT, sources.settings(src))}-"
+
+
+def _complete(directory: epath.Path) -> dict | None:
   manifest = token_store.read_manifest(os.fspath(directory))
-  if manifest is not None:
-    _check_manifest(manifest, directory, identity, tokenizer)
-  if manifest is None or not manifest["complete"]:
-    others = sorted(p.name for p in directory.parent.glob(f"{src.name}-*") if p != directory) \
-        if directory.parent.exists() else []
-    logging.info("Preparing %s with %s into %s%s", sources.key(src), tokenizer.describe(), directory,
-                 f" (other preparations of this source name, for other settings or tokenizers: {others})"
-                 if others else "")
-    manifest = preparation.prepare(src, tokenizer, os.fspath(directory), identity=identity,
-                                   workers=cfg.workers, shard_tokens=cfg.shard_tokens)
+  return manifest if manifest is not None and manifest.get("complete") else None
+
+
+def _check_new(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> None:
+  """main.py prepares a source on first use, but not beside a preparation of it with another tokenizer:
+  that is a forgotten tokenizer flag far more often than a wish to tokenize the corpus again."""
+  directory = prepared_directory(cfg, src, tokenizer)
+  others = [p.name for p in directory.parent.glob(_prefix(src) + "*") if _complete(p)] \
+      if directory.parent.exists() else []
+  if others:
+    raise ConfigError(f"{sources.key(src)} is prepared in {directory.parent} with another tokenizer "
+                      f"({', '.join(sorted(others))}), not with {tokenizer.describe()} that the config asks for. "
+                      "Set config.data.tokenizer and tokenizer_path to the one it was prepared with, or run "
+                      "scripts/prepare_data.py with this config to prepare it with this one too (kept beside).")
+
+
+def _open(src: SourceConfig, directory: epath.Path, manifest: dict) -> Prepared:
   stores = {part: token_store.TokenStore(os.fspath(directory), part, manifest) for part in token_store.PARTS}
   for store in stores.values():
     store.check_files()
   return Prepared(src, os.fspath(directory), manifest, stores)
 
 
-def _check_manifest(manifest: dict, directory: epath.Path, identity: dict, tokenizer: Tokenizer) -> None:
-  if manifest.get("format") != token_store.FORMAT:
-    raise ConfigError(f"{directory} holds prepared data of format {manifest.get('format')}, this code reads "
-                      f"{token_store.FORMAT}: delete it to prepare again.")
-  if manifest["tokenizer"] != tokenizer.fingerprint:
-    raise ConfigError(f"{directory} was prepared with tokenizer {manifest['tokenizer']}; the config asks for "
-                      f"{tokenizer.describe()} ({tokenizer.fingerprint}). Set config.data.tokenizer and "
-                      "tokenizer_path to the tokenizer it was made with, or config.data.data_dir to another "
-                      "directory.")
-  if json.loads(json.dumps(identity)) != manifest["identity"]:
-    raise ConfigError(f"{directory} was prepared from other files or settings than the config names; set "
-                      "config.data.data_dir to another directory, or delete it to prepare again.")
+def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False,
+                repair: bool = False) -> tuple[Tokenizer, dict[str, Prepared]]:
+  """The tokenizer and every source's stores, the sources not (or partly) prepared prepared first. A
+  prepared source is only opened: its raw files need not be there.
 
-
-def prepare_all(cfg: DataConfig, vocab_size: int) -> tuple[Tokenizer, dict[str, Prepared]]:
-  """The tokenizer and every source prepared (`scripts/prepare_data.py`, and main.py on first use)."""
-  for src in cfg.sources:  # every source readable before any is tokenized
-    sources.check(src)
+  Args:
+    new_tokenizer: prepare a source even beside a preparation of it with another tokenizer
+      (scripts/prepare_data.py); main.py stops there instead (`_check_new`).
+    repair: first check every shard file of the prepared sources (CRC-32) and prepare again from the
+      first damaged one on.
+  """
   tokenizer = load_tokenizer(cfg, vocab_size)
-  return tokenizer, {src.name: prepare_source(cfg, src, tokenizer) for src in cfg.sources}
+  directories = {src.name: prepared_directory(cfg, src, tokenizer) for src in cfg.sources}
+  if repair:
+    for directory in directories.values():
+      for path in preparation.repair(os.fspath(directory)):
+        logging.warning("Damaged: %s; preparing again from its shard on", path)
+  todo = [src for src in cfg.sources if not _complete(directories[src.name])]
+  for src in todo:  # every source checked before any is tokenized
+    if not new_tokenizer and token_store.read_manifest(os.fspath(directories[src.name])) is None:
+      _check_new(cfg, src, tokenizer)
+    sources.check(src)
+  for src in todo:
+    logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directories[src.name])
+    preparation.prepare(src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src),
+                        workers=cfg.workers, shard_tokens=cfg.shard_tokens)
+  return tokenizer, {src.name: _open(src, directories[src.name], _complete(directories[src.name]))
+                     for src in cfg.sources}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,11 +187,16 @@ def train_batches(prepared: dict[str, Prepared], seq_len: int, seed: int,
                            global_batch_size, weights)
 
 
-def eval_batches(cfg: DataConfig, prepared: dict[str, Prepared], seq_len: int, batch_size: int,
-                 seed: int) -> data.EvalBatches:
-  """The eval rows: the whole validation part of every source, or a seeded sample (config.data)."""
-  batches = data.EvalBatches([_sequences(p, cfg.eval_split, seq_len) for p in prepared.values()],
-                             cfg.eval_sequences, batch_size, seed)
+def eval_batches(cfg: DataConfig, prepared: dict[str, Prepared], seq_len: int,
+                 batch_size: int) -> data.EvalBatches:
+  """The eval rows (config.data.eval_split): every source's validation rows, or a sample of
+  config.data.eval_sequences of them; of the train rows, a sample as large as the validation rows unless
+  eval_sequences says otherwise (the whole train split would be an epoch at every eval)."""
+  count = cfg.eval_sequences
+  if cfg.eval_split == "train" and count == 0:
+    count = sum(len(_sequences(p, "validation", seq_len)) for p in prepared.values())
+  batches = data.EvalBatches([_sequences(p, cfg.eval_split, seq_len) for p in prepared.values()], count,
+                             batch_size)
   if batches.num_sequences == 0:
     tokens = sum(p.stores[cfg.eval_split].num_tokens for p in prepared.values())
     raise ConfigError(f"config.data.eval_split = {cfg.eval_split!r}: its {tokens:,} tokens make no sequence of "

@@ -36,11 +36,17 @@ def segments(length: int, boundaries: list[int]) -> tuple[np.ndarray, np.ndarray
   """Segment ids (1, 2, ... from column 0) and positions of a row whose documents start at `boundaries`
   (column 0 starts one too: a document cut by the previous row continues as a new segment)."""
   starts = np.zeros(length, bool)
-  starts[0] = True
   starts[boundaries] = True
-  columns = np.arange(length, dtype=np.int32)
-  start_column = np.maximum.accumulate(np.where(starts, columns, 0))
-  return np.cumsum(starts, dtype=np.int32), (columns - start_column).astype(np.int32)
+  return _from_starts(starts)
+
+
+def _from_starts(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Segment ids and positions of rows [..., L] whose True entries start a segment (column 0 always)."""
+  starts = starts.copy()
+  starts[..., 0] = True
+  columns = np.broadcast_to(np.arange(starts.shape[-1], dtype=np.int32), starts.shape)
+  start_column = np.maximum.accumulate(np.where(starts, columns, 0), axis=-1)
+  return np.cumsum(starts, axis=-1, dtype=np.int32), (columns - start_column).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,11 +102,9 @@ def pack(stream: np.ndarray, document_starts: np.ndarray, seq_len: int) -> Packe
   """A token stream cut into full rows in memory; `document_starts` are the stream offsets of documents."""
   rows = len(stream) // seq_len
   tokens = stream[:rows * seq_len].reshape(rows, seq_len).astype(np.int32)
-  columns = [[int(s) - r * seq_len for s in document_starts if r * seq_len < s < (r + 1) * seq_len]
-             for r in range(rows)]
-  segment_ids, positions = zip(*(segments(seq_len, c) for c in columns)) if rows else ((), ())
-  empty = np.zeros((0, seq_len), np.int32)
-  return PackedSequences(tokens, np.stack(segment_ids) if rows else empty, np.stack(positions) if rows else empty)
+  starts = np.zeros(rows * seq_len, bool)
+  starts[document_starts[document_starts < rows * seq_len]] = True
+  return PackedSequences(tokens, *_from_starts(starts.reshape(rows, seq_len)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,9 +153,13 @@ class TrainBatches:
     self.global_batch_size = global_batch_size
     self.steps_per_epoch = total // global_batch_size
     self._orders = [grain.MapDataset.range(len(s)).shuffle(seed=_hashed_seed(
-        f"train-order-{seed}" if len(sources) == 1 else f"train-order-{seed}-{name}")).repeat(None)
+        f"train-order-{seed}" if len(self._names) == 1 else f"train-order-{seed}-{name}")).repeat(None)
         for name, s in zip(self._names, self._sources)]
     self._counts = mixture_counts([weights[name] for name in self._names])
+    if not self._counts.all():
+      starved = [name for name, count in zip(self._names, self._counts) if not count]
+      raise ConfigError(f"config.data.sources: the weights of {starved} are below 1/{2 * _MIXTURE_BLOCK:,} of the "
+                        "total, which rounds to no row at all; raise them, or set them to 0.")
     self._mixture_seed = _hashed_seed(f"mixture-{seed}")
     self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -191,7 +199,7 @@ class TrainBatches:
     return source, index
 
   def indices(self, step: int, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-    """Rows of the (first) source for this step; with one source, the rows the step reads."""
+    """The rows of their sources that this step reads (with one source: its rows)."""
     return self.locate(step, rows)[1]
 
   def get(self, step: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
@@ -211,16 +219,16 @@ def _gather(sources: list[Sequences], source: np.ndarray, index: np.ndarray) -> 
 
 class EvalBatches:
   """Eval rows in batches of `batch_size`, read when a batch is asked for; the last batch is padded with
-  rows of segment id 0 (masked). All rows of every source, or a seeded random sample of `num_sequences`
-  of them (0 = all)."""
+  rows of segment id 0 (masked). All rows of every source, or a random sample of `num_sequences` of them
+  (0 = all), the same for every run of the data whatever its train.seed, so that runs compare."""
 
-  def __init__(self, sources: list[Sequences], num_sequences: int, batch_size: int, seed: int = 0):
+  def __init__(self, sources: list[Sequences], num_sequences: int, batch_size: int):
     self._sources, self.batch_size = sources, batch_size
     sizes = [len(s) for s in sources]
     self.available = sum(sizes)
     chosen = np.arange(self.available, dtype=np.int64)
     if 0 < num_sequences < self.available:
-      rng = np.random.default_rng(_hashed_seed(f"eval-sample-{seed}"))
+      rng = np.random.default_rng(_hashed_seed("eval-sample"))
       chosen = np.sort(rng.choice(self.available, num_sequences, replace=False))
     offsets = np.cumsum([0] + sizes)
     self._source = np.searchsorted(offsets, chosen, side="right") - 1
@@ -236,12 +244,18 @@ class EvalBatches:
     return -(-self.num_sequences // self.batch_size)
 
   def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    return self.get(b)
+
+  def get(self, b: int, rows: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    """Batch b, or its `rows` (a process's share) without reading the others."""
     if not 0 <= b < len(self):
       raise IndexError(b)
-    part = slice(b * self.batch_size, (b + 1) * self.batch_size)
-    rows = _gather(self._sources, self._source[part], self._index[part])
-    pad = self.batch_size - len(rows["tokens"])
-    return {name: np.pad(array, ((0, pad), (0, 0))) for name, array in rows.items()}
+    positions = np.arange(b * self.batch_size, (b + 1) * self.batch_size)[rows]
+    real = positions < self.num_sequences
+    out = {name: np.zeros((len(positions), self._sources[0].seq_len), np.int32) for name in ARRAYS}
+    for name, array in _gather(self._sources, self._source[positions[real]], self._index[positions[real]]).items():
+      out[name][real] = array
+    return out
 
 
 def targets(tokens):

@@ -11,27 +11,26 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import checkpoint, console, distributed, metrics, runtime, sharding
+from lm import checkpoint, console, data, distributed, metrics, runtime, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
 
 
-def evaluate(eval_fn: Callable, params, batches: Sequence[dict[str, np.ndarray]],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss over the fixed validation batches (each process passes only its devices' rows of them), the
+def evaluate(eval_fn: Callable, params, batches: data.EvalBatches, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Loss over the fixed eval batches (each process reads and passes only its devices' rows of them), the
   per-sequence sums added in row order: training's eval and `--mode=eval` give the same figure."""
-  rows = len(batches[0]["tokens"])
+  rows = batches.batch_size
   mine = sharding.process_rows(mesh, rows)
-  fetched = jax.device_get([eval_fn(params, sharding.put_batch({k: v[mine] for k, v in b.items()}, mesh, rows))
-                            for b in batches])
+  fetched = jax.device_get([eval_fn(params, sharding.put_batch(batches.get(b, mine), mesh, rows))
+                            for b in range(len(batches))])
   loss_sum, tokens = metrics.sum_losses({k: np.concatenate([f[k] for f in fetched]) for k in fetched[0]})
   loss = loss_sum / max(tokens, 1)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
@@ -153,8 +152,7 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
     source = ParamsSource(checkpoint_dir, rt.abstract_params, to_dict(config)["model"])
     with distributed.process_zero_first():  # process 0 may prepare the data
       _, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
-    batches = corpus.eval_batches(config.data, prepared, config.train.seq_len, rt.plan.micro_rows,
-                                  config.train.seed)
+    batches = corpus.eval_batches(config.data, prepared, config.train.seq_len, rt.plan.micro_rows)
     eval_fn = runtime.eval_function(rt)
     console.block([
         ("Mode", "eval" + (f", following new checkpoints (timeout {follow_timeout:g} s)" if follow else "")),

@@ -5,11 +5,11 @@ and tokenize the chunks, and their results are written in chunk order, so the sh
 whatever the number of workers. Nothing grows with the corpus: a bounded window of chunks is in flight,
 and each shard's arrays are appended to files as the chunks arrive.
 
-A shard holds the documents of consecutive chunks, cut once its train part reaches
+A shard holds the documents of consecutive chunks, cut once its train and validation tokens reach
 config.data.shard_tokens (so shards hold whole documents and are that size plus at most one chunk). Each
 shard appears complete or not at all (written beside, then renamed or copied into place), and
-manifest.json lists the finished shards and the next chunk: a killed preparation resumes after its last
-finished shard. The layout is `lm.data`'s (the reader).
+manifest.json lists the finished shards with their chunk ranges: a killed preparation resumes after its
+last finished shard, and `repair` goes back to the first damaged one. The layout is `lm.token_store`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 from lm import sources, tokenizer as tokenizers
 from lm.config import SourceConfig
-from lm.token_store import FORMAT, PARTS, read_manifest, shard_file, verify, write_manifest
+from lm.token_store import FORMAT, PARTS, is_remote, read_manifest, shard_file, verify, write_manifest
 
 _WINDOW_PER_WORKER = 4  # chunks in flight per worker: enough to keep each busy, and memory bounded
 
@@ -45,6 +45,7 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer) -> None:
   global _worker_tokenizer
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Hugging Face's threads: the processes are the parallelism
   _worker_tokenizer = tokenizer
 
 
@@ -108,9 +109,11 @@ class _PartFile:
   def finish(self, local_dir: str, directory: epath.Path) -> dict:
     """Closes the files and puts them in place under their final names; their manifest entry."""
     for what, f in self._files.items():
+      f.flush()
+      os.fsync(f.fileno())  # on disk before the manifest lists it
       f.close()
       local = os.path.join(local_dir, self.names[what] + ".tmp")
-      if "://" in os.fspath(directory):
+      if is_remote(directory):
         epath.Path(local).copy(directory / self.names[what], overwrite=True)
         os.remove(local)
       else:
@@ -121,11 +124,7 @@ class _PartFile:
 @contextlib.contextmanager
 def _local_scratch(directory: epath.Path):
   """Where shard files are written before they are put in place: beside them (a rename) when local."""
-  local = "://" not in os.fspath(directory)
-  if local:  # a killed preparation's leftovers
-    for stale in directory.glob(".writing-*"):
-      shutil.rmtree(stale, ignore_errors=True)
-  path = tempfile.mkdtemp(dir=directory if local else None, prefix=".writing-")
+  path = tempfile.mkdtemp(dir=None if is_remote(directory) else directory, prefix=".writing-")
   try:
     yield path
   finally:
@@ -145,7 +144,7 @@ def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, wor
   manifest = read_manifest(directory) or {
       "format": FORMAT, "identity": identity, "tokenizer": tokenizer.fingerprint,
       "dtype": tokenizers.token_dtype(tokenizer.vocab_size).name, "shards": [], "complete": False}
-  if manifest["complete"]:
+  if manifest.get("complete"):
     return manifest
   fraction = 0.0 if src.validation else src.validation_fraction
   dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
@@ -168,6 +167,9 @@ def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, wor
       _finish_shard(manifest, shard, path, progress)
   manifest["complete"] = True
   write_manifest(path, manifest)
+  if not is_remote(path):  # a killed preparation's leftovers (nobody writes here once it is complete)
+    for stale in path.glob(".writing-*"):
+      shutil.rmtree(stale, ignore_errors=True)
   return manifest
 
 

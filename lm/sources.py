@@ -34,8 +34,8 @@ from etils import epath
 
 from lm.config import ConfigError, SourceConfig
 
-KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
-CHUNK_DOCUMENTS = 512  # documents (jsonl lines, parquet rows, text pieces) per chunk
+CHUNK_DOCUMENTS = 512  # documents (parquet rows, text pieces) per chunk
+CHUNK_BYTES = 1 << 20  # bytes of jsonl lines per chunk
 CHUNK_FILES = 32  # files per chunk of text_files
 _BLOCK_BYTES = 4 << 20  # read size of the text kind
 
@@ -44,7 +44,7 @@ _BLOCK_BYTES = 4 << 20  # read size of the text kind
 class Chunk:
   """Raw input of a few hundred documents, in the order of the source. `kind` says how to decode it."""
   kind: str
-  payload: object  # text_files: paths; jsonl: (path, lines as bytes); others: texts
+  payload: object  # text_files: paths; jsonl: (path, whole lines as bytes); others: texts
   field: str = ""
   where: str = ""  # for error messages: the config key of the source
 
@@ -123,17 +123,25 @@ def _size(path: str) -> int | None:
   return None if "://" in path else os.path.getsize(path)
 
 
-def identity(src: SourceConfig) -> dict:
-  """What the prepared tokens of the source depend on (besides the tokenizer): its settings and each
-  file's path and, when local, size (not its time: a copied corpus is the same corpus)."""
-  settings = dataclasses.asdict(src)
+def settings(src: SourceConfig) -> dict:
+  """The settings the prepared tokens of the source depend on (besides the tokenizer): what names its
+  preparation. Not its files: listing them at every start would grow with the corpus, and a pod that
+  trains on prepared data need not see the raw files at all."""
+  out = dataclasses.asdict(src)
   for name in ("name", "weight"):  # a mixture's weight is applied when reading, not when preparing
-    settings.pop(name)
+    out.pop(name)
+  if src.kind == "text_files" and not src.path:  # the standard library of this Python version
+    out["path"] = sysconfig.get_paths()["stdlib"]
+  return out
+
+
+def identity(src: SourceConfig) -> dict:
+  """Its settings, and each file's path and (when local) size: recorded when the source is prepared."""
   if src.kind == "tfds":
-    return settings
+    return settings(src)
   listed = {part: [(p, _size(p)) for p in files(src, part)]
             for part in ("train", "validation") if part == "train" or src.validation}
-  return {**settings, "files": listed}
+  return {**settings(src), "files": listed}
 
 
 def check(src: SourceConfig) -> None:
@@ -180,23 +188,30 @@ def _open(path: str):
 
 
 def _jsonl_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
+  """Blocks of about CHUNK_BYTES of whole lines: the workers split and parse them, so that the main
+  process does little more than read (a line at a time in Python would cost it a tenth of a core)."""
   left = src.max_documents or None
   for path in files(src, part):
     with _reading(key(src), path), _open(path) as f:
-      lines = []
-      for line in io.BufferedReader(f) if path.endswith(".zst") else f:
-        if not line.strip():
-          continue
-        lines.append(line)
-        if left is not None:
-          left -= 1
-        if len(lines) == CHUNK_DOCUMENTS or left == 0:
-          yield Chunk("jsonl", (path, lines), src.text_field, key(src))
-          lines = []
+      tail = b""
+      while block := f.read(CHUNK_BYTES):
+        block = tail + block
+        cut = block.rfind(b"\n") + 1
+        block, tail = block[:cut], block[cut:]
+        if block:
+          if left is not None:
+            block, left = _first_lines(block, left)
+          yield Chunk("jsonl", (path, block), src.text_field, key(src))
           if left == 0:
             return
-      if lines:
-        yield Chunk("jsonl", (path, lines), src.text_field, key(src))
+      if tail.strip():
+        yield Chunk("jsonl", (path, _first_lines(tail, left)[0] if left else tail), src.text_field, key(src))
+
+
+def _first_lines(block: bytes, count: int) -> tuple[bytes, int]:
+  """The block's first `count` non-blank lines, and how many of `count` are left."""
+  lines = [line for line in block.split(b"\n") if line.strip()][:count]
+  return b"\n".join(lines), count - len(lines)
 
 
 def _parquet_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
@@ -306,11 +321,11 @@ def documents(chunk: Chunk) -> list[str]:
       with _reading(chunk.where, path):
         texts.append(epath.Path(path).read_bytes().decode("utf-8", errors="replace"))
     return texts
-  path, lines = chunk.payload
+  path, block = chunk.payload
   texts = []
-  for line in lines:
-    try:
-      record = json.loads(line)
+  for line in (line for line in block.split(b"\n") if line.strip()):
+    try:  # a stray invalid byte becomes U+FFFD, as in text files, instead of failing the line
+      record = json.loads(line.decode("utf-8", errors="replace"))
     except ValueError as e:
       raise ConfigError(f"{chunk.where}: {path} has a line that is not JSON ({e}): "
                         f"{line[:80]!r}. Fix or remove the file.") from e
@@ -318,5 +333,11 @@ def documents(chunk: Chunk) -> list[str]:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
       raise ConfigError(f"{chunk.where}.text_field = {chunk.field!r}: a record of {path} has no such field; "
                         f"it has {fields}. Set text_field to the field holding the text.")
-    texts.append(record[chunk.field] if isinstance(record[chunk.field], str) else str(record[chunk.field]))
+    text = record[chunk.field]
+    if text is None:  # as a Parquet null: no document
+      continue
+    if not isinstance(text, str):
+      raise ConfigError(f"{chunk.where}.text_field = {chunk.field!r}: a record of {path} holds a "
+                        f"{type(text).__name__} there, not text ({str(text)[:60]!r}). Name a field of strings.")
+    texts.append(text)
   return texts

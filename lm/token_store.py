@@ -12,6 +12,7 @@ tokenizes, holding nothing. Segment ids and positions are derived from the ends 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -25,6 +26,12 @@ from lm.config import ConfigError
 MANIFEST = "manifest.json"
 FORMAT = 1
 PARTS = ("train", "validation")
+_OPEN_SHARDS = 256  # shards kept open per store (each memory map holds a file descriptor)
+
+
+def is_remote(path) -> bool:
+  """gs://, s3://, ...: no memory maps, no renames."""
+  return "://" in os.fspath(path)
 
 
 def shard_file(part: str, shard: int, what: str) -> str:
@@ -48,10 +55,7 @@ class _RangeReader:
     return np.frombuffer(data, self._dtype)
 
 
-def open_array(path: epath.Path, dtype: np.dtype, count: int, what: str, searched: bool = False):
-  """A memory map of a local raw array, after checking its size. A remote one is read by ranges, or whole
-  when it is `searched` (np.searchsorted needs an array; document ends are 8 bytes a document)."""
-  expected = count * dtype.itemsize
+def _check_size(path: epath.Path, expected: int, what: str) -> None:
   try:
     size = path.stat().length
   except OSError:
@@ -61,9 +65,15 @@ def open_array(path: epath.Path, dtype: np.dtype, count: int, what: str, searche
     raise ConfigError(f"{what}: {path} is {found}: the prepared data is damaged. Run scripts/prepare_data.py "
                       "with the same config and --repair: it keeps the shards before the damaged one and "
                       "prepares the rest again.")
+
+
+def open_array(path: epath.Path, dtype: np.dtype, count: int, what: str, searched: bool = False):
+  """A memory map of a local raw array, after checking its size. A remote one is read by ranges, or whole
+  when it is `searched` (np.searchsorted needs an array; document ends are 8 bytes a document)."""
+  _check_size(path, count * dtype.itemsize, what)
   if count == 0:
     return np.zeros([0], dtype)
-  if "://" in os.fspath(path):
+  if is_remote(path):
     return np.frombuffer(path.read_bytes(), dtype) if searched else _RangeReader(path, dtype, count)
   return np.memmap(path, dtype, mode="r", shape=(count,))
 
@@ -80,22 +90,34 @@ class TokenStore:
     self._starts = np.concatenate([[0], np.cumsum([n for n, _ in self._sizes], dtype=np.int64)])
     self.num_tokens = int(self._starts[-1])
     self.num_documents = sum(d for _, d in self._sizes)
-    self._arrays: dict[int, tuple] = {}
+    self._arrays: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+
+  def _files(self, k: int) -> list[tuple[epath.Path, np.dtype, int]]:
+    tokens, documents = self._sizes[k]
+    return [(self.directory / shard_file(self.part, self._shards[k], "tokens"), self.dtype, tokens),
+            (self.directory / shard_file(self.part, self._shards[k], "ends"), np.dtype("<i8"), documents)]
 
   def check_files(self) -> None:
     """Every local shard file is there with its size (a stat each, no data read). Remote ones are checked
     when first read: a request per file at start-up would grow with the corpus."""
-    if "://" not in os.fspath(self.directory):
+    if not is_remote(self.directory):
       for k in range(len(self._shards)):
-        self._shard(k)
+        for path, dtype, count in self._files(k):
+          _check_size(path, count * dtype.itemsize, self._what)
+
+  @property
+  def _what(self) -> str:
+    return f"prepared {self.part} data of {self.directory.name}"
 
   def _shard(self, k: int):
+    """The shard's (tokens, ends), opened on first use; the least recently used closed past a bound."""
     if k not in self._arrays:
-      tokens, documents = self._sizes[k]
-      what = f"prepared {self.part} data of {self.directory.name}"
-      file = lambda name: self.directory / shard_file(self.part, self._shards[k], name)
-      self._arrays[k] = (open_array(file("tokens"), self.dtype, tokens, what),
-                         open_array(file("ends"), np.dtype("<i8"), documents, what, searched=True))
+      (tokens, dtype, count), (ends, ends_dtype, documents) = self._files(k)
+      self._arrays[k] = (open_array(tokens, dtype, count, self._what),
+                         open_array(ends, ends_dtype, documents, self._what, searched=True))
+      if len(self._arrays) > _OPEN_SHARDS:
+        self._arrays.popitem(last=False)
+    self._arrays.move_to_end(k)
     return self._arrays[k]
 
   def read(self, start: int, stop: int) -> tuple[np.ndarray, list[int]]:
@@ -120,21 +142,30 @@ def read_manifest(directory: str) -> dict | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict) or not {"format", "dtype", "shards", "complete"} <= set(manifest):
+      raise ValueError("not a manifest of prepared data")
+    return manifest
   except ValueError as e:
     raise ConfigError(f"{path} is damaged ({e}): delete {directory} to prepare the source again.") from e
 
 
 def write_manifest(directory: epath.Path, manifest: dict) -> None:
-  """Atomic: a local file is renamed into place; an object store writes whole objects."""
-  text = json.dumps(manifest, indent=1)
-  if "://" in os.fspath(directory):
-    (directory / MANIFEST).write_text(text)
+  write_atomic(epath.Path(directory) / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def write_atomic(path: epath.Path, content: bytes) -> None:
+  """The file appears whole or not at all: a local one is synced and renamed into place (a power loss
+  cannot leave it listing data that never reached the disk); an object store writes whole objects."""
+  if is_remote(path):
+    path.write_bytes(content)
     return
-  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-    f.write(text)
-  os.chmod(f.name, 0o644)  # a temporary file is private; the manifest is not
-  os.replace(f.name, directory / MANIFEST)
+  with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+    f.write(content)
+    f.flush()
+    os.fsync(f.fileno())
+  os.chmod(f.name, 0o644)  # a temporary file is private; the data is not
+  os.replace(f.name, path)
 
 
 def verify(directory: str) -> list[str]:

@@ -21,7 +21,6 @@ import sentencepiece as spm
 
 from lm.config import ConfigError, DataConfig
 
-KINDS = ("byte", "sentencepiece", "huggingface")
 # End-of-text tokens of common Hugging Face tokenizers, for a tokenizer.json without tokenizer_config.json.
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -92,7 +91,8 @@ class SentencePieceTokenizer:
     return self._sp.encode(text)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts))
+    # One thread: the preparation's worker processes are the parallelism (threads on top oversubscribe).
+    return self._sp.encode(list(texts), num_threads=1)
 
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids if int(i) not in self._special])

@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 import math
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import numpy as np
@@ -36,7 +36,7 @@ class Run:
   step_fn: Callable  # (state, step batch) -> (state, metrics): jitted or compiled ahead; state donated
   batches: data.TrainBatches
   eval_fn: Callable  # (params, batch) -> metrics
-  eval_batches: Sequence[dict[str, np.ndarray]]
+  eval_batches: data.EvalBatches
   manager: ocp.CheckpointManager
   num_train_steps: int
   peak_flops_per_device: float
@@ -86,7 +86,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   with distributed.process_zero_first():  # process 0 prepares the data on first use
     tokenizer, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
   batches = corpus.train_batches(prepared, t.seq_len, t.seed, rt.plan.global_sequences)
-  eval_batches = corpus.eval_batches(config.data, prepared, t.seq_len, rt.plan.micro_rows, t.seed)
+  eval_batches = corpus.eval_batches(config.data, prepared, t.seq_len, rt.plan.micro_rows)
   num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
   peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
 

@@ -151,8 +151,8 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str,
                           save_interval_steps=max(1 + warmup + steps // 2, 1))
   config = dataclasses.replace(config, train=t)
   rt = runtime.setup(config)
-  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
-                              rt.plan.global_sequences)
+  sequences = synthetic_sequences(config, 4 * rt.plan.global_sequences)
+  batches = data.TrainBatches({"synthetic": sequences}, t.seed, rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
     state = fns.create_state()
@@ -162,7 +162,8 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str,
     compile_seconds = time.perf_counter() - start
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
     run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, batches=batches,
-                    eval_fn=_stub_eval, eval_batches=[batches.get(0)], manager=manager,
+                    eval_fn=_stub_eval, manager=manager,
+                    eval_batches=data.EvalBatches([sequences], rt.plan.micro_rows, rt.plan.micro_rows),
                     num_train_steps=num_steps, peak_flops_per_device=peak,
                     tensorboard=importlib.util.find_spec("clu") is not None)
     train.loop(run, state)

@@ -39,7 +39,7 @@ flags.mark_flags_as_required(["config"])
 class _Result:
   prepared: object  # lm.corpus.Prepared
   new_tokens: int  # tokens tokenized by this run (0: it was prepared already)
-  seconds: float
+  seconds: float  # of all the sources' preparation
   was_complete: bool
 
 
@@ -55,28 +55,20 @@ def _show_preparation_logs() -> None:
 
 
 def _prepare(config: Config) -> list[_Result]:
-  """What lm.corpus.prepare_all does (every source checked, the tokenizer, each source prepared), each
-  source timed on its own."""
-  from lm import corpus, prepare, sources, token_store  # here: lm.corpus imports jax (a second or two)
+  """lm.corpus.prepare_all, with what each source held before (for the report)."""
+  from lm import corpus, prepare, token_store  # here: lm.corpus imports jax (a second or two)
 
   data = config.data
-  for src in data.sources:  # every source readable before any is tokenized
-    sources.check(src)
   started = time.time()
-  tokenizer = corpus.load_tokenizer(data, config.model.vocab_size)
+  tokenizer = corpus.load_tokenizer(data, config.model.vocab_size)  # trained here when it must be
   console.logger.info("Tokenizer: %s (%.1f s)", tokenizer.describe(), time.time() - started)
-  results = []
-  for src in data.sources:
-    directory = os.fspath(corpus.prepared_directory(data, src, tokenizer)[0])
-    if _REPAIR.value and token_store.read_manifest(directory) is not None:
-      for path in prepare.repair(directory):
-        console.logger.warning("Damaged: %s; preparing again from its shard on", path)
-    before = token_store.read_manifest(directory) or {"shards": []}
-    started = time.time()
-    prepared = corpus.prepare_source(data, src, tokenizer)
-    results.append(_Result(prepared, prepare.tokens_in(prepared.manifest) - prepare.tokens_in(before),
-                           time.time() - started, bool(before.get("complete"))))
-  return results
+  before = {src.name: token_store.read_manifest(os.fspath(corpus.prepared_directory(data, src, tokenizer)))
+            or {"shards": []} for src in data.sources}
+  started = time.time()
+  _, prepared = corpus.prepare_all(data, config.model.vocab_size, new_tokenizer=True, repair=_REPAIR.value)
+  seconds = time.time() - started
+  return [_Result(p, prepare.tokens_in(p.manifest) - prepare.tokens_in(before[name]), seconds,
+                  bool(before[name].get("complete")) and not _REPAIR.value) for name, p in prepared.items()]
 
 
 def _disk_bytes(directory: str) -> int:

@@ -268,7 +268,7 @@ def _shard_bytes(directory) -> dict[str, bytes]:
 
 
 def test_preparation_is_the_same_for_any_number_of_workers(tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 4)  # 30 chunks: more than the workers' window
+  monkeypatch.setattr(sources, "CHUNK_BYTES", 700)  # ~30 chunks: more than the workers' window
   path = _jsonl_corpus(tmp_path / "src")
   made = {}
   for workers in (1, 2):
@@ -322,7 +322,7 @@ class _Killed(Exception):
 
 def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatch):
   path = _jsonl_corpus(tmp_path / "src", count=200)
-  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 8)
+  monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)
   settings = dict(kind="jsonl", path=path, tokenizer="byte", shard_tokens=1000, workers=1)
   straight = lm_corpus.prepare_all(data_config(**settings, data_dir=str(tmp_path / "a")), 259)[1]["main"]
   original, calls = sources.documents, []
@@ -337,7 +337,7 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
   cfg = data_config(**settings, data_dir=str(tmp_path / "b"))
   with pytest.raises(_Killed):
     lm_corpus.prepare_all(cfg, 259)
-  directory = lm_corpus.prepared_directory(cfg, cfg.sources[0], tokenizers.ByteTokenizer())[0]
+  directory = lm_corpus.prepared_directory(cfg, cfg.sources[0], tokenizers.ByteTokenizer())
   partial = json.loads((directory / "manifest.json").read_text())
   assert not partial["complete"] and len(partial["shards"]) >= 1
   kept = {n: os.stat(directory / n).st_mtime_ns for n in _shard_bytes(directory)
@@ -351,7 +351,7 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
 
 
 def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "CHUNK_DOCUMENTS", 8)
+  monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)
   cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte", shard_tokens=1000,
                     data_dir=str(tmp_path / "d"))
   prepared = lm_corpus.prepare_all(cfg, 259)[1]["main"]
@@ -375,12 +375,23 @@ def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):
   os.remove(shard)
   with pytest.raises(ConfigError, match="train-00001.tokens is missing"):
     lm_corpus.prepare_all(cfg, 259)
-  manifest = json.loads(open(os.path.join(prepared.directory, "manifest.json")).read())
-  manifest["tokenizer"] = "spm-0123"
-  with open(os.path.join(prepared.directory, "manifest.json"), "w") as f:
-    json.dump(manifest, f)
-  with pytest.raises(ConfigError, match="was prepared with tokenizer spm-0123; the config asks for byte 259"):
-    lm_corpus.prepare_all(cfg, 259)
+
+
+def test_prepared_data_opens_without_its_raw_files_and_never_beside_another_tokenizer(tmp_path):
+  src = tmp_path / "src"
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(src), tokenizer="byte", data_dir=str(tmp_path / "d"))
+  prepared = lm_corpus.prepare_all(cfg, 259)[1]["main"]
+  shutil.rmtree(src)  # a pod trains on what a CPU machine prepared: the raw corpus is not there
+  again = lm_corpus.prepare_all(cfg, 259)[1]["main"]
+  assert again.directory == prepared.directory and again.stores["train"].num_tokens > 0
+  _jsonl_corpus(src)
+  other = dataclasses.replace(cfg, tokenizer="huggingface", tokenizer_path=_hf_tokenizer(tmp_path / "hf", None))
+  with pytest.raises(ConfigError, match=r"sources.main is prepared in .* with another tokenizer \(main-.*-byte\), "
+                                        r"not with huggingface 400.*scripts/prepare_data.py"):
+    lm_corpus.prepare_all(other, 512)  # main.py: a forgotten tokenizer flag must not start a preparation
+  made = lm_corpus.prepare_all(other, 512, new_tokenizer=True)[1]["main"]  # scripts/prepare_data.py
+  assert made.directory != prepared.directory and made.manifest["dtype"] == "uint16"
+  assert lm_corpus.prepare_all(other, 512)[1]["main"].directory == made.directory  # now both are there
 
 
 def test_prepared_data_lands_in_the_configured_remote_directory(tmp_path, monkeypatch):
@@ -477,6 +488,8 @@ def test_mixture_proportions_match_the_weights():
           != batches.get(0)["tokens"]).any()
   zero = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 0.0})
   assert not (np.concatenate([zero.get(s)["tokens"][:, 0] for s in range(50)]) >= 20_000).any()
+  with pytest.raises(ConfigError, match=r"the weights of \['books'\] are below 1/2,048 of the total"):
+    data.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 1e-4})
 
 
 def test_mixture_weights_are_checked():
@@ -494,12 +507,15 @@ def test_eval_batches_whole_split_or_a_seeded_sample():
   np.testing.assert_array_equal(rows[:, 0], [0, 1, 2, 3, 4, 5, 6, 100, 101, 102, 103])
   last = whole[3]
   assert last["tokens"].shape == (3, 3) and (last["segment_ids"][2:] == 0).all() and (last["positions"][2:] == 0).all()
-  sample = data.EvalBatches(parts, 5, 2, seed=0)
+  sample = data.EvalBatches(parts, 5, 2)
   assert sample.describe() == "a seeded random sample of 5 of the 11 sequences" and len(sample) == 3
   picked = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in sample])[:, 0]
   assert len(set(picked.tolist())) == 5 and list(picked) == sorted(picked)
   np.testing.assert_array_equal(picked, np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)]
-                                                        for b in data.EvalBatches(parts, 5, 4, seed=0)])[:, 0])
+                                                        for b in data.EvalBatches(parts, 5, 4)])[:, 0])
+  for rows in (np.array([0, 1]), np.array([1]), slice(1, 2)):  # a process's rows of a padded batch
+    for name in data.ARRAYS:
+      np.testing.assert_array_equal(whole.get(3, rows)[name], whole[3][name][rows])
   assert data.EvalBatches(parts, 64, 2).num_sequences == 11
 
 

@@ -17,7 +17,7 @@ def _run(tmp_path, *flags):
 
 
 def test_prepare_verify_and_repair(tmp_path):
-  _jsonl_corpus(tmp_path / "src", count=1600)  # 4 chunks of 512 documents: 4 shards
+  _jsonl_corpus(tmp_path / "src", count=24_000)  # ~4.3 MB: 5 chunks of 1 MiB, so 5 shards
   first = _run(tmp_path, "--verify")
   assert first.returncode == 0, first.stderr[-2000:]
   assert "this run tokenized" in first.stdout and "shard files match their CRC-32" in first.stdout
