@@ -1,5 +1,6 @@
-"""Token sequences and batches: the prepared token stores, rows cut from them, the batch arithmetic and
-the batch of every step (of one source or a mixture), and the eval batches.
+"""Token sequences and batches: rows cut from the prepared token stores (`lm/token_store.py`), with segment
+ids and positions derived from their document ends; the batch arithmetic; the batch of every step (of one
+source or a mixture); the eval batches.
 
 No TensorFlow here (the corpus and its preparation are `lm/corpus.py`'s and `lm/prepare.py`'s): the train
 step and a benchmark on synthetic tokens need only this module.
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import sharding
-from lm.token_store import TokenStore
 from lm.config import ConfigError
+from lm.token_store import TokenStore
 
 ARRAYS = ("tokens", "segment_ids", "positions")
 
