@@ -1,10 +1,11 @@
 """The corpus of a config: its tokenizer, its sources prepared into token stores (once, on first use),
 and the train and eval rows cut from them.
 
-Each source's prepared tokens live in `<data_dir>/prepared/<name>-<key>`, the key naming everything they
-depend on (the source's settings and files, the tokenizer), so that a changed source or tokenizer is
-prepared anew beside the old one and never mixed with it. A trained tokenizer is cached likewise under
-`<data_dir>/tokenizers`. Every path may be local or gs://.
+Each source's prepared tokens live in `<data_dir>/prepared/<name>-<settings key>-<tokenizer>`: changed
+settings or another tokenizer are prepared beside the old ones and never mixed with them. The key is the
+source's settings, not its files (their listing is recorded in the manifest when prepared), so a prepared
+source opens without its raw files, and files changed afterwards are not noticed. A trained tokenizer is
+cached likewise under `<data_dir>/tokenizers`. Every path may be local or gs://.
 """
 
 from __future__ import annotations
@@ -159,17 +160,18 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
     for directory in directories.values():
       for path in preparation.repair(os.fspath(directory)):
         logging.warning("Damaged: %s; preparing again from its shard on", path)
-  todo = [src for src in cfg.sources if not _complete(directories[src.name])]
+  manifests = {name: _complete(directory) for name, directory in directories.items()}
+  todo = [src for src in cfg.sources if manifests[src.name] is None]
   for src in todo:  # every source checked before any is tokenized
     if not new_tokenizer and token_store.read_manifest(os.fspath(directories[src.name])) is None:
       _check_new(cfg, src, tokenizer)
     sources.check(src)
   for src in todo:
     logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directories[src.name])
-    preparation.prepare(src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src),
-                        workers=cfg.workers, shard_tokens=cfg.shard_tokens)
-  return tokenizer, {src.name: _open(src, directories[src.name], _complete(directories[src.name]))
-                     for src in cfg.sources}
+    manifests[src.name] = preparation.prepare(
+        src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src), workers=cfg.workers,
+        shard_tokens=cfg.shard_tokens)
+  return tokenizer, {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
 
 
 # ---------------------------------------------------------------------------------------------------

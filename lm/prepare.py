@@ -31,7 +31,8 @@ import numpy as np
 
 from lm import sources, tokenizer as tokenizers
 from lm.config import SourceConfig
-from lm.token_store import FORMAT, PARTS, is_remote, read_manifest, shard_file, verify, write_manifest
+from lm.token_store import (FORMAT, PARTS, is_remote, read_manifest, shard_file, shard_of, verify,
+                            write_manifest)
 
 _WINDOW_PER_WORKER = 4  # chunks in flight per worker: enough to keep each busy, and memory bounded
 
@@ -224,7 +225,7 @@ def repair(directory: str) -> list[str]:
   bad = verify(directory)
   manifest = read_manifest(directory)
   if bad and manifest is not None:
-    first = min(int(os.path.basename(f).split("-")[1].split(".")[0]) for f in bad)
+    first = min(shard_of(path) for path in bad)
     manifest["shards"] = [s for s in manifest["shards"] if s["index"] < first]
     manifest["complete"] = False
     write_manifest(epath.Path(directory), manifest)

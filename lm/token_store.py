@@ -39,6 +39,11 @@ def shard_file(part: str, shard: int, what: str) -> str:
   return f"{part}-{shard:05d}.{what}"
 
 
+def shard_of(path: str) -> int:
+  """The shard index of a `shard_file` path."""
+  return int(os.path.basename(path).split(".")[0].rsplit("-", 1)[1])
+
+
 class _RangeReader:
   """A raw array on a remote file system (gs://...), read by byte ranges."""
 
