@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Data-parallel replicas (mesh.data > 1) sum their micro-batches' gradients, then one all-reduce per
   # optimizer step; False: XLA all-reduces every micro-batch's gradient (another order of additions).
   c.train.local_accumulation = True
+  # jax.profiler trace of optimizer steps START:END, numbered as in the log (from 1), END exclusive as
+  # in a Python slice: "10:13" traces steps 10, 11 and 12 into <workdir>/profile on every process, for
+  # TensorBoard's profile plugin (XProf) or Perfetto. Empty = no profile.
+  c.train.profile_steps = ""
 
   # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ Every check raises `ConfigError` with the key at fault and what would fix it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import ml_collections
@@ -103,6 +104,7 @@ class TrainConfig:
   deterministic: bool
   skip_nonfinite_updates: bool
   local_accumulation: bool
+  profile_steps: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +210,22 @@ def _positive(section: str, obj, *keys: str) -> None:
     _require(value > 0, f"config.{section}.{key} = {value} must be > 0.")
 
 
+def profile_step_range(value: str) -> range | None:
+  """config.train.profile_steps as the optimizer steps it names (numbered from 1, as in the log); None
+  when it is empty."""
+  if not value.strip():
+    return None
+  where = f"config.train.profile_steps = {value!r}"
+  fix = ("Write START:END for the optimizer steps START to END - 1 as the log numbers them (END exclusive, "
+         "as in a Python slice): \"10:13\" traces steps 10, 11 and 12. Leave it empty for no profile.")
+  match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(-?\d+)\s*", value)
+  _require(match is not None, f"{where} is not START:END. {fix}")
+  start, end = int(match[1]), int(match[2])
+  _require(start >= 1, f"{where}: steps are numbered from 1, as in the log; {start} is not a step. {fix}")
+  _require(start < end, f"{where}: START must be below END, which is excluded; it names no step. {fix}")
+  return range(start, end)
+
+
 def validate_model(m: ModelConfig) -> None:
   """The checks of the model section alone (also for models read from other formats)."""
   _one_of("model", "name", m.name, MODEL_NAMES)
@@ -295,6 +313,7 @@ def validate(config: Config) -> None:
   _require(len(t.wandb_project) <= 128 and not set(t.wandb_project) & set("/\\#?%:"),
            f"config.train.wandb_project = {t.wandb_project!r}: a Weights & Biases project name has at most "
            "128 characters and none of / \\ # ? % : (the entity comes from `wandb login` or WANDB_ENTITY).")
+  profile_step_range(t.profile_steps)
 
   sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
   _require(all(v == -1 or v > 0 for v in sizes.values()) and list(sizes.values()).count(-1) <= 1,

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, console, corpus, data, distributed, evaluate, metrics, runtime, sharding
-from lm.config import Config, ConfigError, to_dict
+from lm import checkpoint, console, corpus, data, distributed, evaluate, metrics, profiler, runtime, sharding
+from lm.config import Config, ConfigError, profile_step_range, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
 from lm.optimizer import learning_rate_schedule, make_optimizer
@@ -179,9 +179,11 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
                                  log_interval_steps=t.log_interval_steps, throughput=run.throughput,
                                  start_step=int(state.step), wandb_project=t.wandb_project,
                                  run_config=run.run_description, tensorboard=run.tensorboard)
+  profiled = profiler.steps_to_trace(profile_step_range(t.profile_steps), int(state.step), run.num_train_steps)
   try:
-    with checkpoint.PreemptionNotice(run.manager) as preemption:
-      state = _steps(run, state, logger, preemption)
+    with (checkpoint.PreemptionNotice(run.manager) as preemption,
+          profiler.StepProfile(profiled, run.workdir, pause=logger.timer.pause) as profile):
+      state = _steps(run, state, logger, preemption, profile)
     run.manager.wait_until_finished()
     run.manager.check_for_errors()
   finally:  # also on an error: the writers' buffered figures and the wandb run are closed
@@ -190,17 +192,19 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
 
 
 def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
-           preemption: checkpoint.PreemptionNotice) -> TrainState:
+           preemption: checkpoint.PreemptionNotice, profile: profiler.StepProfile) -> TrainState:
   t, rt = run.config.train, run.rt
   mine = data.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's global batch
   pending = None  # (step, figures on the device) not fetched yet
   for step in range(int(state.step), run.num_train_steps):
+    done = step + 1  # the step's number in the log, in TensorBoard and of its checkpoint
+    profile.before(done)
     rows = data.micro_batches(run.batches.get(step, mine), rt.plan)
     state, figures = run.step_fn(state, sharding.put_step_batch(rows, rt.mesh, rt.plan.micro_rows))
+    profile.after(done, (state, figures))
     # Fetch the previous step's figures only now, so that the device already has this step queued.
     if pending is not None:
       _record(run, logger, *pending)
-    done = step + 1
     pending = (done, figures)
     preempted = preemption.reached(done)
     evaluate_now = done % t.eval_interval_steps == 0 or done == run.num_train_steps
