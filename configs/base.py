@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
   c.model.remat = "none"  # none | full | save_dots (keep weight matmul outputs, recompute the rest)
   c.model.scan_layers = True  # one compiled layer body instead of num_layers copies
+  # Attention kernel: auto (splash on TPU, cudnn on GPU in bfloat16, else xla) | xla | splash (TPU flash
+  # attention) | cudnn (GPU flash attention). See lm/attention.py.
+  c.model.attention = "auto"
 
   c.data = ml_collections.ConfigDict()
   # Named document sources; several make a mixture (each row of a step drawn by weight). See source().

@@ -46,6 +46,7 @@ class ModelConfig:
   param_dtype: str
   remat: str
   scan_layers: bool
+  attention: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +130,10 @@ MODEL_NAMES = ("llama", "qwen3", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig fields that are settings of a run, not part of the model that parameters belong to: they may
 # differ between the run that wrote parameters and one that starts from them.
-MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers")
+MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/attention.py
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("sentencepiece", "huggingface", "byte")
@@ -232,6 +234,7 @@ def validate_model(m: ModelConfig) -> None:
   _one_of("model", "dtype", m.dtype, DTYPES)
   _one_of("model", "param_dtype", m.param_dtype, DTYPES)
   _one_of("model", "remat", m.remat, REMAT_POLICIES)
+  _one_of("model", "attention", m.attention, ATTENTION)
   _one_of("model", "mlp_activation", m.mlp_activation, MLP_ACTIVATIONS)
   _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "mlp_dim", "max_seq_len", "rope_theta", "rope_scaling_factor", "rope_local_theta", "norm_eps",

@@ -84,8 +84,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
   )
 
 
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled function on one device, as XLA's cost analysis counts them.
+def xla_cost(compiled) -> dict[str, float]:
+  """{"flops", "bytes accessed"} of one call of a compiled function on one device, as XLA's cost
+  analysis counts them.
 
   Every op the device runs is counted (matmuls, elementwise ops, remat recomputation), but the body of a
   while loop only once: a scan over layers counts one layer (see `hardware_flops_per_device`). Under SPMD
@@ -93,39 +94,49 @@ def xla_flops(compiled) -> float:
   """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jaxlibs: one dict per program
-  return float(cost["flops"])
+  return {key: float(cost.get(key, 0.0)) for key in ("flops", "bytes accessed")}
 
 
-def hardware_flops_per_device(config: Config, compile_variant: Callable[[Config], Any]) -> float:
-  """XLA FLOPs of one optimizer step on one device, every layer and every micro-batch counted.
+def xla_flops(compiled) -> float:
+  return xla_cost(compiled)["flops"]
+
+
+def hardware_cost_per_device(config: Config, compile_variant: Callable[[Config], Any]) -> dict[str, float]:
+  """XLA FLOPs and bytes accessed (`xla_cost`) of one optimizer step on one device, every layer and
+  every micro-batch counted.
 
   XLA counts the body of a while loop once, and the step has two: the scan over micro-batches and, with
-  scan_layers, the scan over layers. Both are extrapolated, exactly (every layer, and every micro-batch
-  but the last, compiles to the same ops; tests/test_flops.py): from 1 and 2 unrolled layers, and from
-  accumulation 1 and 2 (the same micro-batch size).
+  scan_layers, the scan over layers. Both are extrapolated, exactly for FLOPs (every layer, and every
+  micro-batch but the last, compiles to the same ops; tests/test_flops.py): from 1 and 2 unrolled layers,
+  and from accumulation 1 and 2 (the same micro-batch size).
 
   Args:
     compile_variant: config -> its train step compiled on the same mesh.
   """
   m, k = config.model, config.train.gradient_accumulation_steps
 
-  def count(num_layers: int, accumulation: int) -> float:
+  def count(num_layers: int, accumulation: int) -> np.ndarray:
     # Without local accumulation, which scans all k micro-batches (at 2 too): its FLOPs are the same. (At
     # accumulation 1 the setting is kept: it changes nothing there, and the caller's compile is reused.)
     variant = dataclasses.replace(
         config, model=dataclasses.replace(m, num_layers=num_layers, scan_layers=False),
         train=dataclasses.replace(config.train, gradient_accumulation_steps=accumulation,
                                   local_accumulation=config.train.local_accumulation and accumulation == 1))
-    return xla_flops(compile_variant(variant))
+    return np.array(list(xla_cost(compile_variant(variant)).values()))
 
-  def layers_counted(accumulation: int) -> float:
+  def layers_counted(accumulation: int) -> np.ndarray:
     if not m.scan_layers:
       return count(m.num_layers, accumulation)
     one, two = count(1, accumulation), count(2, accumulation)
     return one + (m.num_layers - 1) * (two - one)
 
   single = layers_counted(1)
-  return single if k == 1 else single + (k - 1) * (layers_counted(2) - single)
+  total = single if k == 1 else single + (k - 1) * (layers_counted(2) - single)
+  return dict(zip(("flops", "bytes accessed"), (float(x) for x in total)))
+
+
+def hardware_flops_per_device(config: Config, compile_variant: Callable[[Config], Any]) -> float:
+  return hardware_cost_per_device(config, compile_variant)["flops"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +144,8 @@ class StepFlops:
   """FLOPs of one optimizer step, all micro-steps on all devices."""
   model: float  # analytic (`flops_per_token`): what MFU divides
   hardware: float  # counted by XLA in the compiled step: what HFU divides
+  bytes_accessed: float = 0.0  # memory traffic XLA counts in the compiled step (all devices)
+  attention: float = 0.0  # the model FLOPs of attention scores (part of `model`)
 
   def utilisation(self, step_seconds: float, num_devices: int, peak_per_device: float) -> tuple[float, float]:
     """(MFU, HFU) of a step that took `step_seconds`."""
@@ -142,17 +155,19 @@ class StepFlops:
 
 def step_flops(config: Config, num_devices: int, data_parallel: int,
                compile_variant: Callable[[Config], Any]) -> StepFlops:
-  """Model and hardware FLOPs of one optimizer step.
+  """Model and hardware FLOPs (and bytes accessed) of one optimizer step.
 
   Args:
     data_parallel: devices the batch is split over (mesh data x fsdp).
-    compile_variant: see `hardware_flops_per_device`.
+    compile_variant: see `hardware_cost_per_device`.
   """
   t = config.train
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel * t.seq_len
   model = flops_per_token(config.model, t.seq_len).train * tokens
-  return StepFlops(model=float(model),
-                   hardware=hardware_flops_per_device(config, compile_variant) * num_devices)
+  cost = hardware_cost_per_device(config, compile_variant)
+  attention = 3 * flops_per_token(config.model, t.seq_len).attention_scores * tokens
+  return StepFlops(model=float(model), hardware=cost["flops"] * num_devices,
+                   bytes_accessed=cost["bytes accessed"] * num_devices, attention=float(attention))
 
 
 def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from lm import attention
 from lm.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -101,22 +102,13 @@ def rotary(x_BxLxNxH, positions_BxL, inv_freq):
   return rotated.astype(x_BxLxNxH.dtype)
 
 
-def attention_mask(segment_ids_BxL, window: int = 0):
-  """Causal and within-document: position l sees s <= l of the same (non-padding) segment, and with a
-  window only the `window` newest of them (l - s < window, itself included)."""
-  length = segment_ids_BxL.shape[1]
-  distance_LxS = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-  allowed_LxS = (distance_LxS >= 0) & ((distance_LxS < window) if window else True)
-  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (allowed_LxS[None] & same_BxLxS)[:, None]  # B x 1 x L x S, broadcast over heads
-
-
-def cache_masks(cfg: ModelConfig, positions_BxL, length: int):
-  """(global, sliding-window or None) masks B x 1 x L x S over a cache whose slot s holds position s."""
+def cache_context(cfg: ModelConfig, positions_BxL, length: int) -> attention.Context:
+  """XLA attention over a cache whose slot s holds position s: (global, sliding-window or None) masks
+  B x 1 x L x S."""
   distance_BxLxS = positions_BxL[:, :, None] - jnp.arange(length)[None, None, :]
   visible = distance_BxLxS >= 0
   local = (visible & (distance_BxLxS < cfg.sliding_window))[:, None] if cfg.sliding_window else None
-  return visible[:, None], local
+  return attention.Context("xla", cfg.sliding_window, masks=(visible[:, None], local))
 
 
 class KVCache(struct.PyTreeNode):
@@ -136,8 +128,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxS, inv_freq, cache_kv=None, cache_index=None):
-    """cache_kv: this layer's (keys, values) B x S x K x H when decoding; returned updated (else None)."""
+  def __call__(self, x_BxLxD, positions_BxL, ctx: attention.Context, local, inv_freq, cache_kv=None,
+               cache_index=None):
+    """local: this layer has the sliding window. cache_kv: this layer's (keys, values) B x S x K x H when
+    decoding; returned updated (else None)."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -159,9 +153,9 @@ class Attention(nn.Module):
       k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, 1)
                               for c, new in zip(cache_kv, (k_BxSxKxH, v_BxSxKxH)))
       cache_kv = (k_BxSxKxH, v_BxSxKxH)
-    # Grouped-query attention: dot_product_attention shares each of the K heads among N / K queries.
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xLxS,
-                                               scale=(cfg.query_scale_dim or H) ** -0.5)
+    # Grouped-query attention: each of the K key/value heads serves N / K query heads.
+    out_BxLxNxH = attention.attend(ctx, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local,
+                                   scale=(cfg.query_scale_dim or H) ** -0.5)
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, w_o_NxHxD.astype(dtype)), cache_kv
 
 
@@ -188,7 +182,7 @@ class Block(nn.Module):
   (Gemma). Returns (x, this layer's updated cache or None): the body of `nn.scan`.
 
   Args:
-    masks: (global mask, sliding-window mask or None), each B x 1 x L x S.
+    ctx: the attention's masks or segment ids (`lm.attention.Context`).
     layer: this layer's slice of `layer_inputs` ({"local": bool, "inv_freq": H/2}), and when decoding
       its cache ("kv": keys and values B x S x K x H).
     cache_index: when decoding, the cache slot of the first new position.
@@ -196,12 +190,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, masks, layer, cache_index=None):
+  def __call__(self, x_BxLxD, positions_BxL, ctx, layer, cache_index=None):
     cfg = self.cfg
-    global_mask, local_mask = masks
-    mask_Bx1xLxS = global_mask if local_mask is None else jnp.where(layer["local"], local_mask, global_mask)
     attn_BxLxD, cache_kv = Attention(cfg, name="attn")(
-        RMSNorm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_Bx1xLxS, layer["inv_freq"],
+        RMSNorm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, ctx, layer["local"], layer["inv_freq"],
         layer.get("kv"), cache_index)
     if cfg.post_norms:
       attn_BxLxD = RMSNorm(cfg, name="attn_post_norm")(attn_BxLxD)
@@ -222,7 +214,8 @@ class Decoder(nn.Module):
   `layers` (scanned, each leaf with a leading layer axis) or `layers_0` ... (a loop), `final_norm`, and
   `lm_head` unless the embeddings are tied.
   """
-  cfg: ModelConfig
+  cfg: ModelConfig  # attention "auto" means the default backend's: lm.runtime.setup resolves it for its mesh
+  interpret: bool = False  # splash attention in Pallas' interpreter (tests on CPU)
 
   def setup(self):
     cfg = self.cfg
@@ -245,11 +238,11 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
     """Training and eval: each position attends to the earlier ones of its segment (document)."""
     x_BxLxD = self._embed(tokens_BxL)
-    per_layer = layer_inputs(self.cfg)
-    window = self.cfg.sliding_window
-    masks = (attention_mask(segment_ids_BxL),
-             attention_mask(segment_ids_BxL, window) if window else None)
-    x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, masks, per_layer)
+    implementation = self.cfg.attention  # checked against the mesh's platform by lm.runtime.setup
+    if implementation == "auto":
+      implementation = attention.resolve(self.cfg, tokens_BxL.shape[1], jax.default_backend())
+    ctx = attention.context(implementation, segment_ids_BxL, self.cfg.sliding_window, interpret=self.interpret)
+    x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, ctx, layer_inputs(self.cfg))
     return self._logits(x_BxLxD)
 
   def decode(self, tokens_BxL, positions_BxL, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -258,8 +251,8 @@ class Decoder(nn.Module):
     attends over the cache's slots up to each position (the later slots are masked)."""
     x_BxLxD = self._embed(tokens_BxL)
     per_layer = {**layer_inputs(self.cfg), "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
-    masks = cache_masks(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2])
-    x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(x_BxLxD, positions_BxL, masks, per_layer, cache.index)
+    ctx = cache_context(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2])
+    x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(x_BxLxD, positions_BxL, ctx, per_layer, cache.index)
     cache = KVCache(k_TxBxSxKxH=k_TxBxSxKxH, v_TxBxSxKxH=v_TxBxSxKxH, index=cache.index + tokens_BxL.shape[1])
     return self._logits(x_BxLxD), cache
 
@@ -270,14 +263,14 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
     return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
-  def _layers(self, x_BxLxD, positions_BxL, masks, per_layer, cache_index=None):
+  def _layers(self, x_BxLxD, positions_BxL, ctx, per_layer, cache_index=None):
     """All blocks: (x, the stacked (keys, values) T x B x S x K x H when per_layer has "kv", else None)."""
     if self.cfg.scan_layers:
-      return self.layers(x_BxLxD, positions_BxL, masks, per_layer, cache_index)
+      return self.layers(x_BxLxD, positions_BxL, ctx, per_layer, cache_index)
     new_kv = []
     for i, block in enumerate(self.layers):
       layer = jax.tree.map(lambda x: x[i], per_layer)
-      x_BxLxD, layer_kv = block(x_BxLxD, positions_BxL, masks, layer, cache_index)
+      x_BxLxD, layer_kv = block(x_BxLxD, positions_BxL, ctx, layer, cache_index)
       new_kv.append(layer_kv)
     return x_BxLxD, None if "kv" not in per_layer else tuple(jnp.stack(parts) for parts in zip(*new_kv))
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from lm import checkpoint, data, sharding
+from lm import attention, checkpoint, data, sharding
 from lm.config import Config
 from lm.model import Decoder
 from lm.train_step import TrainState, eval_step, train_step
@@ -53,15 +53,19 @@ class Runtime:
 
 
 def setup(config: Config, devices=None) -> Runtime:
-  """Mesh over `devices` (all by default), checked against the model; the batch plan; the model and
-  its parameters' shapes and shardings (nothing allocated)."""
+  """Mesh over `devices` (all by default), checked against the model; the attention for its platform; the
+  batch plan; the model and its parameters' shapes and shardings (nothing allocated)."""
   t = config.train
   mesh = sharding.make_mesh(config.mesh, jax.devices() if devices is None else devices)
   sharding.check_divisible(config.model, dict(mesh.shape))
+  # "auto" attention for the mesh's devices, which need not be the default backend's (a TPU plan on CPU).
+  chosen = attention.resolve(config.model, t.seq_len, mesh.devices.flat[0].platform)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=chosen))
   plan = data.batch_plan(t.micro_batch_size, t.gradient_accumulation_steps, t.seq_len, mesh)
   rt = Runtime(config, mesh, plan, Decoder(config.model), None, None, None)
+  rng = rt.rng  # made outside the mesh: on compile-only devices (a TPU plan on CPU) nothing can run
   with sharding.activate(mesh):
-    boxed = jax.eval_shape(rt.init_params, rt.rng)
+    boxed = jax.eval_shape(rt.init_params, rng)
   param_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   return dataclasses.replace(rt, boxed_params=boxed, param_sharding=param_sharding,
                              abstract_params=checkpoint.abstract_like(sharding.strip_boxes(boxed),

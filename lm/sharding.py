@@ -61,53 +61,70 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def dcn_shape(cfg: MeshConfig, sizes: dict[str, int], num_processes: int) -> dict[str, int]:
-  """How many processes (hosts) each axis of `sizes` spans: resolves the -1 and checks the splits."""
+def granule(device) -> int:
+  """The group of devices joined by the fast interconnect that `device` belongs to: its TPU slice (the
+  chips of a slice, on all its hosts, share ICI; slices talk over the data-centre network), elsewhere its
+  process (host)."""
+  return getattr(device, "slice_index", 0) if device.platform == "tpu" else device.process_index
+
+
+def granules(devices) -> tuple[int, str]:
+  """(how many granules `devices` span, what they are called in messages)."""
+  return len({granule(d) for d in devices}), "TPU slice(s)" if devices[0].platform == "tpu" else "process(es)"
+
+
+def dcn_shape(cfg: MeshConfig, sizes: dict[str, int], num_granules: int,
+              what: str = "process(es)") -> dict[str, int]:
+  """How many granules (`what`: TPU slices, or processes) each axis of `sizes` spans: resolves the -1
+  and checks the splits."""
   dcn = _fill_wildcard(
-      {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": cfg.dcn_tensor}, num_processes,
-      lambda name, fixed: f"config.mesh.dcn_{name} = -1 cannot fill {num_processes} process(es): the other "
-                          f"dcn_ axes take {fixed}, which does not divide {num_processes}. The dcn_ sizes "
-                          "multiply to the number of processes (1 for a single process).")
-  if math.prod(dcn.values()) != num_processes:
+      {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": cfg.dcn_tensor}, num_granules,
+      lambda name, fixed: f"config.mesh.dcn_{name} = -1 cannot fill {num_granules} {what}: the other "
+                          f"dcn_ axes take {fixed}, which does not divide {num_granules}. The dcn_ sizes "
+                          f"multiply to the number of {what} (1 for a single one).")
+  if math.prod(dcn.values()) != num_granules:
     raise ConfigError(
-        f"config.mesh dcn_data x dcn_fsdp x dcn_tensor = {dcn} spans {math.prod(dcn.values())} processes, "
-        f"but {num_processes} are running. Make their product the number of processes, or set one to -1.")
+        f"config.mesh dcn_data x dcn_fsdp x dcn_tensor = {dcn} spans {math.prod(dcn.values())} {what}, "
+        f"but there are {num_granules}. Make their product the number of {what}, or set one to -1.")
   for name, value in dcn.items():
     if sizes[name] % value:
       raise ConfigError(
           f"config.mesh.{name} = {sizes[name]} cannot be split over config.mesh.dcn_{name} = {value} "
-          f"processes. Put the split across hosts on an axis with room for it (e.g. "
+          f"{what}. Put the split across them on an axis with room for it (e.g. "
           f"--config.mesh.dcn_data=1 --config.mesh.dcn_fsdp=-1 when data parallelism is 1), or resize the axes.")
   return dcn
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  """The mesh over `devices`. Each axis's dcn_ part spans granules (TPU slices, or processes on CPU and
+  GPU), outermost; the rest of it stays within a granule."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(cfg, len(devices))
-  num_processes = len({d.process_index for d in devices})
-  dcn = dcn_shape(cfg, sizes, num_processes)
+  num_granules, what = granules(devices)
+  dcn = dcn_shape(cfg, sizes, num_granules, what)
   # Axes are Auto so that jit propagates shardings from the in/out annotations and the constraints.
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
-  if num_processes == 1:
-    # make_mesh orders devices for the physical topology (ICI rings on TPU).
+  if num_granules == 1:
+    # make_mesh orders devices for the physical topology (ICI rings on TPU), over all hosts of a slice.
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types,
                          devices=devices)
-  # Each process (host) is one granule: its devices form the within-host part of every axis, ordered for
-  # its topology, and the granules are laid out along the dcn_ parts, outermost. With the default (data
-  # across hosts) process p holds the p-th block of consecutive rows of every batch.
+  # Each granule's devices form the within-granule part of every axis, ordered for its topology, and the
+  # granules are laid out along the dcn_ parts, outermost. With the default (data across hosts) process p
+  # of a CPU or GPU run holds the p-th block of consecutive rows of every batch.
   within = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
   grid = mesh_utils.create_hybrid_device_mesh(within, tuple(dcn[a] for a in MESH_AXES), devices,
-                                              process_is_granule=True)
+                                              process_is_granule=devices[0].platform != "tpu")
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def describe(mesh: jax.sharding.Mesh, cfg: MeshConfig) -> str:
-  """`data=4 x fsdp=2 x tensor=1`, and with several processes the part of each axis across them."""
+  """`data=4 x fsdp=2 x tensor=1`, and with several granules the part of each axis across them."""
   text = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
-  processes = len({d.process_index for d in mesh.devices.flat})
-  if processes > 1:
-    dcn = dcn_shape(cfg, dict(mesh.shape), processes)
-    text += " (across processes: " + " x ".join(f"{k}={v}" for k, v in dcn.items()) + ")"
+  count, what = granules(list(mesh.devices.flat))
+  if count > 1:
+    dcn = dcn_shape(cfg, dict(mesh.shape), count, what)
+    text += f" (across {what.replace('(s)', 's').replace('(es)', 'es')}: " + " x ".join(
+        f"{k}={v}" for k, v in dcn.items()) + ")"
   return text
 
 

@@ -35,6 +35,21 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
+# libtpu (XLA:TPU) for scripts/plan.py --topology, which compiles for TPU slices on this CPU machine: the
+# version jax[tpu] pins, beside the environment in .venv-libtpu/ and loaded only by lm/topology.py.
+# Installed into .venv, every `import jax` on a machine without a TPU would print libtpu's start-up errors.
+# On a platform without libtpu wheels (macOS) the TPU plan and its tests are skipped, saying why.
+LIBTPU_REQUIREMENT="$(.venv/bin/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
+if [ "$(cat .venv-libtpu/requirement.txt 2>/dev/null)" != "$LIBTPU_REQUIREMENT" ]; then
+  rm -rf .venv-libtpu
+  if .venv/bin/python -m pip install --quiet --no-deps --target .venv-libtpu "$LIBTPU_REQUIREMENT"; then
+    echo "$LIBTPU_REQUIREMENT" > .venv-libtpu/requirement.txt
+  else
+    echo "Could not install $LIBTPU_REQUIREMENT: scripts/plan.py --topology and its tests are unavailable." >&2
+    rm -rf .venv-libtpu
+  fi
+fi
+
 # transformers, for the tests that compare converted checkpoints with it (tests/test_convert_hf.py), in
 # its own venv: the project never imports torch. Python 3.11, the Python of the CPU build of torch 2.13.0
 # that pip finds in this machine's wheel directory (elsewhere pip downloads torch 2.13.0 from PyPI).

@@ -1,17 +1,23 @@
 """Will a config fit, and how fast would it run? Compiles the real train step ahead of time and says.
 
+  python scripts/plan.py --config=configs/llama_1_36b.py --topology=v5p:2x2x1
+  python scripts/plan.py --config=configs/gemma3_1b.py --topology=v5e:2x4 --num_slices=2
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --device_kind=h100
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --memory_table=16,24,40,80,141
 
 The train step of `lm.runtime.train_functions` (one optimizer step: every micro-batch and the update) is
-compiled for a mesh of --devices simulated CPU devices (a -1 mesh axis resolves against them). Printed per device: parameter, optimizer-state and
+compiled for the mesh of a TPU slice with --topology: XLA:TPU's own compile (libtpu, no TPU needed; see
+lm/topology.py), whose memory, FLOPs, bytes accessed and collectives are the chips'; a roofline step time
+(FLOPs at the chip's peak against bytes at its HBM bandwidth) is printed beside the one at --mfu. Without
+--topology (GPUs) it is compiled for --devices simulated CPU devices (a -1 mesh axis resolves against
+them), an estimate. Printed per device: parameter, optimizer-state and
 accumulator bytes (from the state's shardings), temporary bytes (XLA's memory analysis of the compiled
 step: activations, gradients, the logits), their total against the device's memory; then FLOPs per
 optimizer step and the step time and tokens/s they imply at --mfu. When the step does not fit, smaller
 micro-batches (same global batch: more accumulation), stronger remat and a larger fsdp axis are
 compiled until one fits. --memory_table instead lists, per memory size, the largest micro-batch each
-remat policy fits. Memory comes from XLA's CPU compile of the same program: an estimate of TPU/GPU
-memory, whose compilers schedule and fuse differently. Any config key can be overridden
+remat policy fits. Without --topology, memory comes from XLA's CPU compile of the same program: an
+estimate of GPU memory, whose compiler schedules and fuses differently. Any config key can be overridden
 (--config.train.micro_batch_size=4).
 """
 
@@ -51,9 +57,9 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from lm import hlo, metrics, runtime, sharding  # noqa: E402
+from lm import hlo, metrics, runtime, sharding, topology  # noqa: E402
 from lm.model import param_count  # noqa: E402
-from lm.config import Config, from_config_dict  # noqa: E402
+from lm.config import Config, ConfigError, from_config_dict  # noqa: E402
 from lm.optimizer import make_optimizer  # noqa: E402
 
 GB = 1e9  # decimal, as vendors quote memory; conservative against the GiB devices have
@@ -66,10 +72,15 @@ DEVICE_KINDS = {
 REMAT_ORDER = ("none", "save_dots", "full")  # least to most recomputation, most to least memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice, as libtpu names it (v5e:2x4, v5p:2x2x1, v6e:4x4): "
+                                "compile with XLA:TPU for its chips. Empty: --devices simulated CPU devices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology, joined over the data-centre network.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (simulated on the CPU).")
-_DEVICE_KIND = flags.DEFINE_enum("device_kind", "h100", sorted(DEVICE_KINDS), "Accelerator planned for.")
+_DEVICE_KIND = flags.DEFINE_enum("device_kind", "h100", sorted(DEVICE_KINDS),
+                                 "Accelerator planned for without --topology.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
-_MEMORY_GB = flags.DEFINE_float("memory_gb", 0.0, "Memory per device in GB; 0 = that of --device_kind.")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", 0.0, "Memory per device in GB; 0 = the chip's (--topology) or "
+                                 "that of --device_kind.")
 _USABLE = flags.DEFINE_float("usable_fraction", 0.9,
                              "Share of the memory a step may use: runtime reserves, fragmentation and the "
                              "estimate's error need the rest. GPUs: JAX preallocates 0.75 by default.")
@@ -95,6 +106,7 @@ class Estimate:
   total: int  # everything live: arguments + outputs not aliased to them + temporaries
   compile_seconds: float
   compiled: object = dataclasses.field(repr=False)
+  attention: str = "xla"  # the implementation the step was compiled with (model.attention resolved)
 
   @property
   def label(self) -> str:
@@ -133,46 +145,82 @@ def with_changes(config: Config, micro_batch_size: int | None = None, remat: str
   return dataclasses.replace(config, train=t, model=m, mesh=new_mesh)
 
 
-def compile_step(config: Config, num_devices: int):
-  """(compiled train step, its TrainFunctions, mesh, seconds to set up, lower and compile)."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What is planned for: the devices compiled for and their figures."""
+  devices: list  # simulated CPU devices, or a TPU slice's compile-only devices
+  name: str
+  memory_gb: float
+  peak_flops: float  # per device, bf16
+  hbm_bandwidth: float | None = None  # bytes/s per device: a roofline when known (TPU chips)
+
+  @property
+  def tpu(self) -> bool:
+    return self.devices[0].platform == "tpu"
+
+
+def make_target(topology_name: str, num_slices: int, num_devices: int, device_kind: str,
+                memory_gb: float = 0.0) -> Target:
+  """The TPU slice `topology_name` (XLA:TPU compiles for it), else `num_devices` CPU devices standing in
+  for `device_kind`."""
+  if topology_name:
+    devices = topology.devices(topology_name, num_slices)
+    chip = topology.chip(devices[0])
+    slices = f" x {num_slices} slices" if num_slices > 1 else ""
+    return Target(devices, f"{topology_name}{slices}: {len(devices)} x {chip.name}",
+                  memory_gb or chip.hbm_bytes / GB, chip.peak_flops, chip.hbm_bandwidth)
+  name, device_memory = DEVICE_KINDS[device_kind]
+  return Target(jax.devices()[:num_devices], f"{num_devices} x {device_kind}", memory_gb or device_memory,
+                metrics.spec_peak_flops(name))
+
+
+def compile_step(config: Config, devices: list):
+  """(compiled train step, its TrainFunctions, Runtime, seconds to set up, lower and compile)."""
   start = time.perf_counter()
-  rt = runtime.setup(config, jax.devices()[:num_devices])
+  rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(config.train, max(config.train.num_train_steps, 1)))
     compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
-  return compiled, fns, rt.mesh, time.perf_counter() - start
+  return compiled, fns, rt, time.perf_counter() - start
 
 
-def estimate(config: Config, num_devices: int) -> Estimate:
-  compiled, fns, mesh, seconds = compile_step(config, num_devices)
+def estimate(config: Config, devices: list) -> Estimate:
+  compiled, fns, rt, seconds = compile_step(config, devices)
   memory = compiled.memory_analysis()
   state = fns.abstract_state
   return Estimate(
-      config=config, mesh_shape=dict(mesh.shape), params=device_bytes(state.params),
+      config=config, mesh_shape=dict(rt.mesh.shape), params=device_bytes(state.params),
       optimizer=device_bytes(state.opt_state.inner_opt_state),
       accumulator=device_bytes(state.opt_state.acc_grads), temporary=memory.temp_size_in_bytes,
       total=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes),
-      compile_seconds=seconds, compiled=compiled)
+      compile_seconds=seconds, compiled=compiled, attention=rt.config.model.attention)
 
 
-def flops_of(est: Estimate, num_devices: int) -> metrics.StepFlops:
-  """Model FLOPs (analytic) and hardware FLOPs (XLA, every layer and micro-batch: see
-  metrics.hardware_flops_per_device)."""
+def flops_of(est: Estimate, devices: list) -> metrics.StepFlops:
+  """Model FLOPs (analytic), hardware FLOPs and bytes accessed (XLA, every layer and micro-batch: see
+  metrics.hardware_cost_per_device)."""
   data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
-  compile_variant = lambda cfg: est.compiled if cfg == est.config else compile_step(cfg, num_devices)[0]
-  return metrics.step_flops(est.config, num_devices, data_parallel, compile_variant)
+  compile_variant = lambda cfg: est.compiled if cfg == est.config else compile_step(cfg, devices)[0]
+  flops = metrics.step_flops(est.config, len(devices), data_parallel, compile_variant)
+  if est.attention == "splash":  # a custom call: XLA counts none of the kernel's work
+    flops = dataclasses.replace(flops, hardware=flops.hardware + flops.attention)
+  return flops
 
 
 class Estimator:
   """Compiles each config once: the searches revisit candidates."""
 
-  def __init__(self, num_devices: int):
-    self.num_devices, self._cache = num_devices, {}
+  def __init__(self, devices: list):
+    self.devices, self._cache = devices, {}
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
 
   def __call__(self, config: Config) -> Estimate:
     if config not in self._cache:
-      self._cache[config] = estimate(config, self.num_devices)
+      self._cache[config] = estimate(config, self.devices)
     return self._cache[config]
 
   def tried(self) -> list[Estimate]:
@@ -250,39 +298,51 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
   ]
 
 
-def describe_speed(flops: metrics.StepFlops, est: Estimate, num_devices: int, peak: float,
-                   mfu: float) -> list[str]:
+def describe_speed(flops: metrics.StepFlops, est: Estimate, target: Target, mfu: float) -> list[str]:
   t = est.config.train
   dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len
-  seconds = flops.model / (num_devices * peak * mfu)
-  return [
+  n, peak = len(target.devices), target.peak_flops
+  seconds = flops.model / (n * peak * mfu)
+  splash = ("; the splash kernels, which XLA cannot see into, at the model count of attention, and their "
+            "memory traffic left out" if est.attention == "splash" else "")
+  lines = [
       f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half), "
-      f"{flops.hardware:.4g} hardware (XLA: remat recomputation, full attention square, elementwise, "
-      f"optimizer) = {flops.hardware / flops.model:.3f} x model",
-      f"At MFU {mfu:g} on {num_devices} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
-      f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / num_devices:,.0f} per device), "
-      f"HFU {mfu * flops.hardware / flops.model:.3f}",
-  ]
+      f"{flops.hardware:.4g} hardware (XLA: remat recomputation, attention as computed, elementwise, "
+      f"optimizer{splash}) = {flops.hardware / flops.model:.3f} x model",
+      f"At MFU {mfu:g} on {n} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
+      f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / n:,.0f} per device), "
+      f"HFU {mfu * flops.hardware / flops.model:.3f}"]
+  if target.hbm_bandwidth:
+    compute, memory = flops.hardware / n / peak, flops.bytes_accessed / n / target.hbm_bandwidth
+    roofline = max(compute, memory)
+    lines.append(
+        f"Roofline per chip: {flops.hardware / n:.4g} FLOPs at {peak:.4g} FLOP/s = {compute:.4g} s, "
+        f"{flops.bytes_accessed / n / GB:,.1f} GB accessed at {target.hbm_bandwidth / GB:,.0f} GB/s = "
+        f"{memory:.4g} s: step time >= {roofline:.4g} s ({'compute' if compute >= memory else 'memory'}-bound), "
+        f"<= {tokens / roofline:,.0f} tokens/s, MFU <= {flops.model / n / peak / roofline:.3f} "
+        "(collectives and idle time not counted)")
+  return lines
 
 
-NOTE = ("Note: memory is XLA's analysis of the CPU compile of the same program: an estimate of TPU/GPU "
-        "memory (their compilers fuse, schedule and rematerialise differently); keep a margin.")
+def note(target: Target) -> str:
+  if target.tpu:
+    return ("Note: memory, FLOPs, bytes and collectives are XLA:TPU's, from libtpu's compile for this "
+            "slice; the runtime keeps some HBM for itself (hence the usable fraction).")
+  return ("Note: memory is XLA's analysis of the CPU compile of the same program: an estimate of GPU memory "
+          "(its compiler fuses, schedules and rematerialises differently); keep a margin, or plan a TPU "
+          "with --topology.")
 
 
-def report(config: Config, num_devices: int, device_kind: str, memory_gb: float, usable: float,
-           mfu: float, hardware_flops: bool = True) -> list[str]:
+def report(config: Config, target: Target, usable: float, mfu: float, hardware_flops: bool = True) -> list[str]:
   """The plan of one config, and if it does not fit, what would."""
-  name, device_memory = DEVICE_KINDS[device_kind]
-  memory_gb = memory_gb or device_memory
-  peak = metrics.spec_peak_flops(name)
-  estimator = Estimator(num_devices)
+  estimator = Estimator(target.devices)
   est = estimator(config)
-  lines = [f"Plan: {num_devices} x {device_kind} ({memory_gb:g} GB, {peak:.4g} bf16 FLOP/s peak per device)",
-           *describe(est, memory_gb, usable)]
+  lines = [f"Plan: {target.name} ({target.memory_gb:g} GB, {target.peak_flops:.4g} bf16 FLOP/s peak per "
+           f"device); attention {est.attention}", *describe(est, target.memory_gb, usable)]
   if hardware_flops:
-    lines += describe_speed(flops_of(est, num_devices), est, num_devices, peak, mfu)
-  limit = memory_gb * GB * usable
+    lines += describe_speed(flops_of(est, target.devices), est, target, mfu)
+  limit = target.memory_gb * GB * usable
   if est.total > limit:
     found, tried = search(estimator, config, limit)
     lines.append("Does not fit. Tried (total GB per device):")
@@ -291,16 +351,16 @@ def report(config: Config, num_devices: int, device_kind: str, memory_gb: float,
       lines.append("Nothing tried fits: more devices, a larger fsdp or tensor axis, or a shorter seq_len.")
     else:
       lines.append(f"Suggestion: {found.label} ({_gb(found.total)} GB per device): {found.overrides(config)}")
-      lines += ["  " + line for line in describe(found, memory_gb, usable)]
-  return lines + [NOTE]
+      lines += ["  " + line for line in describe(found, target.memory_gb, usable)]
+  return lines + [note(target)]
 
 
-def memory_table(config: Config, num_devices: int, sizes_gb: list[float], usable: float,
+def memory_table(config: Config, target: Target, sizes_gb: list[float], usable: float,
                  min_micro_tokens: int = 4096) -> list[str]:
   """Per memory size, the largest micro-batch of each remat policy that fits (same global batch), and
   each policy's hardware FLOPs. The suggestion: the least recomputation whose micro-step has at least
   `min_micro_tokens` tokens per device, else the largest micro-batch that fits."""
-  estimator = Estimator(num_devices)
+  estimator = Estimator(target.devices)
   limit = max(sizes_gb) * GB * usable
   totals = {}  # remat -> [(micro_batch_size, total bytes)], ascending micro-batch
   for remat in REMAT_ORDER:
@@ -314,7 +374,7 @@ def memory_table(config: Config, num_devices: int, sizes_gb: list[float], usable
   ratio = {}
   for remat in REMAT_ORDER:
     small = estimator(with_changes(config, micro_batch_size=totals[remat][0][0], remat=remat))
-    flops = flops_of(small, num_devices)
+    flops = flops_of(small, target.devices)
     ratio[remat] = flops.hardware / flops.model
   lines = ["| memory (GB) | " + " | ".join(f"remat={r} ({ratio[r]:.2f} x model FLOPs)" for r in REMAT_ORDER)
            + " | suggestion |", "|---" * (len(REMAT_ORDER) + 2) + "|"]
@@ -334,23 +394,27 @@ def memory_table(config: Config, num_devices: int, sizes_gb: list[float], usable
     lines.append(f"| {size:g} | " + " | ".join(cells) + f" | {suggestion} |")
   return lines + ["", "Cells: micro_batch_size x gradient_accumulation_steps per device (total GB per device); "
                   f"usable fraction {usable:g}. Suggestion: the least recomputation with micro-steps of at "
-                  f"least {min_micro_tokens} tokens per device, else the largest micro-batch.", NOTE]
+                  f"least {min_micro_tokens} tokens per device, else the largest micro-batch.", note(target)]
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if len(jax.devices()) < _DEVICES.value:
+  if not _TOPOLOGY.value and len(jax.devices()) < _DEVICES.value:
     raise app.UsageError(f"--devices={_DEVICES.value} but jax has {len(jax.devices())} devices: run this "
                          "file as a script, which sets XLA_FLAGS before jax starts.")
-  config = from_config_dict(_CONFIG.value)
+  try:
+    config = from_config_dict(_CONFIG.value)
+    target = make_target(_TOPOLOGY.value, _NUM_SLICES.value, _DEVICES.value, _DEVICE_KIND.value,
+                         _MEMORY_GB.value)
+    if _MEMORY_TABLE.value:
+      lines = memory_table(config, target, [float(s) for s in _MEMORY_TABLE.value], _USABLE.value,
+                           _MIN_MICRO_TOKENS.value)
+    else:
+      lines = report(config, target, _USABLE.value, _MFU.value, _HARDWARE_FLOPS.value)
+  except ConfigError as error:
+    sys.exit(f"plan.py: {error}")
   header = f"Config: {config_flags.get_config_filename(flags.FLAGS['config'])}"
-  if _MEMORY_TABLE.value:
-    lines = memory_table(config, _DEVICES.value, [float(s) for s in _MEMORY_TABLE.value], _USABLE.value,
-                         _MIN_MICRO_TOKENS.value)
-  else:
-    lines = report(config, _DEVICES.value, _DEVICE_KIND.value, _MEMORY_GB.value, _USABLE.value, _MFU.value,
-                   _HARDWARE_FLOPS.value)
   print("\n".join([header, *lines]), flush=True)
 
 

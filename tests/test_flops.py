@@ -110,7 +110,7 @@ def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
 def test_a_sliding_window_counts_the_keys_it_attends_to(window):
   # The mean over positions of the keys the mask lets each query see, against the closed form. The
   # closed form keeps the full layer's convention (seq_len / 2, not (seq_len + 1) / 2): within half a key.
-  from lm.model import attention_mask
+  from lm.attention import mask as attention_mask
 
   mask = np.asarray(attention_mask(np.ones((1, SEQ_LEN), np.int32), window if window < 500 else 0))
   assert abs(mask.sum() / SEQ_LEN - metrics.attended_keys(SEQ_LEN, window)) <= 0.5

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tests.helpers import base_config
@@ -46,7 +47,7 @@ def test_prints_the_plan_for_the_devices_asked():
   for field in ("Mesh: data=4 x fsdp=1 x tensor=1", "micro_batch_size 8 x gradient_accumulation_steps 2 x 4 data-parallel devices = 64 sequences",
                 "parameters", "optimizer state", "accumulator", "temporary", "of 16 GB", ": fits",
                 "FLOPs per step", "At MFU 0.5 on 4 x 1.97e+14 FLOP/s: step time", "tokens/s", "HFU",
-                "an estimate of TPU/GPU memory", "Model: 139,584 parameters",
+                "an estimate of GPU memory", "Model: 139,584 parameters",
                 # 4 data-parallel replicas at accumulation 2: the gradient is all-reduced once per step.
                 "Collectives per optimizer step and device: all-reduce 2 x"):
     assert field in out, (field, out)
@@ -54,16 +55,76 @@ def test_prints_the_plan_for_the_devices_asked():
 
 def test_suggests_what_fits_when_the_memory_is_too_small(plan):
   config = small_config()
-  full = plan.Estimator(8)(config)
+  full = plan.Estimator(jax.devices()[:8])(config)
   # Adam's two moments and the accumulator, in float32 like the parameters (plus a few scalars).
   assert full.params > 0 and full.accumulator == full.params
   assert full.optimizer == pytest.approx(2 * full.params, abs=64)
   # A device with 80% of what the step needs (all of it usable): a smaller micro-batch must do.
   memory_gb = 0.8 * full.total / plan.GB
-  lines = plan.report(config, 8, "v5e", memory_gb, usable=1.0, mfu=0.4, hardware_flops=False)
+  target = plan.make_target("", 1, 8, "v5e", memory_gb)
+  lines = plan.report(config, target, usable=1.0, mfu=0.4, hardware_flops=False)
   text = "\n".join(lines)
   assert "does NOT fit" in text and "Does not fit. Tried" in text, text
   suggestion = next(line for line in lines if line.startswith("Suggestion:"))
   assert "micro_batch_size=8 " not in suggestion and "remat=none" in suggestion, text
   assert "micro_batch_size=4 gradient_accumulation_steps=4" in suggestion, text  # same global batch
   assert "fits" in text.split("Suggestion:")[1]
+
+
+# XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here.
+needs_libtpu = pytest.mark.skipif(
+    __import__("lm.topology", fromlist=["library_path"]).library_path() is None,
+    reason="libtpu is not installed (scripts/install.sh puts it in .venv-libtpu; pip could not fetch it here)")
+
+
+def tpu_config(**train):
+  """small_config at seq_len 128: splash attention's tiles are multiples of 128."""
+  c = small_config()
+  model = dataclasses.replace(c.model, max_seq_len=128)
+  return dataclasses.replace(c, model=model, train=dataclasses.replace(c.train, seq_len=128, **train))
+
+
+@needs_libtpu
+def test_compiles_for_a_tpu_slice_with_splash_attention(plan):
+  target = plan.make_target("v5e:2x4", 1, 0, "h100")
+  assert target.tpu and len(target.devices) == 8 and target.memory_gb == 16
+  est = plan.Estimator(target.devices)(tpu_config())
+  assert est.attention == "splash"  # auto, resolved for the slice's devices, not the CPU backend
+  text = est.compiled.as_text()
+  assert "tpu_custom_call" in text  # the Pallas kernel, compiled by XLA:TPU
+  memory = est.compiled.memory_analysis()
+  assert 0 < memory.temp_size_in_bytes < est.total < 0.1 * plan.GB
+  # 8 data-parallel chips: the gradients are all-reduced once per optimizer step (local accumulation).
+  collectives = plan.hlo.collectives(text)
+  assert collectives["all-reduce"].count >= 1 and collectives["all-reduce"].bytes > 0
+  lines = plan.describe(est, target.memory_gb, 0.9)
+  assert any("of 16 GB" in line and ": fits" in line for line in lines), lines
+
+
+@needs_libtpu
+def test_plan_script_with_a_topology_prints_the_roofline():
+  result = subprocess.run([sys.executable, PLAN, f"--config={ROOT}/configs/default.py", *SMALL,
+                           "--config.model.max_seq_len=128", "--config.train.seq_len=128",
+                           "--topology=v5e:2x4", "--num_slices=2"], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  for field in ("Plan: v5e:2x4 x 2 slices: 16 x v5e (16 GB", "attention splash",
+                "Mesh: data=16 x fsdp=1 x tensor=1", "Model: 139,584 parameters", "Roofline per chip:",
+                "GB accessed at 819 GB/s", "the splash kernels", "XLA:TPU's, from libtpu's compile"):
+    assert field in out, (field, out)
+  assert "Failed to find host bounds" not in result.stderr  # libtpu's start-up noise is silenced
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args,message", [
+    (["--topology=v9:2x2"], "--topology=v9:2x2 (--num_slices=1): libtpu cannot make this slice"),
+    (["--topology=v5e:2x4", "--config.mesh.tensor=3"], "config.mesh.data = -1 cannot fill 8 devices"),
+    (["--topology=v5e:2x4", "--config.model.attention=cudnn"], "config.model.attention = cudnn runs on GPU only"),
+    (["--topology=v5e:2x4", "--config.model.attention=splash", "--config.train.seq_len=48"],
+     "needs config.train.seq_len to be a multiple of 128"),
+])
+def test_bad_tpu_plans_say_what_to_change(args, message):
+  result = subprocess.run([sys.executable, PLAN, f"--config={ROOT}/configs/default.py", *SMALL, *args],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

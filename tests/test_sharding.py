@@ -50,7 +50,7 @@ def test_dcn_shape(dcn, processes, sizes, expected):
 @pytest.mark.parametrize("dcn,processes,sizes,message", [
     ({}, 2, {"data": 1, "fsdp": 16, "tensor": 1}, "config.mesh.data = 1 cannot be split over config.mesh.dcn_data = 2"),
     ({"dcn_fsdp": 2}, 1, {"data": 8, "fsdp": 2, "tensor": 1}, "config.mesh.dcn_data = -1 cannot fill 1 process"),
-    ({"dcn_data": 2}, 4, {"data": 8, "fsdp": 2, "tensor": 1}, "spans 2 processes, but 4 are running"),
+    ({"dcn_data": 2}, 4, {"data": 8, "fsdp": 2, "tensor": 1}, r"spans 2 process\(es\), but there are 4"),
     ({"dcn_fsdp": 3}, 4, {"data": 8, "fsdp": 3, "tensor": 1}, "config.mesh.dcn_data = -1 cannot fill 4 process"),
 ])
 def test_dcn_shape_errors_name_the_key(dcn, processes, sizes, message):
