@@ -39,6 +39,8 @@ def gemma3(c):
   c.model.dtype = "bfloat16"
   c.mesh.data = 1
   c.mesh.fsdp = -1
+  c.mesh.dcn_data = 1  # across TPU slices or GPU hosts too (as configs/llama_1_36b.py)
+  c.mesh.dcn_fsdp = -1
   c.train.seq_len = 2048
   # The float32 logits of 2 x 2048 tokens over 262,144 entries are 4.3 GB per device, and their
   # gradient as much again: the vocabulary, not the layers, sets the micro batch.

@@ -29,7 +29,9 @@ def get_config():
   # Parameters, Adam moments and the accumulator are ~22 GB in float32: shard them over every device.
   c.mesh.data = 1
   c.mesh.fsdp = -1
-  c.mesh.dcn_data = 1  # on several hosts (a pod slice), shard over theirs too: the whole state is 22 GB
+  # Across TPU slices (or GPU hosts) shard over theirs too: the whole state is 22 GB. (The hosts of one
+  # TPU slice share its interconnect: a slice is one granule, its chips all on the fsdp axis.)
+  c.mesh.dcn_data = 1
   c.mesh.dcn_fsdp = -1
   c.train.gradient_accumulation_steps = 64  # 4,096 sequences per step on 8 devices
   c.train.num_train_steps = 20000

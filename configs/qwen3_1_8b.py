@@ -43,6 +43,8 @@ def get_config():
   # Parameters, Adam moments and the accumulator are ~28 GB in float32: shard them over every device.
   c.mesh.data = 1
   c.mesh.fsdp = -1
+  c.mesh.dcn_data = 1  # across TPU slices or GPU hosts too (as configs/llama_1_36b.py)
+  c.mesh.dcn_fsdp = -1
   c.train.seq_len = 2048
   # The float32 logits of 6 x 2048 tokens over 151,936 entries are 7.5 GB per device, their gradient as
   # much again: the vocabulary, not the layers, sets the micro batch.

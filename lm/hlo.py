@@ -2,7 +2,8 @@
 
 A collective inside a while loop runs once per iteration: the loops of a train step (the scan over
 micro-batches, the scans over layers in the forward and backward passes) carry XLA's
-`known_trip_count`, and each collective is counted that many times, nested loops multiplied.
+`known_trip_count` (or, on TPU, a constant bound in their condition), and each collective is counted that
+many times, nested loops multiplied.
 Bytes are those of each collective's result on one device (for an all-gather the gathered array, for a
 reduce-scatter the scattered shard), summed over its runs.
 """
@@ -45,13 +46,34 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
   return computations, entry
 
 
+def _trip_count(line: str, computations: dict[str, list[str]]) -> int:
+  """Iterations of the while loop on `line`: XLA's `known_trip_count` (CPU, GPU), else read from its
+  condition (XLA:TPU writes none): `i < N` with N a constant, the induction variable starting at 0 and
+  stepping by 1 as jax's scans lower. 1 when neither is found."""
+  trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+  if trips:
+    return int(trips.group(1))
+  condition = re.search(r"condition=%?([\w.\-]+)", line)
+  lines = computations.get(condition.group(1), []) if condition else []
+  constants = dict(re.findall(r"%?([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(lines)))
+  for body_line in lines:
+    compare = re.search(r"compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT", body_line)
+    if compare and compare.group(1) in constants:
+      return int(constants[compare.group(1)])
+  return 1
+
+
 def collectives(hlo_text: str) -> dict[str, Collective]:
   """{kind: Collective} of one call of the program whose optimized HLO text (`compiled.as_text()`) is
-  given; kinds that do not occur are left out."""
+  given; kinds that do not occur are left out.
+
+  XLA:TPU places collectives inside fusions (asynchronous collective fusions that overlap them with
+  matmuls), where one collective can appear twice (its start and the fusion that consumes it) under one
+  channel id: within one run of a computation a channel id is counted once."""
   computations, entry = _computations(hlo_text)
   counts, sizes = collections.Counter(), collections.Counter()
 
-  def visit(name: str, runs: int) -> None:
+  def visit(name: str, runs: int, seen: set) -> None:
     for line in computations.get(name, ()):
       match = _INSTRUCTION.match(line)
       if not match:
@@ -59,6 +81,10 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
       shape, op = match.groups()
       kind = op.removesuffix("-start")
       if kind in KINDS and not op.endswith("-done"):
+        channel = re.search(r"channel_id=(\d+)", line)
+        if channel and channel.group(1) in seen:
+          continue
+        seen.add(channel.group(1) if channel else None)
         counts[kind] += runs
         arrays = _ARRAY.findall(shape)
         if op.endswith("-start") and shape.startswith("(") and len(arrays) > 1:
@@ -66,15 +92,14 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
         sizes[kind] += runs * sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
                                   for d, dims in arrays)
       elif op == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-        visit(body, runs * (int(trips.group(1)) if trips else 1))
-      elif op in ("call", "conditional", "async-start"):
+        visit(body, runs * _trip_count(line, computations), set())
+      elif op in ("call", "conditional", "async-start", "fusion"):
         for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?", line):
           for callee in called.replace("%", "").split(", "):
-            visit(callee.strip(), runs)
+            visit(callee.strip(), runs, seen)
 
-  visit(entry, 1)
+  visit(entry, 1, set())
   return {kind: Collective(kind, counts[kind], sizes[kind]) for kind in KINDS if counts[kind]}
 
 

@@ -105,7 +105,7 @@ class Estimate:
   temporary: int  # XLA temp buffers: activations kept for the backward pass, gradients, logits
   total: int  # everything live: arguments + outputs not aliased to them + temporaries
   compile_seconds: float
-  compiled: object = dataclasses.field(repr=False)
+  compiled: object = dataclasses.field(repr=False)  # None: XLA:TPU refused it, out of HBM
   attention: str = "xla"  # the implementation the step was compiled with (model.attention resolved)
 
   @property
@@ -174,38 +174,65 @@ def make_target(topology_name: str, num_slices: int, num_devices: int, device_ki
                 metrics.spec_peak_flops(name))
 
 
-def compile_step(config: Config, devices: list):
-  """(compiled train step, its TrainFunctions, Runtime, seconds to set up, lower and compile)."""
-  start = time.perf_counter()
+def lower_step(config: Config, devices: list):
+  """(the lowered train step, its TrainFunctions, Runtime)."""
   rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(config.train, max(config.train.num_train_steps, 1)))
-    compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
-  return compiled, fns, rt, time.perf_counter() - start
+    return fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()), fns, rt
+
+
+def compile_step(config: Config, devices: list):
+  """The compiled train step."""
+  return lower_step(config, devices)[0].compile()
+
+
+# XLA:TPU refuses to compile a program larger than the chip's HBM, naming what it would need.
+_HBM_OOM = re.compile(r"CompileTimeHbmOom.*?HLO temporaries \(([\d.]+)([KMGT])\)", re.S)
 
 
 def estimate(config: Config, devices: list) -> Estimate:
-  compiled, fns, rt, seconds = compile_step(config, devices)
-  memory = compiled.memory_analysis()
+  start = time.perf_counter()
+  lowered, fns, rt = lower_step(config, devices)
   state = fns.abstract_state
-  return Estimate(
-      config=config, mesh_shape=dict(rt.mesh.shape), params=device_bytes(state.params),
-      optimizer=device_bytes(state.opt_state.inner_opt_state),
-      accumulator=device_bytes(state.opt_state.acc_grads), temporary=memory.temp_size_in_bytes,
-      total=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes),
-      compile_seconds=seconds, compiled=compiled, attention=rt.config.model.attention)
+  sizes = dict(config=config, mesh_shape=dict(rt.mesh.shape), params=device_bytes(state.params),
+               optimizer=device_bytes(state.opt_state.inner_opt_state),
+               accumulator=device_bytes(state.opt_state.acc_grads), attention=rt.config.model.attention)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    found = _HBM_OOM.search(str(error))
+    if not found:
+      raise
+    temporary = float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024
+    return Estimate(**sizes, temporary=int(temporary), compiled=None,
+                    total=int(temporary) + sizes["params"] + sizes["optimizer"] + sizes["accumulator"],
+                    compile_seconds=time.perf_counter() - start)
+  memory = compiled.memory_analysis()
+  return Estimate(**sizes, temporary=memory.temp_size_in_bytes, compiled=compiled,
+                  total=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                         + memory.temp_size_in_bytes),
+                  compile_seconds=time.perf_counter() - start)
 
 
 def flops_of(est: Estimate, devices: list) -> metrics.StepFlops:
   """Model FLOPs (analytic), hardware FLOPs and bytes accessed (XLA, every layer and micro-batch: see
   metrics.hardware_cost_per_device)."""
   data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
-  compile_variant = lambda cfg: est.compiled if cfg == est.config else compile_step(cfg, devices)[0]
+  compile_variant = lambda cfg: est.compiled if cfg == est.config and est.compiled else compile_step(cfg, devices)
   flops = metrics.step_flops(est.config, len(devices), data_parallel, compile_variant)
   if est.attention == "splash":  # a custom call: XLA counts none of the kernel's work
     flops = dataclasses.replace(flops, hardware=flops.hardware + flops.attention)
   return flops
+
+
+def model_flops(est: Estimate) -> metrics.StepFlops:
+  """The analytic FLOPs alone (no compiles); hardware 0 = not counted."""
+  t = est.config.train
+  dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
+  tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len
+  return metrics.StepFlops(model=float(metrics.flops_per_token(est.config.model, t.seq_len).train * tokens),
+                           hardware=0.0)
 
 
 class Estimator:
@@ -293,7 +320,8 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
       f"  temporary           {_gb(est.temporary):>9}   (activations, gradients, logits: XLA memory analysis)",
       f"  total               {_gb(est.total):>9}   of {memory_gb:g} GB, {usable:g} usable = "
       f"{limit / GB:,.3g} GB: {verdict}",
-      f"Collectives per optimizer step and device: {hlo.describe(hlo.collectives(est.compiled.as_text()))}",
+      f"Collectives per optimizer step and device: {hlo.describe(hlo.collectives(est.compiled.as_text()))}"
+      if est.compiled else "Collectives: none compiled (XLA:TPU stopped: the temporaries above exceed the HBM)",
       f"Compiled in {est.compile_seconds:.1f} s",
   ]
 
@@ -306,18 +334,24 @@ def describe_speed(flops: metrics.StepFlops, est: Estimate, target: Target, mfu:
   seconds = flops.model / (n * peak * mfu)
   splash = ("; the splash kernels, which XLA cannot see into, at the model count of attention, and their "
             "memory traffic left out" if est.attention == "splash" else "")
+  at_mfu = (f"At MFU {mfu:g} on {n} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
+            f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / n:,.0f} per device)")
+  if not flops.hardware:  # not counted (--hardware_flops=false)
+    return [f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half)", at_mfu]
   lines = [
       f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half), "
       f"{flops.hardware:.4g} hardware (XLA: remat recomputation, attention as computed, elementwise, "
       f"optimizer{splash}) = {flops.hardware / flops.model:.3f} x model",
-      f"At MFU {mfu:g} on {n} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
-      f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / n:,.0f} per device), "
-      f"HFU {mfu * flops.hardware / flops.model:.3f}"]
+      f"{at_mfu}, HFU {mfu * flops.hardware / flops.model:.3f}"]
   if target.hbm_bandwidth:
-    compute, memory = flops.hardware / n / peak, flops.bytes_accessed / n / target.hbm_bandwidth
+    # XLA:TPU's cost analysis leaves out work it cannot see (Pallas kernels; measured here, also part of
+    # the matmuls it fuses with FSDP's all-gathers): compute is the larger of its count and the model's.
+    work = max(flops.hardware, flops.model)
+    compute, memory = work / n / peak, flops.bytes_accessed / n / target.hbm_bandwidth
     roofline = max(compute, memory)
     lines.append(
-        f"Roofline per chip: {flops.hardware / n:.4g} FLOPs at {peak:.4g} FLOP/s = {compute:.4g} s, "
+        f"Roofline per chip: {work / n:.4g} FLOPs ({'XLA' if work == flops.hardware else 'model'} count, "
+        f"the larger) at {peak:.4g} FLOP/s = {compute:.4g} s, "
         f"{flops.bytes_accessed / n / GB:,.1f} GB accessed at {target.hbm_bandwidth / GB:,.0f} GB/s = "
         f"{memory:.4g} s: step time >= {roofline:.4g} s ({'compute' if compute >= memory else 'memory'}-bound), "
         f"<= {tokens / roofline:,.0f} tokens/s, MFU <= {flops.model / n / peak / roofline:.3f} "
@@ -340,18 +374,21 @@ def report(config: Config, target: Target, usable: float, mfu: float, hardware_f
   est = estimator(config)
   lines = [f"Plan: {target.name} ({target.memory_gb:g} GB, {target.peak_flops:.4g} bf16 FLOP/s peak per "
            f"device); attention {est.attention}", *describe(est, target.memory_gb, usable)]
-  if hardware_flops:
-    lines += describe_speed(flops_of(est, target.devices), est, target, mfu)
   limit = target.memory_gb * GB * usable
+  planned = est  # the step whose speed is projected: this one, or the suggestion that fits
   if est.total > limit:
-    found, tried = search(estimator, config, limit)
+    planned, tried = search(estimator, config, limit)
     lines.append("Does not fit. Tried (total GB per device):")
     lines += [f"  {e.label}: {_gb(e.total)}" + (" fits" if e.total <= limit else "") for e in tried]
-    if found is None:
+    if planned is None:
       lines.append("Nothing tried fits: more devices, a larger fsdp or tensor axis, or a shorter seq_len.")
     else:
-      lines.append(f"Suggestion: {found.label} ({_gb(found.total)} GB per device): {found.overrides(config)}")
-      lines += ["  " + line for line in describe(found, target.memory_gb, usable)]
+      lines.append(f"Suggestion: {planned.label} ({_gb(planned.total)} GB per device): {planned.overrides(config)}")
+      lines += ["  " + line for line in describe(planned, target.memory_gb, usable)]
+  if planned is not None:
+    flops = flops_of(planned, target.devices) if hardware_flops else model_flops(planned)
+    speed = describe_speed(flops, planned, target, mfu)
+    lines += speed if planned is est else ["  " + line for line in speed]
   return lines + [note(target)]
 
 

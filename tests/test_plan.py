@@ -128,3 +128,28 @@ def test_bad_tpu_plans_say_what_to_change(args, message):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["llama_1_36b", "qwen3_1_8b", "gemma3_270m", "gemma3_1b", "gemma3_4b"])
+def test_full_size_meshes_span_multi_host_slices_unchanged(name):
+  """The hosts of one slice share its interconnect (one granule); several slices split the fsdp axis."""
+  from lm import sharding, topology
+  from lm.config import from_config_dict
+  config = from_config_dict(importlib.import_module(f"configs.{name}").get_config())
+  for slice_name, slices in (("v5e:2x4", 1), ("v5p:2x2x2", 1), ("v5e:2x4", 2)):
+    devices = topology.devices(slice_name, slices)
+    assert len({d.process_index for d in devices}) > 1  # several hosts
+    mesh = sharding.make_mesh(config.mesh, devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": len(devices), "tensor": 1}
+    sharding.check_divisible(config.model, dict(mesh.shape))
+
+
+@needs_libtpu
+def test_a_step_larger_than_the_chip_is_measured_not_fatal(plan):
+  """XLA:TPU refuses to compile a step over the chip's HBM; the planner reads what it needed from the
+  refusal and counts it as not fitting (the search goes on)."""
+  target = plan.make_target("v5e:2x4", 1, 0, "h100")
+  est = plan.Estimator(target.devices)(tpu_config(micro_batch_size=32768))
+  assert est.compiled is None and est.temporary > 16 * plan.GB and est.total > est.temporary
+  assert any("does NOT fit" in line for line in plan.describe(est, target.memory_gb, 0.9))
