@@ -5,6 +5,7 @@
 """
 
 import os
+import signal
 import sys
 
 # TensorFlow (under TFDS and the TensorBoard writer) prints C++ INFO lines at import unless told not to.
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 
 from lm import console
 from lm.config import from_config_dict
-from lm.errors import ConfigError, TrainingError
+from lm.errors import ConfigError, Interrupted, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and metrics.")
@@ -50,6 +51,9 @@ def set_determinism_flags(deterministic: bool) -> str:
 
 
 def main(argv):
+  # Ctrl-C ends the process at once (no traceback; within compiles too, which a Python handler would only
+  # see when they return). Only the training loop catches it, to finish and save its step first.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
   console.start_command(argv)
   try:
     config = from_config_dict(_CONFIG.value)
@@ -81,6 +85,9 @@ def main(argv):
   except TrainingError as e:
     print(f"Training stopped: {e}", file=sys.stderr)
     sys.exit(1)
+  except Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

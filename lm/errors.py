@@ -5,3 +5,7 @@ from lm.config import ConfigError  # noqa: F401  (re-exported: the two errors ma
 
 class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss, failed checkpoint save); the message says what to do."""
+
+
+class Interrupted(Exception):
+  """Ctrl-C in the training loop: the step was finished and saved; main.py exits with 130 (128 + SIGINT)."""

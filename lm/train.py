@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, console, corpus, data, distributed, evaluate, metrics, profiler, runtime, sharding
+from lm import checkpoint, console, corpus, data, distributed, errors, evaluate, metrics, profiler, runtime, sharding
 from lm.config import Config, ConfigError, profile_step_range, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
@@ -186,6 +186,9 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
       state = _steps(run, state, logger, preemption, profile)
     run.manager.wait_until_finished()
     run.manager.check_for_errors()
+    if preemption.interrupted:
+      raise errors.Interrupted(f"Interrupted (Ctrl-C): finished step {int(state.step)} and saved it. Run the "
+                               "same command again to resume.")
   finally:  # also on an error: the writers' buffered figures and the wandb run are closed
     logger.close()
   return {**logger.last, "step": int(state.step)}
@@ -222,8 +225,9 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
       logger.timer.pause(time.perf_counter() - paused)
     if preempted:
       run.manager.wait_until_finished()
-      console.logger.info("Preempted: finished step %d, saved its checkpoint, exiting. Run the same "
-                          "command again to resume.", done)
+      if not preemption.interrupted:
+        console.logger.info("Preempted: finished step %d, saved its checkpoint, exiting. Run the same "
+                            "command again to resume.", done)
       break
   if pending is not None:
     _record(run, logger, *pending)

@@ -285,3 +285,39 @@ def test_loading_never_unpickles():
         sources[name] = f.read()
   assert not [n for n, s in sources.items() if "import pickle" in s or "allow_pickle=True" in s]
   assert "allow_pickle=False" in sources["data.py"] or "np.load(" not in sources["data.py"]
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_exits_130(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  process = _start(workdir, tmp_path / "data", corpus)
+  _wait(process, lambda: 3 in _logged(workdir), "step 3")
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 130, stderr[-2000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  line = next(line for line in stderr.splitlines() if line.startswith("Interrupted (Ctrl-C): finished step"))
+  step = int(line.split("finished step ")[1].split()[0])
+  assert step >= 3 and _complete(workdir)[-1] == step  # that very step is saved, complete
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  process = _start(workdir, tmp_path / "data", corpus)
+  _wait(process, lambda: 2 in _logged(workdir), "step 2")
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGINT, stderr[-2000:]
+  assert "Traceback" not in stderr
+
+
+def test_ctrl_c_during_start_up_exits_within_a_second(tmp_path, corpus):
+  process = _start(str(tmp_path / "run"), tmp_path / "data", corpus)
+  time.sleep(4)  # importing, preparing or compiling: no step yet
+  assert process.poll() is None
+  sent = time.time()
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert time.time() - sent < 1.0 and process.returncode == -signal.SIGINT, stderr[-2000:]
+  assert "Traceback" not in stderr
