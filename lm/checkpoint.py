@@ -81,7 +81,7 @@ def make_manager(directory: str, cfg: TrainConfig) -> ocp.CheckpointManager:
       enable_async_checkpointing=True,  # the copy to host is synchronous; the write overlaps training
       cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp dir, never a valid step
   )
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "progress"))
 
 
 def reader(directory: str) -> ocp.CheckpointManager:
@@ -100,12 +100,14 @@ def reader(directory: str) -> ocp.CheckpointManager:
     logging.set_verbosity(verbosity)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state, config: dict, progress: dict | None = None) -> None:
   """Starts an asynchronous save (orbax first waits for the previous one to finish); a failure stops the
-  run with TrainingError rather than let it go on without checkpoints."""
+  run with TrainingError rather than let it go on without checkpoints. `progress`: the host side of the
+  run at this step (the loss EMA), restored with the state."""
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               config=ocp.args.JsonSave(config)), force=True)
+                                               config=ocp.args.JsonSave(config),
+                                               progress=ocp.args.JsonSave(progress or {})), force=True)
     manager.check_for_errors()
   except Exception as e:  # orbax re-raises the writer's own error (OSError, tensorstore, ...)
     raise TrainingError(
@@ -173,6 +175,13 @@ def check_same_step(manager: ocp.CheckpointManager) -> None:
         f"config.train.checkpoint_dir = {str(manager.directory)!r}: the processes see different newest "
         f"checkpoints ({seen}). All processes must write and read one directory: use a gs:// path or a "
         "file system shared by the hosts.")
+
+
+def restore_progress(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The `progress` saved with checkpoint `step`; {} for checkpoints written before it was saved."""
+  if "progress" not in manager.item_metadata(step).keys():
+    return {}
+  return manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress or {}
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):

@@ -215,8 +215,13 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_d
 class Ema:
   """Bias-corrected exponential moving average, so the first values are not pulled towards 0."""
 
-  def __init__(self, decay: float = 0.9):
+  def __init__(self, decay: float = 0.9, state: dict | None = None):
     self.decay, self.value, self._weight = decay, 0.0, 0.0
+    if state:  # a resumed run continues the average it had (checkpointed with the state)
+      self.value, self._weight = float(state["value"]), float(state["weight"])
+
+  def state(self) -> dict:
+    return {"value": self.value, "weight": self._weight}
 
   def update(self, x: float) -> float:
     self.value = self.decay * self.value + (1 - self.decay) * x
@@ -303,7 +308,8 @@ class MetricsLogger:
   It writes; deciding to stop the run is the loop's."""
 
   def __init__(self, workdir: str, *, num_train_steps: int, log_interval_steps: int, throughput: Throughput,
-               start_step: int, wandb_project: str = "", run_config: dict | None = None, tensorboard: bool = True):
+               start_step: int, wandb_project: str = "", run_config: dict | None = None, tensorboard: bool = True,
+               progress: dict | None = None):
     is_main = jax.process_index() == 0
     self._num_train_steps, self._log_interval, self._throughput = num_train_steps, log_interval_steps, throughput
     self._start_step = start_step
@@ -314,8 +320,12 @@ class MetricsLogger:
       self._progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps, every_steps=log_interval_steps,
                                                        writer=self._writers[0][0])
     self._jsonl = JsonlLog(workdir, enabled=is_main)
-    self._ema, self.timer = Ema(), StepTimer()
+    self._ema, self.timer = Ema(state=(progress or {}).get("loss_ema")), StepTimer()
     self.last: dict[str, float] = {}
+
+  def progress(self) -> dict:
+    """What a checkpoint keeps of the logger, for a resumed run to log as an uninterrupted one would."""
+    return {"loss_ema": self._ema.state()}
 
   def train_step(self, step: int, scalars: dict[str, float]) -> None:
     """A finished optimizer step's figures (loss, grad_norm, skipped_updates, learning_rate): the loss

@@ -41,6 +41,7 @@ class Run:
   num_train_steps: int
   peak_flops_per_device: float
   tensorboard: bool = True  # False: metrics.jsonl and the console only (no TensorFlow needed)
+  progress: dict = dataclasses.field(default_factory=dict)  # the resumed checkpoint's (the loss EMA)
 
   @property
   def lr_schedule(self) -> optax.Schedule:
@@ -100,7 +101,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
           "data order than the original run would have.", saved.get("global_batch_sequences"),
           rt.plan.global_sequences, rt.plan.data_parallel)
     run = Run(config, workdir, rt, fns.step_fn, batches, runtime.eval_function(rt), eval_batches, manager,
-              num_train_steps, peak)
+              num_train_steps, peak,
+              progress=checkpoint.restore_progress(manager, latest_step) if latest_step is not None else {})
     console.block([
         *_startup_lines(run, tokenizer, prepared),
         ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
@@ -178,7 +180,8 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
   logger = metrics.MetricsLogger(run.workdir, num_train_steps=run.num_train_steps,
                                  log_interval_steps=t.log_interval_steps, throughput=run.throughput,
                                  start_step=int(state.step), wandb_project=t.wandb_project,
-                                 run_config=run.run_description, tensorboard=run.tensorboard)
+                                 run_config=run.run_description, tensorboard=run.tensorboard,
+                                 progress=run.progress)
   profiled = profiler.steps_to_trace(profile_step_range(t.profile_steps), int(state.step), run.num_train_steps)
   try:
     with (checkpoint.PreemptionNotice(run.manager) as preemption,
@@ -221,7 +224,7 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
       if evaluate_now:
         logger.eval(done, evaluate.evaluate(run.eval_fn, state.params, run.eval_batches, rt.mesh))
       if save_now:
-        checkpoint.save(run.manager, done, state, run.run_description)
+        checkpoint.save(run.manager, done, state, run.run_description, logger.progress())
       logger.timer.pause(time.perf_counter() - paused)
     if preempted:
       run.manager.wait_until_finished()

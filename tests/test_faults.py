@@ -107,6 +107,11 @@ def test_every_fault_resumes_bit_identical(tmp_path, corpus):
     assert {step for step, _ in train} == set(range(1, 9))
     for step, loss in train:  # steps logged twice (before the crash and after the resume) agree too
       assert loss == expected[step]["loss"], (name, step)
+    # The loss EMA is saved with the state: the resumed run continues it as the straight run did.
+    emas = [(r["step"], r["loss_ema"]) for r in records if r["collection"] == "train" and "loss_ema" in r]
+    assert len(emas) >= 8
+    for step, ema in emas:
+      assert ema == expected[step]["loss_ema"], (name, step)
     assert metrics.read_jsonl(workdir, "eval")[8] == metrics.read_jsonl(str(tmp_path / "straight"), "eval")[8]
     survived.append(name)
   print(f"\nfaults: {len(FAULTS)} tried, {len(survived)} resumed with bit-identical losses: "
