@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   # in a Python slice: "10:13" traces steps 10, 11 and 12 into <workdir>/profile on every process, for
   # TensorBoard's profile plugin (XProf) or Perfetto. Empty = no profile.
   c.train.profile_steps = ""
+  # Resuming a checkpoint whose run had another seed, seq_len, data source or tokenizer is refused (its
+  # steps from there on would train on other tokens); True does it on purpose, with a warning.
+  c.train.allow_data_change = False
 
   # Device mesh. One axis may be -1: all remaining devices. The batch is split over data x fsdp.
   c.mesh = ml_collections.ConfigDict()

@@ -205,6 +205,28 @@ ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "mode
               "model.query_scale_dim": 0}
 
 
+# What decides the tokens of every step, besides the global batch (warned about by the trainer): a run
+# resumed with other values trains on other data from there on than the run it continues.
+DATA_KEYS = {"train": ("seed", "seq_len"), "data": ("sources", "tokenizer", "tokenizer_path")}
+
+
+def data_changes(saved: dict, config: dict) -> list[str]:
+  """The DATA_KEYS on which a checkpoint's run description and `config` differ (keys the checkpoint does
+  not record, from before they existed, are not compared)."""
+  changes = []
+  for section, keys in DATA_KEYS.items():
+    for key in keys:
+      there, here = saved.get(section, {}).get(key), config[section][key]
+      if there is not None and json.loads(json.dumps(here)) != there:
+        changes.append(f"{section}.{key} = {_short(there)} there, {_short(here)} here")
+  return changes
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 200 else text[:200] + "..."
+
+
 def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int | None, dict | None]:
   """(newest step, its saved run description), read once, after checking that the description agrees
   with `config` on the state's shapes; raises ConfigError (before anything is restored or written) when

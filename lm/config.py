@@ -106,6 +106,7 @@ class TrainConfig:
   skip_nonfinite_updates: bool
   local_accumulation: bool
   profile_steps: str
+  allow_data_change: bool
 
 
 @dataclasses.dataclass(frozen=True)

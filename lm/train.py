@@ -81,6 +81,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   manager = checkpoint.make_manager(checkpoint_dir, t)
   checkpoint.check_same_step(manager)
   latest_step, saved = checkpoint.check_compatible(manager, to_dict(config))
+  if latest_step is not None:
+    _check_resumable(config, latest_step, saved, checkpoint_dir)
   if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
     _, init_model = checkpoint.params_location(t.init_from)
     checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
@@ -116,6 +118,28 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
       return loop(run, state)
     finally:
       checkpoint.finish_saves(manager)
+
+
+def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str) -> None:
+  """A resume that would train on other tokens than the checkpoint's run, or that cannot train at all,
+  stops with the reason (or, with train.allow_data_change, warns)."""
+  t = config.train
+  if t.num_train_steps and step > t.num_train_steps:
+    raise ConfigError(
+        f"{checkpoint_dir} holds step {step}, past config.train.num_train_steps = {t.num_train_steps}: there "
+        f"is nothing to train. Raise num_train_steps above {step} to continue the run, or use a new --workdir.")
+  if step == t.num_train_steps:
+    console.logger.info("%s holds step %d = config.train.num_train_steps: the run is complete, nothing to "
+                        "train. Raise num_train_steps to continue it.", checkpoint_dir, step)
+  changes = checkpoint.data_changes(saved, to_dict(config))
+  if changes and not t.allow_data_change:
+    raise ConfigError(
+        f"{checkpoint_dir} holds step {step} of a run with other data: {'; '.join(changes)}. Resumed like "
+        "this, the steps from here on would train on other tokens than that run's. Use the checkpoint's "
+        "values, a new --workdir, or --config.train.allow_data_change=True to change them on purpose.")
+  if changes:
+    console.logger.warning("Resuming step %d with other data (config.train.allow_data_change): %s", step,
+                           "; ".join(changes))
 
 
 def _initial_state(fns: runtime.TrainFunctions, manager: ocp.CheckpointManager, latest_step: int | None,

@@ -248,6 +248,11 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"model.d_model": 96}, "holds a checkpoint (step 2) of another model or optimizer: model.d_model = 64 there, 96 here"),
     ({"train.optimizer": "lion"}, "of another model or optimizer: train.optimizer = 'adamw' there, 'lion' here"),
     ({"train.unknown_key": 1}, "unknown keys ['unknown_key']"),
+    # Resumed with other data than the checkpoint's run: refused (train.allow_data_change does it on purpose).
+    ({"train.seed": 7}, "holds step 2 of a run with other data: train.seed = 0 there, 7 here"),
+    ({"train.seq_len": 32}, "of a run with other data: train.seq_len = 64 there, 32 here"),
+    ({"data.sources.main.max_documents": 5}, "of a run with other data: data.sources = [{"),
+    ({"train.num_train_steps": 1, "train.warmup_steps": 0}, "holds step 2, past config.train.num_train_steps = 1"),
     ({"train.init_from": "/nonexistent/params"}, "/nonexistent/params does not exist"),
     # The earlier run's parameters, for a model with another RoPE base.
     ({"train.init_from": "EARLIER", "model.rope_theta": 5e5},
@@ -271,9 +276,11 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
     if value == "EARLIER":
       value = str(earlier_run / "run" / "checkpoints")
     functools.reduce(lambda part, section: part[section], sections, d)[name] = value
-  # A vocabulary change is caught first as "another model" in the earlier workdir, and parameters to start
-  # from are used only on a fresh start: try them on a new one.
-  fresh = "model.vocab_size" in overrides or "train.init_from" in overrides
+  # A vocabulary change is caught first as "another model" in the earlier workdir, a data change as "other
+  # data" (but for the entry that tests that), and parameters to start from are used only on a fresh start:
+  # try them on a new one.
+  fresh = ("model.vocab_size" in overrides or "train.init_from" in overrides
+           or (any(key.startswith("data.") for key in overrides) and "other data" not in message))
   workdir = tmp_path / "new" if fresh else earlier_run / "run"
   with pytest.raises(ConfigError) as e:
     train_and_evaluate(from_config_dict(ml_collections.ConfigDict(d)), str(workdir))
