@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 
 import jax
@@ -228,14 +229,25 @@ def _short(value) -> str:
 
 
 def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int | None, dict | None]:
-  """(newest step, its saved run description), read once, after checking that the description agrees
+  """(newest step whose run description can be read, that description), after checking that it agrees
   with `config` on the state's shapes; raises ConfigError (before anything is restored or written) when
-  it does not. (None, None) on a fresh start."""
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  it does not. A newer step whose description cannot be read is skipped with a warning. (None, None) on
+  a fresh start; TrainingError when no step can be read."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except Exception as e:  # orbax raises many types for missing or damaged files
+      failures.append(_unreadable(manager, step, e))
+      continue
+    _check_same_state(manager, step, saved, config)
+    return step, saved
+  if failures:
+    _none_readable(manager, failures)
+  return None, None
 
+
+def _check_same_state(manager: ocp.CheckpointManager, step: int, saved: dict, config: dict) -> None:
   def saved_value(section, key):
     return saved.get(section, {}).get(key, ADDED_KEYS.get(f"{section}.{key}"))
 
@@ -250,7 +262,56 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int 
         f"config.train.checkpoint_dir = {str(manager.directory)!r} holds a checkpoint (step {step}) of "
         f"another model or optimizer: {'; '.join(differences)}. Use a new --workdir (or "
         f"config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.{scan}")
-  return step, saved
+
+
+def restore_newest(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[int, object, dict]:
+  """(step, train state, progress) of the newest checkpoint at or before `step` that restores; newer
+  ones that do not are skipped with a warning and set aside (renamed, nothing deleted), so that the run's
+  next saves of those steps do not meet them. TrainingError when none restores."""
+  failures = []
+  for candidate in sorted((s for s in manager.all_steps() if s <= step), reverse=True):
+    try:
+      state = restore_state(manager, candidate, abstract_state)
+      progress = restore_progress(manager, candidate)
+    except ConfigError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise many types for missing or damaged files
+      failures.append(_unreadable(manager, candidate, e))
+      continue
+    _set_aside(manager, [s for s in manager.all_steps() if s > candidate])
+    return candidate, state, progress
+  _none_readable(manager, failures)
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> str:
+  reason = f"step {step}: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+  console.logger.warning("%s/%d cannot be read (%s); falling back to an older checkpoint. Nothing was deleted.",
+                         manager.directory, step, reason.split(": ", 1)[1])
+  return reason
+
+
+def _none_readable(manager: ocp.CheckpointManager, failures: list[str]):
+  raise TrainingError(
+      f"No checkpoint in {manager.directory} can be read: {'; '.join(failures)}. Nothing was deleted: "
+      "restore the directory from a copy, move the damaged steps away to start over from the newest good "
+      "one, or use a new --workdir.")
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Renames the unreadable checkpoints of `steps` to <step>.unreadable-<time> (process 0; all wait)."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for step in steps:
+      source = epath.Path(str(manager.directory)) / str(step)
+      target = source.parent / f"{step}.unreadable-{stamp}"
+      source.rename(target)
+      console.logger.warning("Set aside %s as %s (unreadable; nothing deleted): the run saves step %d again "
+                             "when it gets there.", source, target.name, step)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpoints set aside")
+  manager.reload()
 
 
 def saved_tree(item: str):

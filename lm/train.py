@@ -95,7 +95,9 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
 
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_train_steps))
-    state = _initial_state(fns, manager, latest_step, t.init_from)
+    state, progress = _initial_state(fns, manager, latest_step, t.init_from)
+    if latest_step is not None:
+      latest_step = int(state.step)  # an older one when the newest could not be restored
     if saved is not None and saved.get("global_batch_sequences") != rt.plan.global_sequences:
       console.logger.warning(
           "The checkpoint was written with a global batch of %s sequences, this run has %d (per-device "
@@ -104,7 +106,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
           rt.plan.global_sequences, rt.plan.data_parallel)
     run = Run(config, workdir, rt, fns.step_fn, batches, runtime.eval_function(rt), eval_batches, manager,
               num_train_steps, peak,
-              progress=checkpoint.restore_progress(manager, latest_step) if latest_step is not None else {})
+              progress=progress)
     console.block([
         *_startup_lines(run, tokenizer, prepared),
         ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
@@ -143,13 +145,15 @@ def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str
 
 
 def _initial_state(fns: runtime.TrainFunctions, manager: ocp.CheckpointManager, latest_step: int | None,
-                   init_from: str) -> TrainState:
-  """The newest checkpoint's state; else parameters from `init_from` with a fresh optimizer; else new."""
+                   init_from: str) -> tuple[TrainState, dict]:
+  """(state, progress): the newest checkpoint that restores (an unreadable newer one is skipped with a
+  warning); else parameters from `init_from` with a fresh optimizer; else new."""
   if latest_step is not None:
-    return checkpoint.restore_state(manager, latest_step, fns.abstract_state)
+    _, state, progress = checkpoint.restore_newest(manager, latest_step, fns.abstract_state)
+    return state, progress
   if init_from:
-    return fns.state_from_params(checkpoint.restore_params(init_from, fns.abstract_state.params))
-  return fns.create_state()
+    return fns.state_from_params(checkpoint.restore_params(init_from, fns.abstract_state.params)), {}
+  return fns.create_state(), {}
 
 
 def _startup_lines(run: Run, tokenizer, prepared: dict) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -333,3 +334,60 @@ def test_ctrl_c_during_start_up_exits_within_a_second(tmp_path, corpus):
   _, stderr = process.communicate(timeout=60)
   assert time.time() - sent < 1.0 and process.returncode == -signal.SIGINT, stderr[-2000:]
   assert "Traceback" not in stderr
+
+
+def _truncate_data(step_dir):
+  for root, _, names in os.walk(os.path.join(step_dir, "state", "ocdbt.process_0", "d")):
+    for name in names:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _damage_metadata(step_dir):
+  with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+    f.write("{not json")
+
+
+DAMAGE = {"truncated data files": _truncate_data, "damaged _METADATA": _damage_metadata,
+          "no config": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "config")),
+          "no state": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "state"))}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, corpus):
+  """A run of 6 steps as it was after the save of step 4 (saved at 2 and 4), and its losses."""
+  root = tmp_path_factory.mktemp("four")
+  train_and_evaluate(from_config_dict(_config(root, corpus, num_train_steps=6)), str(root / "run"))
+  shutil.rmtree(root / "run" / "checkpoints" / "6")
+  return root, metrics.read_jsonl(str(root / "run"))
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_training_falls_back_from_an_unreadable_newest_checkpoint(four_steps, corpus, tmp_path, damage):
+  root, straight = four_steps
+  workdir = tmp_path / "run"
+  shutil.copytree(root / "run", workdir)
+  DAMAGE[damage](str(workdir / "checkpoints" / "4"))
+  last = train_and_evaluate(from_config_dict(_config(root, corpus, num_train_steps=6)), str(workdir))
+  assert last["step"] == 6
+  names = os.listdir(workdir / "checkpoints")
+  assert any(name.startswith("4.unreadable-") for name in names), names  # set aside, not deleted
+  assert _complete(workdir)[-1] == 6
+  logged = [(r["step"], r["loss"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))
+            if r["collection"] == "train"]
+  assert [step for step, _ in logged[-4:]] == [3, 4, 5, 6]  # resumed from step 2
+  for step, loss in logged[-4:]:  # steps 3 and 4 trained again: the very losses of the first time
+    assert loss == straight[step]["loss"], (damage, step)
+
+
+def test_no_readable_checkpoint_stops_with_what_was_found(four_steps, corpus, tmp_path):
+  root, _ = four_steps
+  workdir = tmp_path / "run"
+  shutil.copytree(root / "run", workdir)
+  for step in ("2", "4"):
+    _truncate_data(str(workdir / "checkpoints" / step))
+  with pytest.raises(TrainingError) as e:
+    train_and_evaluate(from_config_dict(_config(root, corpus, num_train_steps=6)), str(workdir))
+  assert "can be read: step 4:" in str(e.value) and "step 2:" in str(e.value)
+  assert "Nothing was deleted" in str(e.value)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing moved or deleted
