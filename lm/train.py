@@ -19,7 +19,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lm import checkpoint, console, corpus, data, distributed, errors, evaluate, metrics, profiler, runtime, sharding
+from lm import (checkpoint, console, corpus, data, distributed, errors, evaluate, lease, metrics, profiler,
+                runtime, sharding)
 from lm.config import Config, ConfigError, profile_step_range, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
@@ -42,6 +43,7 @@ class Run:
   peak_flops_per_device: float
   tensorboard: bool = True  # False: metrics.jsonl and the console only (no TensorFlow needed)
   progress: dict = dataclasses.field(default_factory=dict)  # the resumed checkpoint's (the loss EMA)
+  lease: lease.Lease | None = None  # the workdir's, checked at every step (train_and_evaluate's)
 
   @property
   def lr_schedule(self) -> optax.Schedule:
@@ -71,11 +73,17 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
   console.setup(is_main=jax.process_index() == 0)
   workdir = checkpoint.absolute(workdir)
   checkpoint.check_writable(workdir, "--workdir")
-  checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
-  checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
   if t.wandb_project and importlib.util.find_spec("wandb") is None:
     raise ConfigError(f"config.train.wandb_project = {t.wandb_project!r} needs the wandb package: "
                       "pip install -e '.[wandb]', or leave it empty.")
+  with lease.Lease(workdir, enabled=jax.process_index() == 0) as held:  # one training per workdir
+    return _train(config, workdir, devices, held)
+
+
+def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str, float]:
+  t = config.train
+  checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
+  checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
   rt = runtime.setup(config, devices)
 
   manager = checkpoint.make_manager(checkpoint_dir, t)
@@ -105,8 +113,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, 
           "data order than the original run would have.", saved.get("global_batch_sequences"),
           rt.plan.global_sequences, rt.plan.data_parallel)
     run = Run(config, workdir, rt, fns.step_fn, batches, runtime.eval_function(rt), eval_batches, manager,
-              num_train_steps, peak,
-              progress=progress)
+              num_train_steps, peak, progress=progress, lease=held)
     console.block([
         *_startup_lines(run, tokenizer, prepared),
         ("Peak FLOP/s", f"{peak:.4g} per device, for MFU ({peak_source})"),
@@ -205,6 +212,8 @@ def _gradient_sum(rt: runtime.Runtime) -> str:
 def loop(run: Run, state: TrainState) -> dict[str, float]:
   """The optimizer steps from the state's to the last (or to a preemption); returns the last figures."""
   t = run.config.train
+  if run.lease is not None:
+    run.lease.confirm()  # before anything of this run is written
   logger = metrics.MetricsLogger(run.workdir, num_train_steps=run.num_train_steps,
                                  log_interval_steps=t.log_interval_steps, throughput=run.throughput,
                                  start_step=int(state.step), wandb_project=t.wandb_project,
@@ -232,6 +241,8 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
   pending = None  # (step, figures on the device) not fetched yet
   for step in range(int(state.step), run.num_train_steps):
     done = step + 1  # the step's number in the log, in TensorBoard and of its checkpoint
+    if run.lease is not None:
+      run.lease.check()
     profile.before(done)
     rows = data.micro_batches(run.batches.get(step, mine), rt.plan)
     state, figures = run.step_fn(state, sharding.put_step_batch(rows, rt.mesh, rt.plan.micro_rows))

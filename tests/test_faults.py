@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -391,3 +392,37 @@ def test_no_readable_checkpoint_stops_with_what_was_found(four_steps, corpus, tm
   assert "can be read: step 4:" in str(e.value) and "step 2:" in str(e.value)
   assert "Nothing was deleted" in str(e.value)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # nothing moved or deleted
+
+
+def _lease(host, pid, age=0.0):
+  return json.dumps({"host": host, "pid": pid, "started": "2026-11-29 10:00:00 UTC", "token": "other",
+                     "heartbeat": time.time() - age})
+
+
+def test_a_second_training_on_a_workdir_stops_naming_the_first(earlier_run, corpus, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "lease.json").write_text(_lease(socket.gethostname(), os.getpid()))  # a live process
+  config = from_config_dict(_config(earlier_run, corpus, num_train_steps=2))
+  with pytest.raises(ConfigError) as e:
+    train_and_evaluate(config, str(workdir))
+  assert f"in use by another training: host {socket.gethostname()}, pid {os.getpid()}" in str(e.value)
+  assert sorted(os.listdir(workdir)) == ["lease.json"]  # nothing written
+  # A live lease of another host, whose heartbeat is recent, stops it too; an old heartbeat is taken over.
+  (workdir / "lease.json").write_text(_lease("elsewhere", 1, age=10))
+  with pytest.raises(ConfigError, match="host elsewhere, pid 1"):
+    train_and_evaluate(config, str(workdir))
+
+
+def test_a_stale_lease_is_taken_over_and_released_at_the_end(earlier_run, corpus, tmp_path):
+  finished = subprocess.Popen(["true"])
+  finished.wait()  # its pid no longer runs
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "lease.json").write_text(_lease(socket.gethostname(), finished.pid))
+  last = train_and_evaluate(from_config_dict(_config(earlier_run, corpus, num_train_steps=2)), str(workdir))
+  assert last["step"] == 2
+  assert not (workdir / "lease.json").exists()
+  (workdir / "lease.json").write_text(_lease("elsewhere", 1, age=1000))  # a host gone quiet
+  train_and_evaluate(from_config_dict(_config(earlier_run, corpus, num_train_steps=2)), str(workdir))
+  assert not (workdir / "lease.json").exists()
