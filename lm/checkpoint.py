@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lm import console
+from lm import console, integrity
 from lm.config import MODEL_RUN_SETTINGS, Config, ConfigError, TrainConfig
 from lm.errors import TrainingError
 
@@ -106,9 +106,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: dict, progres
   run with TrainingError rather than let it go on without checkpoints. `progress`: the host side of the
   run at this step (the loss EMA), restored with the state."""
   try:
+    seal(manager)  # the previous save is complete: its checksums
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                config=ocp.args.JsonSave(config),
                                                progress=ocp.args.JsonSave(progress or {})), force=True)
+    _UNSEALED.setdefault(id(manager), []).append(step)
     manager.check_for_errors()
   except Exception as e:  # orbax re-raises the writer's own error (OSError, tensorstore, ...)
     raise TrainingError(
@@ -118,10 +120,27 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: dict, progres
         "config.train.checkpoint_dir and run again to resume.") from e
 
 
+_UNSEALED: dict[int, list[int]] = {}  # id(manager) -> steps saved whose checksums are not written yet
+
+
+def seal(manager: ocp.CheckpointManager) -> None:
+  """Waits for the saves in flight, then writes each new step's checksums.json (lm/integrity.py; process
+  0, the others wait). A step killed before this has none: it is used unverified, with a warning."""
+  manager.wait_until_finished()
+  steps = _UNSEALED.pop(id(manager), [])
+  if steps and jax.process_index() == 0:
+    for step in steps:
+      directory = epath.Path(str(manager.directory)) / str(step)
+      if directory.exists():  # not removed by max_to_keep meanwhile
+        integrity.write(str(directory))
+  if steps and jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpoints sealed")
+
+
 def finish_saves(manager: ocp.CheckpointManager) -> None:
   """Lets a save in flight complete even when the run stops on an error: its state was good."""
   try:
-    manager.wait_until_finished()
+    seal(manager)
   except Exception as e:  # the save's own failure is reported where it surfaced first
     console.logger.warning("A checkpoint save in flight failed too: %s", e)
 
@@ -271,6 +290,7 @@ def restore_newest(manager: ocp.CheckpointManager, step: int, abstract_state) ->
   failures = []
   for candidate in sorted((s for s in manager.all_steps() if s <= step), reverse=True):
     try:
+      verify(manager.directory, candidate)
       state = restore_state(manager, candidate, abstract_state)
       progress = restore_progress(manager, candidate)
     except ConfigError:
@@ -281,6 +301,18 @@ def restore_newest(manager: ocp.CheckpointManager, step: int, abstract_state) ->
     _set_aside(manager, [s for s in manager.all_steps() if s > candidate])
     return candidate, state, progress
   _none_readable(manager, failures)
+
+
+def verify(directory, step: int) -> None:
+  """TrainingError (corrupt) when a file of checkpoint `step` differs from what was saved; a warning when the
+  step has no checksums (an older checkpoint, or a run killed before writing them)."""
+  try:
+    verified = integrity.verify(str(epath.Path(str(directory)) / str(step)))
+  except integrity.Corrupt as e:
+    raise TrainingError(f"checkpoint step {step} is corrupt: {e}") from None
+  if not verified:
+    console.logger.warning("%s/%d has no checksums (saved before they existed, or cut off before writing "
+                           "them): used unverified.", directory, step)
 
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> str:

@@ -71,6 +71,7 @@ class ParamsSource:
 
   def _restore(self, step: int):
     where = f"{self.directory}/{step}"
+    checkpoint.verify(self.directory, step)
     item = str(epath.Path(self.directory) / str(step) / "state")
     checkpoint.check_param_shapes(checkpoint.saved_tree(item)["params"], self._abstract, where)
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

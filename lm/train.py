@@ -224,7 +224,7 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
     with (checkpoint.PreemptionNotice(run.manager) as preemption,
           profiler.StepProfile(profiled, run.workdir, pause=logger.timer.pause) as profile):
       state = _steps(run, state, logger, preemption, profile)
-    run.manager.wait_until_finished()
+    checkpoint.seal(run.manager)
     run.manager.check_for_errors()
     if preemption.interrupted:
       raise errors.Interrupted(f"Interrupted (Ctrl-C): finished step {int(state.step)} and saved it. Run the "
@@ -266,7 +266,7 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
         checkpoint.save(run.manager, done, state, run.run_description, logger.progress())
       logger.timer.pause(time.perf_counter() - paused)
     if preempted:
-      run.manager.wait_until_finished()
+      checkpoint.seal(run.manager)
       if not preemption.interrupted:
         console.logger.info("Preempted: finished step %d, saved its checkpoint, exiting. Run the same "
                             "command again to resume.", done)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -349,7 +350,19 @@ def _damage_metadata(step_dir):
     f.write("{not json")
 
 
-DAMAGE = {"truncated data files": _truncate_data, "damaged _METADATA": _damage_metadata,
+def _flip_a_bit(step_dir):
+  """One bit of the largest array data file: orbax would restore it as another number."""
+  data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  path = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes([byte ^ 4]))
+
+
+DAMAGE = {"one flipped bit": _flip_a_bit, "truncated data files": _truncate_data,
+          "damaged _METADATA": _damage_metadata,
           "no config": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "config")),
           "no state": lambda step_dir: shutil.rmtree(os.path.join(step_dir, "state"))}
 
@@ -379,6 +392,16 @@ def test_training_falls_back_from_an_unreadable_newest_checkpoint(four_steps, co
   assert [step for step, _ in logged[-4:]] == [3, 4, 5, 6]  # resumed from step 2
   for step, loss in logged[-4:]:  # steps 3 and 4 trained again: the very losses of the first time
     assert loss == straight[step]["loss"], (damage, step)
+
+
+def test_every_flipped_bit_is_detected(four_steps):
+  root, _ = four_steps
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "corrupt_checkpoint.py"),
+                           f"--checkpoint_dir={root / 'run' / 'checkpoints'}", "--flips=40"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "corruptions: 40 tried, 40 detected, 0 accepted" in result.stdout
+  assert checkpoint.verify(root / "run" / "checkpoints", 4) is None  # every flip undone
 
 
 def test_no_readable_checkpoint_stops_with_what_was_found(four_steps, corpus, tmp_path):
