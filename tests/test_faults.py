@@ -315,6 +315,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_exits_130(tmp_path, corpus):
   assert step >= 3 and _complete(workdir)[-1] == step  # that very step is saved, complete
 
 
+@pytest.mark.slow  # 26 s; the first Ctrl-C and one at start-up are in the default suite
 def test_a_second_ctrl_c_exits_at_once(tmp_path, corpus):
   workdir = str(tmp_path / "run")
   process = _start(workdir, tmp_path / "data", corpus)
@@ -376,7 +377,12 @@ def four_steps(tmp_path_factory, corpus):
   return root, metrics.read_jsonl(str(root / "run"))
 
 
-@pytest.mark.parametrize("damage", DAMAGE)
+# Two kinds in the default suite (a flipped bit: checksums; a missing item: orbax), the rest under -m slow.
+SLOW_DAMAGE = {"truncated data files", "damaged _METADATA", "no state"}
+
+
+@pytest.mark.parametrize("damage", [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DAMAGE else d
+                                    for d in DAMAGE])
 def test_training_falls_back_from_an_unreadable_newest_checkpoint(four_steps, corpus, tmp_path, damage):
   root, straight = four_steps
   workdir = tmp_path / "run"
