@@ -57,6 +57,9 @@ def main(argv):
   console.start_command(argv)
   try:
     config = from_config_dict(_CONFIG.value)
+    if not _WORKDIR.value.strip():
+      raise ConfigError("--workdir is empty: it would write checkpoints and metrics into the current "
+                        "directory. Name a directory for the run, e.g. --workdir=runs/my_run (or gs://...).")
     determinism = set_determinism_flags(config.train.deterministic)
     if _MODE.value != "eval" and (_STEP.value is not None or _FOLLOW.value):
       raise app.UsageError("--step and --follow are for --mode=eval.")

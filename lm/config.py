@@ -7,6 +7,7 @@ Every check raises `ConfigError` with the key at fault and what would fix it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 
@@ -161,6 +162,9 @@ def _section(cls, section: str, values: ml_collections.ConfigDict):
       continue
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{section}.{name} = {value} is not a finite number. Give a finite value in "
+                        f"the config file or the --config.{section}.{name} override.")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
       raise ConfigError(
           f"config.{section}.{name} = {value!r} is a {type(value).__name__}; it must be a "

@@ -24,12 +24,14 @@ from lm.errors import ConfigError, TrainingError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (its checkpoints are read, never written).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: start a new document).")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "New tokens at most; stops earlier at end-of-sequence.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "New tokens at most; stops earlier at end-of-sequence.",
+                                   lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise softmax temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probability reaches p.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, decoded together.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, decoded together.",
+                                    lower_bound=1)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
 flags.mark_flags_as_required(["config", "workdir"])
 
