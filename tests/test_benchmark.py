@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
         "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
@@ -22,6 +24,7 @@ WITHOUT_TENSORFLOW = ("import runpy, sys\n"
                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+@pytest.mark.slow  # 25-30 s
 def test_benchmark_prints_one_json_line_without_tensorflow(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")  # the machine's one CPU device
   output = tmp_path / "bench.json"

@@ -79,47 +79,51 @@ FAULTS = {
 }
 
 
-def test_every_fault_resumes_bit_identical(tmp_path, corpus):
-  data_dir = tmp_path / "data"
-  straight = run_main(tmp_path / "straight", data_dir, corpus, *STEPS)
-  assert straight.returncode == 0, straight.stderr[-2000:]
-  expected = metrics.read_jsonl(str(tmp_path / "straight"))
-  survived = []
-  for name, (moment, sig) in FAULTS.items():
-    for attempt in range(3):  # a save lasts a fraction of a second: the kill may come too late
-      workdir = str(tmp_path / f"{name.replace(' ', '_')}_{attempt}")
-      process = _start(workdir, data_dir, corpus)
-      _wait(process, lambda: moment(workdir), name)
-      process.send_signal(sig)
-      _, stderr = process.communicate(timeout=300)
-      # A kill meant to land mid-save must leave a partial checkpoint behind.
-      if name != MID_SAVE or any("tmp" in n for n in _checkpoints(workdir)):
-        break
-    else:
-      raise AssertionError(f"{name}: the save always finished before the kill: {_checkpoints(workdir)}")
-    if sig == signal.SIGTERM:  # finishes the step, saves it, exits cleanly
-      assert process.returncode == 0, stderr[-2000:]
-      assert "Preempted: finished step" in stderr
-    newest = _complete(workdir)[-1] if _complete(workdir) else None
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+  """An uninterrupted run: its data directory and its logged figures."""
+  root = tmp_path_factory.mktemp("straight")
+  result = run_main(root / "run", root / "data", corpus, *STEPS)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return root / "data", metrics.read_jsonl(str(root / "run")), metrics.read_jsonl(str(root / "run"), "eval")
 
-    resumed = run_main(workdir, data_dir, corpus, *STEPS)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (f"resumed from step {newest}" if newest else "fresh start") in resumed.stderr, name
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    train = [(r["step"], r["loss"]) for r in records if r["collection"] == "train"]
-    assert {step for step, _ in train} == set(range(1, 9))
-    for step, loss in train:  # steps logged twice (before the crash and after the resume) agree too
-      assert loss == expected[step]["loss"], (name, step)
-    # The loss EMA is saved with the state: the resumed run continues it as the straight run did.
-    emas = [(r["step"], r["loss_ema"]) for r in records if r["collection"] == "train" and "loss_ema" in r]
-    assert len(emas) >= 8
-    for step, ema in emas:
-      assert ema == expected[step]["loss_ema"], (name, step)
-    assert metrics.read_jsonl(workdir, "eval")[8] == metrics.read_jsonl(str(tmp_path / "straight"), "eval")[8]
-    survived.append(name)
-  print(f"\nfaults: {len(FAULTS)} tried, {len(survived)} resumed with bit-identical losses: "
-        + "; ".join(survived))
-  assert len(survived) == len(FAULTS)
+
+# SIGTERM in the default suite; the two kills (about 50 s each) under -m slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "SIGTERM (preemption)" else n
+                                  for n in FAULTS])
+def test_every_fault_resumes_bit_identical(straight, corpus, tmp_path, name):
+  data_dir, expected, expected_eval = straight
+  moment, sig = FAULTS[name]
+  for attempt in range(3):  # a save lasts a fraction of a second: the kill may come too late
+    workdir = str(tmp_path / f"run_{attempt}")
+    process = _start(workdir, data_dir, corpus)
+    _wait(process, lambda: moment(workdir), name)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    # A kill meant to land mid-save must leave a partial checkpoint behind.
+    if name != MID_SAVE or any("tmp" in n for n in _checkpoints(workdir)):
+      break
+  else:
+    raise AssertionError(f"{name}: the save always finished before the kill: {_checkpoints(workdir)}")
+  if sig == signal.SIGTERM:  # finishes the step, saves it, exits cleanly
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Preempted: finished step" in stderr
+  newest = _complete(workdir)[-1] if _complete(workdir) else None
+
+  resumed = run_main(workdir, data_dir, corpus, *STEPS)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert (f"resumed from step {newest}" if newest else "fresh start") in resumed.stderr, name
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [(r["step"], r["loss"]) for r in records if r["collection"] == "train"]
+  assert {step for step, _ in train} == set(range(1, 9))
+  for step, loss in train:  # steps logged twice (before the crash and after the resume) agree too
+    assert loss == expected[step]["loss"], (name, step)
+  # The loss EMA is saved with the state: the resumed run continues it as the straight run did.
+  emas = [(r["step"], r["loss_ema"]) for r in records if r["collection"] == "train" and "loss_ema" in r]
+  assert len(emas) >= 8
+  for step, ema in emas:
+    assert ema == expected[step]["loss_ema"], (name, step)
+  assert metrics.read_jsonl(workdir, "eval")[8] == expected_eval[8]
 
 
 def _config(tmp_path, corpus_dir, **train):
@@ -251,6 +255,8 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"model.d_model": 96}, "holds a checkpoint (step 2) of another model or optimizer: model.d_model = 64 there, 96 here"),
     ({"train.optimizer": "lion"}, "of another model or optimizer: train.optimizer = 'adamw' there, 'lion' here"),
     ({"train.unknown_key": 1}, "unknown keys ['unknown_key']"),
+    ({"model.rope_theta": float("inf")}, "config.model.rope_theta = inf is not a finite number"),
+    ({"train.learning_rate": float("nan")}, "config.train.learning_rate = nan is not a finite number"),
     # Resumed with other data than the checkpoint's run: refused (train.allow_data_change does it on purpose).
     ({"train.seed": 7}, "holds step 2 of a run with other data: train.seed = 0 there, 7 here"),
     ({"train.seq_len": 32}, "of a run with other data: train.seq_len = 64 there, 32 here"),
@@ -377,8 +383,8 @@ def four_steps(tmp_path_factory, corpus):
   return root, metrics.read_jsonl(str(root / "run"))
 
 
-# Two kinds in the default suite (a flipped bit: checksums; a missing item: orbax), the rest under -m slow.
-SLOW_DAMAGE = {"truncated data files", "damaged _METADATA", "no state"}
+# A flipped bit (the checksums) in the default suite, the rest under -m slow.
+SLOW_DAMAGE = {"truncated data files", "damaged _METADATA", "no state", "no config"}
 
 
 @pytest.mark.parametrize("damage", [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DAMAGE else d
@@ -443,15 +449,30 @@ def test_a_second_training_on_a_workdir_stops_naming_the_first(earlier_run, corp
     train_and_evaluate(config, str(workdir))
 
 
-def test_a_stale_lease_is_taken_over_and_released_at_the_end(earlier_run, corpus, tmp_path):
+@pytest.mark.parametrize("holder", ["a process that is gone", "a host gone quiet"])
+def test_a_stale_lease_is_taken_over_and_released_at_the_end(tmp_path, holder):
+  from lm import lease
   finished = subprocess.Popen(["true"])
   finished.wait()  # its pid no longer runs
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "lease.json").write_text(_lease(socket.gethostname(), finished.pid))
-  last = train_and_evaluate(from_config_dict(_config(earlier_run, corpus, num_train_steps=2)), str(workdir))
-  assert last["step"] == 2
-  assert not (workdir / "lease.json").exists()
-  (workdir / "lease.json").write_text(_lease("elsewhere", 1, age=1000))  # a host gone quiet
-  train_and_evaluate(from_config_dict(_config(earlier_run, corpus, num_train_steps=2)), str(workdir))
-  assert not (workdir / "lease.json").exists()
+  stale = (_lease(socket.gethostname(), finished.pid) if holder == "a process that is gone"
+           else _lease("elsewhere", 1, age=lease.STALE_SECONDS + 1))
+  (tmp_path / "lease.json").write_text(stale)
+  with lease.Lease(str(tmp_path)) as held:
+    held.confirm()
+    assert json.loads((tmp_path / "lease.json").read_text())["pid"] == os.getpid()
+  assert not (tmp_path / "lease.json").exists()
+
+
+@pytest.mark.parametrize("command,message", [
+    (["main.py", "--config=configs/default.py", "--workdir="], "--workdir is empty"),
+    (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--max_tokens=0"],
+     "--max_tokens"),
+    (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--num_samples=0"],
+     "--num_samples"),
+])
+def test_bad_flags_get_a_message_not_a_traceback(command, message, tmp_path):
+  result = subprocess.run([sys.executable, *command], cwd=ROOT, env=MAIN_ENV, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(ROOT, "checkpoints"))

@@ -67,7 +67,8 @@ def test_sharded_step_counts_one_device_share(plain):
   assert flops.model == metrics.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
 
 
-@pytest.mark.parametrize("num_devices", [1, 8])  # 8: data parallel, so the step accumulates locally
+# 8: data parallel, so the step accumulates locally; 1 under -m slow.
+@pytest.mark.parametrize("num_devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_accumulation_counts_every_micro_batch_and_one_update(num_devices):
   # One sequence per micro-batch, so that the optimizer (about 10 FLOPs per parameter, once per step)
   # is a visible part of a micro-step's 6 x 128 FLOPs per parameter.

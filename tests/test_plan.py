@@ -36,6 +36,7 @@ def small_config():
   return dataclasses.replace(c, model=model, train=train)
 
 
+@pytest.mark.slow  # 25-30 s
 def test_prints_the_plan_for_the_devices_asked():
   # --devices=4 must reach XLA before jax starts (the environment says 8): the -1 data axis shows it.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
