@@ -257,12 +257,12 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int 
     try:
       saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     except Exception as e:  # orbax raises many types for missing or damaged files
-      failures.append(_unreadable(manager, step, e))
+      failures.append(_unreadable(manager.directory, step, e))
       continue
     _check_same_state(manager, step, saved, config)
     return step, saved
   if failures:
-    _none_readable(manager, failures)
+    _none_readable(manager.directory, failures)
   return None, None
 
 
@@ -283,24 +283,34 @@ def _check_same_state(manager: ocp.CheckpointManager, step: int, saved: dict, co
         f"config.train.checkpoint_dir) for this config, or the config that wrote the checkpoint.{scan}")
 
 
-def restore_newest(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[int, object, dict]:
-  """(step, train state, progress) of the newest checkpoint at or before `step` that restores; newer
-  ones that do not are skipped with a warning and set aside (renamed, nothing deleted), so that the run's
-  next saves of those steps do not meet them. TrainingError when none restores."""
+def newest_restorable(directory, steps, restore):
+  """(step, restore(step)) of the newest of `steps` that restores; each newer one that does not is
+  warned about (orbax and tensorstore raise many types for missing or damaged files; a ConfigError is the
+  config's fault and propagates). TrainingError listing every step's reason when none restores. Training
+  and eval share it."""
   failures = []
-  for candidate in sorted((s for s in manager.all_steps() if s <= step), reverse=True):
+  for step in sorted(steps, reverse=True):
     try:
-      verify(manager.directory, candidate)
-      state = restore_state(manager, candidate, abstract_state)
-      progress = restore_progress(manager, candidate)
+      return step, restore(step)
     except ConfigError:
       raise
-    except Exception as e:  # orbax and tensorstore raise many types for missing or damaged files
-      failures.append(_unreadable(manager, candidate, e))
-      continue
-    _set_aside(manager, [s for s in manager.all_steps() if s > candidate])
-    return candidate, state, progress
-  _none_readable(manager, failures)
+    except Exception as e:
+      failures.append(_unreadable(directory, step, e))
+  _none_readable(directory, failures)
+
+
+def restore_newest(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[int, object, dict]:
+  """(step, train state, progress) of the newest checkpoint at or before `step` that restores and
+  verifies; newer ones that do not are skipped with a warning and set aside (renamed, nothing deleted), so
+  that the run's next saves of those steps do not meet them. TrainingError when none restores."""
+  def restore(candidate: int):
+    verify(manager.directory, candidate)
+    return restore_state(manager, candidate, abstract_state), restore_progress(manager, candidate)
+
+  found, (state, progress) = newest_restorable(manager.directory, [s for s in manager.all_steps() if s <= step],
+                                               restore)
+  _set_aside(manager, [s for s in manager.all_steps() if s > found])
+  return found, state, progress
 
 
 def verify(directory, step: int) -> None:
@@ -315,16 +325,16 @@ def verify(directory, step: int) -> None:
                            "them): used unverified.", directory, step)
 
 
-def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> str:
+def _unreadable(directory, step: int, error: Exception) -> str:
   reason = f"step {step}: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
   console.logger.warning("%s/%d cannot be read (%s); falling back to an older checkpoint. Nothing was deleted.",
-                         manager.directory, step, reason.split(": ", 1)[1])
+                         directory, step, reason.split(": ", 1)[1])
   return reason
 
 
-def _none_readable(manager: ocp.CheckpointManager, failures: list[str]):
+def _none_readable(directory, failures: list[str]):
   raise TrainingError(
-      f"No checkpoint in {manager.directory} can be read: {'; '.join(failures)}. Nothing was deleted: "
+      f"No checkpoint in {directory} can be read: {'; '.join(failures)}. Nothing was deleted: "
       "restore the directory from a copy, move the damaged steps away to start over from the newest good "
       "one, or use a new --workdir.")
 

@@ -84,16 +84,7 @@ class ParamsSource:
     for name in partial_checkpoints(self.directory):
       console.logger.warning("%s/%s is a partially written checkpoint (a save cut off): not used.",
                              self.directory, name)
-    for step in reversed(self.steps):
-      try:
-        return step, self._restore(step)
-      except ConfigError:  # the checkpoint is fine, the config is not
-        raise
-      except Exception as e:  # orbax and tensorstore raise many types for missing or corrupt files
-        console.logger.warning("%s/%d cannot be read (%s: %s); falling back to an older checkpoint.",
-                               self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
-    raise TrainingError(f"No checkpoint in {self.directory} can be read (steps {self.steps}); see the "
-                        "warnings above for each.")
+    return checkpoint.newest_restorable(self.directory, self.steps, self._restore)
 
   def at(self, step: int) -> object:
     if step not in self.steps:
