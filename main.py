@@ -15,7 +15,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only reads data and wr
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import console
+from lm import console, distributed
 from lm.config import from_config_dict
 from lm.errors import ConfigError, Interrupted, TrainingError
 
@@ -66,7 +66,6 @@ def main(argv):
     # Only now: XLA reads its flags when jax initialises. The other processes join before any device is
     # touched, and before the heavy imports of the training stack, so that a bad launch fails fast.
     import jax
-    from lm import distributed
 
     launch = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if launch is not None:
@@ -84,13 +83,13 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     print(f"Configuration error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.exit_with(2)
   except TrainingError as e:
     print(f"Training stopped: {e}", file=sys.stderr)
-    sys.exit(1)
+    distributed.exit_with(1)
   except Interrupted as e:
     print(e, file=sys.stderr)
-    sys.exit(130)
+    distributed.exit_with(130)
 
 
 if __name__ == "__main__":

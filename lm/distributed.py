@@ -125,6 +125,27 @@ def _give_up(launch: Launch, timeout_seconds: int) -> None:
   os._exit(2)  # pylint: disable=protected-access  (no atexit: JAX's shutdown would wait for the others)
 
 
+# How long an error exit of several processes waits for JAX's orderly shutdown (a barrier of every process).
+EXIT_GRACE_SECONDS = 20
+
+
+def exit_with(code: int, grace_seconds: float = EXIT_GRACE_SECONDS) -> None:
+  """sys.exit(code); when several processes run, JAX's shutdown at exit waits for every other one, and one
+  that is gone or stuck (measured: killed after joining) holds this one for ~100 s and then aborts it with a
+  fatal log: leave with `code` after `grace_seconds` instead."""
+  if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+    timer = threading.Timer(grace_seconds, _leave, (code, grace_seconds))
+    timer.daemon = True  # it keeps running while the exit handlers wait
+    timer.start()
+  sys.exit(code)
+
+
+def _leave(code: int, grace_seconds: float) -> None:
+  print(f"(the other processes did not shut down within {grace_seconds:g} s; exiting with {code})",
+        file=sys.stderr, flush=True)
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def check_devices(devices) -> None:
   """Every process must have the same number and kind of devices (JAX's multi-process rule)."""
   per_process = collections.Counter(d.process_index for d in devices)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -114,6 +115,28 @@ def test_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path, corpus
   assert code == 2 and seconds < 60, log[-2000:]
   assert "process 1 of 2" in log and "not all processes joined within 3 s" in log
   assert f"The coordinator 127.0.0.1:{port} cannot be reached from here" in log
+
+
+_GONE_AFTER_JOINING = """
+import os, signal, sys
+from lm import distributed
+distributed.initialize(distributed.Launch("flags", sys.argv[1], 2, int(sys.argv[2])), 60)
+if sys.argv[2] == "1":
+  os.kill(os.getpid(), signal.SIGKILL)  # gone without JAX's shutdown
+import time; time.sleep(3)
+distributed.exit_with(2, grace_seconds=5)
+"""
+
+
+def test_an_error_exit_does_not_wait_for_a_process_that_is_gone():
+  """JAX's shutdown at exit waits for every process (measured: ~100 s, then a fatal abort) when one died."""
+  address = f"127.0.0.1:{_free_port()}"
+  started = time.time()
+  processes = [subprocess.Popen([sys.executable, "-c", _GONE_AFTER_JOINING, address, str(i)], cwd=ROOT,
+                                env=MAIN_ENV, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  (code, log), (other, _) = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
+  assert other == -signal.SIGKILL and code == 2, log[-2000:]
+  assert "did not shut down within 5 s; exiting with 2" in log and time.time() - started < 60
 
 
 @pytest.mark.parametrize("case,devices,num_processes,message", [
