@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention kernel: auto (splash on TPU, cudnn on GPU in bfloat16, else xla) | xla | splash (TPU flash
   # attention) | cudnn (GPU flash attention). See lm/attention.py.
   c.model.attention = "auto"
+  # LoRA (lm/lora.py): adapters of this rank on the projections named in lora_targets, the rest frozen;
+  # 0 = train every parameter. The adapters' output is scaled by lora_alpha / lora_rank.
+  c.model.lora_rank = 0
+  c.model.lora_alpha = 16.0
+  c.model.lora_targets = "q,k,v,o,gate,up,down"  # among q, k, v, o (attention), gate, up, down (MLP)
 
   c.data = ml_collections.ConfigDict()
   # Named document sources; several make a mixture (each row of a step drawn by weight). See source().

@@ -215,14 +215,15 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
 STATE_KEYS = {
     "model": ("name", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "tie_embeddings", "param_dtype", "scan_layers", "qk_norm", "post_norms",
-              "norm_unit_offset"),
+              "norm_unit_offset", "lora_rank", "lora_targets"),
     "train": ("optimizer", "skip_nonfinite_updates"),
 }
 # Keys added after checkpoints were first written, with the value those checkpoints had.
 ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "model.local_layers_per_global": 0,
               "model.rope_local_theta": 10000.0, "model.qk_norm": False, "model.post_norms": False,
               "model.norm_unit_offset": False, "model.mlp_activation": "silu", "model.embed_scale": False,
-              "model.query_scale_dim": 0}
+              "model.query_scale_dim": 0, "model.lora_rank": 0, "model.lora_alpha": 16.0,
+              "model.lora_targets": "q,k,v,o,gate,up,down"}
 
 
 # What decides the tokens of every step, besides the global batch (warned about by the trainer): a run
@@ -386,9 +387,10 @@ def save_params(directory: str, params, model: dict, source: str) -> None:
     json.dump({"model": model, "source": source}, f, indent=2)
 
 
-def params_location(path: str, step: int | None = None) -> tuple[str, dict]:
+def params_location(path: str, step: int | None = None, adapters: bool = False) -> tuple[str, dict]:
   """(orbax item holding {"params": ...}, model config section) of parameters written by `save_params`
-  or of a run's checkpoint directory (its newest step, or `step`)."""
+  or of a run's checkpoint directory (its newest step, or `step`). A LoRA run's checkpoint holds adapters,
+  not weights: refused unless `adapters`."""
   path = absolute(path)
   if os.path.exists(os.path.join(path, MODEL_FILE)):
     with open(os.path.join(path, MODEL_FILE)) as f:
@@ -404,6 +406,10 @@ def params_location(path: str, step: int | None = None) -> tuple[str, dict]:
     raise ConfigError(f"{path} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
   step = max(steps) if step is None else step
   config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  if config["model"].get("lora_rank") and not adapters:
+    raise ConfigError(f"{path} (step {step}) holds LoRA adapters, not a model's weights. Merge them into the "
+                      "weights first: scripts/convert_hf.py export --checkpoint=<this directory> --out=DIR writes the merged "
+                      "model, which scripts/convert_hf.py import turns into parameters to start from.")
   return os.path.join(path, str(step), "state"), config["model"]
 
 
@@ -416,6 +422,21 @@ def check_same_model(saved: dict, model: dict, where: str) -> None:
   if differences:
     raise ConfigError(f"{where} holds parameters of another model: {'; '.join(differences)}. Use the config "
                       "they were written for, or convert the checkpoint for this one.")
+
+
+def check_same_adapters(saved: dict, model: dict, where: str) -> None:
+  """A run's checkpoint holds LoRA adapters when its model.lora_rank > 0: they are read only by a config of
+  the same rank and targets (and merged with its base: config.train.init_from)."""
+  rank = saved["model"].get("lora_rank", 0)
+  targets = saved["model"].get("lora_targets", ADDED_KEYS["model.lora_targets"])
+  if rank == model["lora_rank"] and (not rank or targets == model["lora_targets"]):
+    return
+  base = saved.get("train", {}).get("init_from", "")
+  there = (f"LoRA adapters of rank {rank} on {targets!r} for the base {base!r}" if rank else
+           "all the parameters of a model (no LoRA)")
+  fix = (f"--config.model.lora_rank={rank} --config.model.lora_targets={targets} "
+         f"--config.train.init_from={base}" if rank else "--config.model.lora_rank=0")
+  raise ConfigError(f"{where} holds {there}; this config has model.lora_rank = {model['lora_rank']}. Pass {fix}.")
 
 
 def _paths(tree, prefix=()) -> dict[str, object]:
@@ -455,8 +476,8 @@ def restore_params_item(item: str, abstract_params, where: str):
   return restored["params"]
 
 
-def load_params_on_host(path: str, step: int | None = None) -> tuple[dict, dict]:
-  """(parameters as numpy arrays, model config section) of `params_location(path, step)`, whatever mesh
-  wrote them."""
-  item, model = params_location(path, step)
+def load_params_on_host(path: str, step: int | None = None, adapters: bool = False) -> tuple[dict, dict]:
+  """(parameters as numpy arrays, model config section) of `params_location(path, step, adapters)`,
+  whatever mesh wrote them."""
+  item, model = params_location(path, step, adapters)
   return jax.device_get(restore_params_item(item, _on_one_device(saved_tree(item)["params"]), path)), model

@@ -48,6 +48,9 @@ class ModelConfig:
   remat: str
   scan_layers: bool
   attention: str
+  lora_rank: int
+  lora_alpha: float
+  lora_targets: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,8 @@ MODEL_NAMES = ("llama", "qwen3", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig fields that are settings of a run, not part of the model that parameters belong to: they may
 # differ between the run that wrote parameters and one that starts from them.
-MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention")
+MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention",
+                      "lora_rank", "lora_alpha", "lora_targets")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/attention.py
@@ -141,6 +145,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("sentencepiece", "huggingface", "byte")
 SOURCE_KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
 EVAL_SPLITS = ("validation", "train")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # lm/lora.py
 
 
 def _section(cls, section: str, values: ml_collections.ConfigDict):
@@ -256,6 +261,20 @@ def validate_model(m: ModelConfig) -> None:
            f"{m.num_kv_heads}; grouped-query attention shares each key/value head among an equal number "
            "of query heads. Pick num_kv_heads among the divisors of num_heads.")
   _require(m.head_dim % 2 == 0, f"config.model.head_dim = {m.head_dim} must be even for rotary embeddings.")
+  _validate_lora(m)
+
+
+def _validate_lora(m: ModelConfig) -> None:
+  _require(m.lora_rank >= 0, f"config.model.lora_rank = {m.lora_rank} must be >= 0 (0 = no LoRA: train all "
+                             "parameters).")
+  if not m.lora_rank:
+    return
+  _positive("model", m, "lora_alpha")
+  names = [t.strip() for t in m.lora_targets.split(",") if t.strip()]
+  unknown = [t for t in names if t not in LORA_TARGETS]
+  _require(names and not unknown,
+           f"config.model.lora_targets = {m.lora_targets!r}: {'names ' + str(unknown) if unknown else 'names none'}"
+           f"; give a comma-separated list of the projections to adapt among {', '.join(LORA_TARGETS)}.")
 
 
 def validate_data(d: DataConfig) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import checkpoint, console, data, distributed, metrics, runtime, sharding
+from lm import checkpoint, console, data, distributed, lora, metrics, runtime, sharding
 from lm.config import Config, ConfigError, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
@@ -60,11 +60,11 @@ class ParamsSource:
       switch that changes no shape, such as the RoPE base or the MLP activation, included) is refused.
   """
 
-  def __init__(self, checkpoint_dir: str, abstract_params, model: dict):
+  def __init__(self, checkpoint_dir: str, abstract_params, model: dict, base=None):
     if not epath.Path(checkpoint_dir).exists():
       raise TrainingError(f"No checkpoint: {checkpoint_dir} does not exist. Pass the --workdir of a "
                           "training run (or its config.train.checkpoint_dir).")
-    self.directory, self._abstract, self._model = checkpoint_dir, abstract_params, model
+    self.directory, self._abstract, self._model, self._base = checkpoint_dir, abstract_params, model, base
     self.manager = checkpoint.reader(checkpoint_dir)
     checkpoint.check_same_step(self.manager)  # several processes must read one directory
     self.steps = checkpoint_steps(checkpoint_dir, self.manager)
@@ -73,11 +73,14 @@ class ParamsSource:
     where = f"{self.directory}/{step}"
     checkpoint.verify(self.directory, step)
     item = str(epath.Path(self.directory) / str(step) / "state")
-    checkpoint.check_param_shapes(checkpoint.saved_tree(item)["params"], self._abstract, where)
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    if saved and "model" in saved:  # runs write their config beside the state
+    written = saved and "model" in saved  # runs write their config beside the state
+    if written:
+      checkpoint.check_same_adapters(saved, self._model, where)
+    checkpoint.check_param_shapes(checkpoint.saved_tree(item)["params"], self._abstract, where)
+    if written:
       checkpoint.check_same_model(saved["model"], self._model, where)
-    return checkpoint.restore_params_item(item, self._abstract, where)
+    return lora.merge(self._base, checkpoint.restore_params_item(item, self._abstract, where))
 
   def latest(self) -> tuple[int, object]:
     """The newest checkpoint that can be read; a partial or unreadable one is skipped and said so."""
@@ -127,6 +130,13 @@ class ParamsSource:
     console.logger.info("No new checkpoint in %s for %g s: stopping.", self.directory, timeout)
 
 
+def params_source(rt: runtime.Runtime, checkpoint_dir: str) -> ParamsSource:
+  """The checkpoints' parameters on `rt`'s mesh; with LoRA, its adapters merged with the base they adapt."""
+  adapters, _ = runtime.trainable(rt.abstract_params, rt.config.model)
+  base = runtime.base_params(rt) if rt.config.model.lora_rank else None
+  return ParamsSource(checkpoint_dir, adapters, to_dict(rt.config)["model"], base)
+
+
 def run(config: Config, workdir: str, *, step: int | None = None, follow: bool = False,
         follow_timeout: float = 3600.0, devices=None) -> dict[int, dict[str, float]]:
   """Evaluates the latest checkpoint (or `step`), then optionally each new one; returns {step: figures}.
@@ -141,7 +151,7 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
   checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
   rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
-    source = ParamsSource(checkpoint_dir, rt.abstract_params, to_dict(config)["model"])
+    source = params_source(rt, checkpoint_dir)
     with distributed.process_zero_first():  # process 0 may prepare the data
       _, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
     batches = corpus.eval_batches(config.data, prepared, config.train.seq_len, rt.plan.micro_rows)
@@ -189,8 +199,7 @@ def params_for_inference(config: Config, workdir: str, *, step: int | None = Non
   """(step, params, mesh) of the latest checkpoint (or `step`) for sampling, on this process's mesh."""
   rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
-    source = ParamsSource(checkpoint.checkpoint_directory(config, checkpoint.absolute(workdir)),
-                          rt.abstract_params, to_dict(config)["model"])
+    source = params_source(rt, checkpoint.checkpoint_directory(config, checkpoint.absolute(workdir)))
     if step is None:
       step, params = source.latest()
     else:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from lm import attention
+from lm import attention, lora
 from lm.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,6 +39,9 @@ ACTIVATIONS = {
     "silu": nn.silu,  # SwiGLU (LLaMA, Qwen3)
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),  # GeGLU (Gemma3)
 }
+Q_NAMES = ("embed", "q_heads", "head_dim")
+KV_NAMES = ("embed", "kv_heads", "head_dim")
+O_NAMES = ("q_heads", "head_dim", "embed")
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -133,16 +136,15 @@ class Attention(nn.Module):
     """local: this layer has the sliding window. cache_kv: this layer's (keys, values) B x S x K x H when
     decoding; returned updated (else None)."""
     cfg = self.cfg
-    dtype = DTYPES[cfg.dtype]
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    w_q_DxNxH = _param(self, cfg, "q_proj", (D, N, H), ("embed", "q_heads", "head_dim"))
-    w_k_DxKxH = _param(self, cfg, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"))
-    w_v_DxKxH = _param(self, cfg, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"))
-    w_o_NxHxD = _param(self, cfg, "o_proj", (N, H, D), ("q_heads", "head_dim", "embed"))
+    w_q_DxNxH = _param(self, cfg, "q_proj", (D, N, H), Q_NAMES)
+    w_k_DxKxH = _param(self, cfg, "k_proj", (D, K, H), KV_NAMES)
+    w_v_DxKxH = _param(self, cfg, "v_proj", (D, K, H), KV_NAMES)
+    w_o_NxHxD = _param(self, cfg, "o_proj", (N, H, D), O_NAMES)
 
-    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, w_q_DxNxH.astype(dtype))
-    k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, w_k_DxKxH.astype(dtype))
-    v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, w_v_DxKxH.astype(dtype))
+    q_BxLxNxH = lora.project(self, cfg, "BLD,DNH->BLNH", x_BxLxD, w_q_DxNxH, "q_proj", Q_NAMES, 1)
+    k_BxSxKxH = lora.project(self, cfg, "BSD,DKH->BSKH", x_BxLxD, w_k_DxKxH, "k_proj", KV_NAMES, 1)
+    v_BxSxKxH = lora.project(self, cfg, "BSD,DKH->BSKH", x_BxLxD, w_v_DxKxH, "v_proj", KV_NAMES, 1)
     q_BxLxNxH = nn.with_logical_constraint(q_BxLxNxH, ("act_batch", "act_length", "act_heads", None))
     if cfg.qk_norm:  # RMSNorm of each head's query and key (over H), before the rotation
       q_BxLxNxH = RMSNorm(cfg, name="q_norm")(q_BxLxNxH)
@@ -156,7 +158,7 @@ class Attention(nn.Module):
     # Grouped-query attention: each of the K key/value heads serves N / K query heads.
     out_BxLxNxH = attention.attend(ctx, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local,
                                    scale=(cfg.query_scale_dim or H) ** -0.5)
-    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, w_o_NxHxD.astype(dtype)), cache_kv
+    return lora.project(self, cfg, "BLNH,NHD->BLD", out_BxLxNxH, w_o_NxHxD, "o_proj", O_NAMES, 2), cache_kv
 
 
 class MLP(nn.Module):
@@ -166,15 +168,14 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    dtype = DTYPES[cfg.dtype]
     w_gate_DxF = _param(self, cfg, "gate_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"))
     w_up_DxF = _param(self, cfg, "up_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"))
     w_down_FxD = _param(self, cfg, "down_proj", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"))
-    gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, w_gate_DxF.astype(dtype))
-    up_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, w_up_DxF.astype(dtype))
+    gate_BxLxF = lora.project(self, cfg, "BLD,DF->BLF", x_BxLxD, w_gate_DxF, "gate_proj", ("embed", "mlp"), 1)
+    up_BxLxF = lora.project(self, cfg, "BLD,DF->BLF", x_BxLxD, w_up_DxF, "up_proj", ("embed", "mlp"), 1)
     hidden_BxLxF = nn.with_logical_constraint(ACTIVATIONS[cfg.mlp_activation](gate_BxLxF) * up_BxLxF,
                                               ("act_batch", "act_length", "act_mlp"))
-    return jnp.einsum("BLF,FD->BLD", hidden_BxLxF, w_down_FxD.astype(dtype))
+    return lora.project(self, cfg, "BLF,FD->BLD", hidden_BxLxF, w_down_FxD, "down_proj", ("mlp", "embed"), 1)
 
 
 class Block(nn.Module):

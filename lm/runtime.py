@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from lm import attention, checkpoint, data, sharding
-from lm.config import Config
+from lm import attention, checkpoint, data, lora, sharding
+from lm.config import Config, ModelConfig
 from lm.model import Decoder
 from lm.train_step import TrainState, eval_step, train_step
 
@@ -95,22 +95,61 @@ def local_accumulation(rt: Runtime) -> bool:
 class TrainFunctions:
   """The jitted programs of training and the state's shardings."""
   create_state: Callable  # () -> initial TrainState, created directly in its shardings
-  abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore and AOT-compile target
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings: the AOT-compile target
   state_sharding: TrainState
   step_fn: Callable  # (state, step batch) -> (state, metrics): one optimizer step; state donated
-  state_from_params: Callable  # params (in the parameter shardings) -> a fresh TrainState at step 0
+  # (parameters without adapters, in their shardings) -> a fresh TrainState at step 0 around them
+  state_from_params: Callable
+
+  @property
+  def lora(self) -> bool:
+    return self.abstract_state.frozen is not None
+
+  @property
+  def abstract_base(self):
+    """The parameters without adapters (what init_from and convert_hf hold): the restore target."""
+    return self.abstract_state.frozen if self.lora else self.abstract_state.params
+
+
+def trainable(params, cfg: ModelConfig):
+  """(what the optimizer trains, what stays frozen or None): with LoRA the adapters and the base."""
+  if not cfg.lora_rank:
+    return params, None
+  base, adapters = lora.split(params)
+  return adapters, base
+
+
+def base_params(rt: Runtime):
+  """The weights LoRA adapts, in their shardings: config.train.init_from's, else the seed's initialisation
+  (what a LoRA run trained on: its checkpoints hold the adapters alone)."""
+  cfg, init_from = rt.config.model, rt.config.train.init_from
+  if init_from:
+    return checkpoint.restore_params(init_from, trainable(rt.abstract_params, cfg)[1])
+  init = jax.jit(lambda rng: trainable(sharding.strip_boxes(rt.init_params(rng)), cfg)[1],
+                 out_shardings=trainable(rt.param_sharding, cfg)[1])
+  return init(rt.rng)
 
 
 def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
   """The train state's shardings (the optimizer state follows its parameters') and the programs."""
-  boxed_state = TrainState(params=rt.boxed_params, opt_state=jax.eval_shape(tx.init, rt.boxed_params))
+  cfg = rt.config.model
+  params, frozen = trainable(rt.boxed_params, cfg)
+  boxed_state = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed_state), rt.mesh)
 
   def init(rng):
-    params = rt.init_params(rng)
-    return sharding.strip_boxes(TrainState(params=params, opt_state=tx.init(params)))
+    params, frozen = trainable(rt.init_params(rng), cfg)
+    return sharding.strip_boxes(TrainState(params=params, opt_state=tx.init(params), frozen=frozen))
+
+  def around(base, rng):
+    if frozen is None:
+      return TrainState(params=base, opt_state=tx.init(base))
+    adapters = sharding.strip_boxes(trainable(rt.init_params(rng), cfg)[0])  # the seed's, as in init
+    return TrainState(params=adapters, opt_state=tx.init(adapters), frozen=base)
 
   create = jax.jit(init, out_shardings=state_sharding)
+  base_sharding = state_sharding.params if frozen is None else state_sharding.frozen
+  from_params = jax.jit(around, in_shardings=(base_sharding, None), out_shardings=state_sharding)
   local_axis = "data" if local_accumulation(rt) else None
   replicated = sharding.replicated(rt.mesh)
   return TrainFunctions(
@@ -121,6 +160,5 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
                                         accumulation_steps=rt.plan.accumulation_steps, local_axis=local_axis),
                       in_shardings=(state_sharding, sharding.step_batch_sharding(rt.mesh)),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
-      state_from_params=jax.jit(lambda p: TrainState(params=p, opt_state=tx.init(p)),
-                                in_shardings=(state_sharding.params,), out_shardings=state_sharding),
+      state_from_params=lambda base: from_params(base, rt.rng),
   )

@@ -2,6 +2,7 @@
 
 `generate` is one jitted program: a prefill of the prompt, then a `while_loop` that feeds one token at a
 time through the cache until every row has produced end-of-sequence or `max_new_tokens` tokens.
+`generate_sliding` goes on past model.max_seq_len, each further token from the last max_seq_len tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.model import Decoder, KVCache
 
@@ -88,3 +90,46 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
 
   carry = (jnp.int32(0), logits_BxV, cache, out_BxT, done_B, rng)
   return jax.lax.while_loop(cond, body, carry)[3]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "num_ids"))
+def _window_next(params, window_BxL: jax.Array, rng: jax.Array, *, model: Decoder, sampling: SamplingConfig,
+                 num_ids: int) -> jax.Array:
+  """The next token of each row from a full forward pass over its window (positions from 0, no cache)."""
+  ones_BxL = jnp.ones_like(window_BxL)
+  positions_BxL = jnp.cumsum(ones_BxL, axis=1) - 1
+  logits_BxV = model.apply({"params": params}, window_BxL, ones_BxL, positions_BxL)[:, -1]
+  if num_ids:
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < num_ids, logits_BxV, -jnp.inf)
+  return next_token(logits_BxV, rng, sampling)
+
+
+def generate_sliding(params, prompt_BxP, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
+                     sampling: SamplingConfig, eos_id: int, num_ids: int = 0) -> tuple[np.ndarray, int]:
+  """(new tokens [B, max_new_tokens], how many of them saw a slid context): `generate` while the prompt and
+  the new tokens fit model.max_seq_len; past it, the context slides: each further token comes from the last
+  max_seq_len tokens (nanoGPT's crop; positions renumbered from 0), one forward pass over them per token.
+  A prompt longer than max_seq_len is cropped to its last max_seq_len tokens."""
+  length = model.cfg.max_seq_len
+  prompt_BxP = np.asarray(prompt_BxP)
+  B, P = prompt_BxP.shape
+  cached = min(max_new_tokens, length - P) if P < length else 0
+  rng, first = jax.random.split(rng)
+  tokens_BxT = prompt_BxP
+  if cached:
+    new_BxT = np.asarray(generate(params, prompt_BxP, first, model=model, max_new_tokens=cached,
+                                  sampling=sampling, eos_id=eos_id, num_ids=num_ids))
+    tokens_BxT = np.concatenate([prompt_BxP, new_BxT], axis=1)
+  done_B = np.any(tokens_BxT[:, P:] == eos_id, axis=1)
+  slid = 0
+  while tokens_BxT.shape[1] - P < max_new_tokens and not done_B.all():
+    rng, step = jax.random.split(rng)
+    token_B = np.asarray(_window_next(params, tokens_BxT[:, -length:], step, model=model, sampling=sampling,
+                                      num_ids=num_ids))
+    token_B = np.where(done_B, eos_id, token_B)
+    done_B |= token_B == eos_id
+    tokens_BxT = np.concatenate([tokens_BxT, token_B[:, None]], axis=1)
+    slid += 1
+  new_BxT = tokens_BxT[:, P:]
+  pad = np.full((B, max_new_tokens - new_BxT.shape[1]), eos_id, new_BxT.dtype)
+  return np.concatenate([new_BxT, pad], axis=1), slid

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lm import (checkpoint, console, corpus, data, distributed, errors, evaluate, lease, metrics, profiler,
-                runtime, sharding)
+from lm import (checkpoint, console, corpus, data, distributed, errors, evaluate, lease, lora, metrics,
+                profiler, runtime, sharding)
 from lm.config import Config, ConfigError, profile_step_range, to_dict
 from lm.errors import TrainingError
 from lm.model import param_count
@@ -103,7 +103,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
 
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_train_steps))
-    state, progress = _initial_state(fns, manager, latest_step, t.init_from)
+    state, progress = _initial_state(rt, fns, manager, latest_step, t.init_from)
     if latest_step is not None:
       latest_step = int(state.step)  # an older one when the newest could not be restored
     if saved is not None and saved.get("global_batch_sequences") != rt.plan.global_sequences:
@@ -121,7 +121,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
                                                   else "fresh start") + ")"),
         *([("Initialised from", t.init_from if latest_step is None else f"{t.init_from} (not used: resumed)")]
           if t.init_from else []),
-        ("Checkpoint disk", checkpoint.checkpoint_disk(fns.abstract_state, checkpoint_dir, t.max_to_keep)),
+        ("Checkpoint disk", checkpoint.checkpoint_disk(fns.abstract_state.saved(), checkpoint_dir, t.max_to_keep)),
     ])
     try:
       return loop(run, state)
@@ -140,6 +140,12 @@ def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str
   if step == t.num_train_steps:
     console.logger.info("%s holds step %d = config.train.num_train_steps: the run is complete, nothing to "
                         "train. Raise num_train_steps to continue it.", checkpoint_dir, step)
+  base = saved.get("train", {}).get("init_from", "")
+  if config.model.lora_rank and base != t.init_from:
+    raise ConfigError(
+        f"{checkpoint_dir} holds LoRA adapters (step {step}) of the base config.train.init_from = {base!r}; "
+        f"this run names {t.init_from!r}. Adapters only mean something on the weights they were trained on: "
+        "give the same init_from, or use a new --workdir.")
   changes = checkpoint.data_changes(saved, to_dict(config))
   if changes and not t.allow_data_change:
     raise ConfigError(
@@ -151,15 +157,16 @@ def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str
                            "; ".join(changes))
 
 
-def _initial_state(fns: runtime.TrainFunctions, manager: ocp.CheckpointManager, latest_step: int | None,
-                   init_from: str) -> tuple[TrainState, dict]:
+def _initial_state(rt: runtime.Runtime, fns: runtime.TrainFunctions, manager: ocp.CheckpointManager,
+                   latest_step: int | None, init_from: str) -> tuple[TrainState, dict]:
   """(state, progress): the newest checkpoint that restores (an unreadable newer one is skipped with a
   warning); else parameters from `init_from` with a fresh optimizer; else new."""
   if latest_step is not None:
-    _, state, progress = checkpoint.restore_newest(manager, latest_step, fns.abstract_state)
-    return state, progress
+    _, saved, progress = checkpoint.restore_newest(manager, latest_step, fns.abstract_state.saved())
+    # LoRA: the checkpoint holds the adapters; the base they adapt is init_from's (or the seed's) again.
+    return TrainState(**saved, frozen=runtime.base_params(rt) if fns.lora else None), progress
   if init_from:
-    return fns.state_from_params(checkpoint.restore_params(init_from, fns.abstract_state.params)), {}
+    return fns.state_from_params(checkpoint.restore_params(init_from, fns.abstract_base)), {}
   return fns.create_state(), {}
 
 
@@ -171,6 +178,7 @@ def _startup_lines(run: Run, tokenizer, prepared: dict) -> list[tuple[str, str]]
   several = jax.process_count() > 1
   return [
       ("Model", f"{config.model.name}, {param_count(config.model):,} parameters"),
+      *([("LoRA", _lora_line(config, rt))] if config.model.lora_rank else []),
       ("Devices", f"{rt.mesh.devices.size} x {device.device_kind} ({device.platform}), "
                   f"{jax.process_count()} process(es)"),
       ("Mesh", sharding.describe(rt.mesh, config.mesh)),
@@ -190,6 +198,14 @@ def _startup_lines(run: Run, tokenizer, prepared: dict) -> list[tuple[str, str]]
                           f"scores {flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output "
                           f"{flops.output:.4g})"),
   ]
+
+
+def _lora_line(config: Config, rt: runtime.Runtime) -> str:
+  m = config.model
+  adapters = lora.count(sharding.strip_boxes(rt.boxed_params))
+  return (f"rank {m.lora_rank}, alpha {m.lora_alpha:g} on {m.lora_targets}: {adapters:,} adapter parameters "
+          f"trained ({adapters / param_count(m):.3%} of the model), the base frozen "
+          f"({config.train.init_from or 'the seed initialisation: no config.train.init_from'})")
 
 
 def _gradient_sum(rt: runtime.Runtime) -> str:
@@ -261,9 +277,9 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
       # Eval and the checkpoint's copy to host are not training: keep their time out of the step time.
       paused = time.perf_counter()
       if evaluate_now:
-        logger.eval(done, evaluate.evaluate(run.eval_fn, state.params, run.eval_batches, rt.mesh))
+        logger.eval(done, evaluate.evaluate(run.eval_fn, state.model_params, run.eval_batches, rt.mesh))
       if save_now:
-        checkpoint.save(run.manager, done, state, run.run_description, logger.progress())
+        checkpoint.save(run.manager, done, state.saved(), run.run_description, logger.progress())
       logger.timer.pause(time.perf_counter() - paused)
     if preempted:
       checkpoint.seal(run.manager)

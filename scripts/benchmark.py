@@ -195,13 +195,13 @@ def host_loop_programs(rt: runtime.Runtime, tx) -> tuple[Callable, Callable]:
   (state, figures): the gradient of one micro-batch added to MultiSteps' accumulator; and the last one's
   gradient handed to MultiSteps at its last mini-step, which adds it, updates and restarts."""
   def accumulate(state, micro, scale):
-    grads, figures = train_step.gradient(rt.model, state.params, micro, scale)
+    grads, figures = train_step.gradient(rt.model, state.params, None, micro, scale)
     acc = jax.tree.map(lambda g, a: (g + a).astype(a.dtype), grads, state.opt_state.acc_grads)
     opt_state = state.opt_state._replace(mini_step=state.opt_state.mini_step + 1, acc_grads=acc)
     return state.replace(opt_state=opt_state), figures
 
   def update(state, micro, scale):
-    grads, figures = train_step.gradient(rt.model, state.params, micro, scale)
+    grads, figures = train_step.gradient(rt.model, state.params, None, micro, scale)
     last = state.opt_state._replace(mini_step=jnp.asarray(rt.plan.accumulation_steps - 1, jnp.int32))
     updates, opt_state = tx.update(grads, last, state.params)
     return train_step.TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state), figures

@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
-from lm import checkpoint, hf  # noqa: E402
+from lm import checkpoint, hf, lora  # noqa: E402
 from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_dict  # noqa: E402
 from lm.model import Decoder  # noqa: E402
 
@@ -136,10 +136,13 @@ def tokenizer_overrides(out: str, copied: list[str]) -> str:
 def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32",
               max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ModelConfig:
   """Parameters (an import, or a run's checkpoints) -> Hugging Face directory `out`."""
-  params, model = checkpoint.load_params_on_host(path, step)
+  params, model = checkpoint.load_params_on_host(path, step, adapters=True)
   defaults = from_config_dict(base.get_config()).model
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   cfg = dataclasses.replace(defaults, **{k: v for k, v in model.items() if k in known})
+  if cfg.lora_rank:  # a LoRA run: its adapters, merged into the weights of the base they adapt
+    params = jax.device_get(lora.fold(lora.merge(lora_base(cfg, run_config(path, step)), params), cfg))
+    cfg = dataclasses.replace(cfg, lora_rank=0)
   config = hf.hf_config(cfg, dtype)
   os.makedirs(out, exist_ok=True)
   hf.write_tensors(out, hf.to_hf(params, cfg, EXPORT_DTYPES[dtype]), max_shard_bytes)
@@ -150,6 +153,16 @@ def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float3
   print(f"Copied {', '.join(copied)} ({origin}) to {out}" if copied else
         f"No tokenizer files written to {out}: {origin}.")
   return cfg
+
+
+def lora_base(cfg: ModelConfig, run: dict) -> dict:
+  """On the host, the weights a LoRA run adapted: its train.init_from's, else its seed's initialisation."""
+  init_from = run["train"]["init_from"]
+  if init_from:
+    return checkpoint.load_params_on_host(init_from)[0]
+  tokens = np.zeros((1, 1), np.int32)
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(run["train"]["seed"]), tokens, tokens + 1, tokens)["params"])
+  return lora.split(params)[0]
 
 
 def export_tokenizer_sources(path: str, step: int | None) -> tuple[dict[str, epath.Path], str]:

@@ -3,7 +3,9 @@
   python scripts/sample.py --config=configs/default.py --workdir=runs/default --prompt="def main(" --max_tokens=64
 
 Greedy by default (--temperature=0); --temperature, --top_k, --top_p and --seed for sampling, --num_samples
-continuations of the prompt at once, --step for a checkpoint other than the latest. Uses the run's
+continuations of the prompt at once, --step for a checkpoint other than the latest. Past model.max_seq_len
+the context slides: each further token sees the last max_seq_len tokens (said in the output). A LoRA run's
+checkpoint is read onto its base (config.train.init_from). Uses the run's
 tokenizer (the one its config names, cached under config.data.data_dir) for the prompt and the output.
 """
 
@@ -51,19 +53,21 @@ def main(argv):
     head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as documents are framed in training
     prompt = [*head, *tokenizer.encode(_PROMPT.value)]
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else -1  # -1: no end, max_tokens each
-    if len(prompt) + _MAX_TOKENS.value > config.model.max_seq_len:
-      raise ConfigError(f"The prompt ({len(prompt)} tokens) + --max_tokens={_MAX_TOKENS.value} is over "
-                        f"config.model.max_seq_len = {config.model.max_seq_len}: shorten one of them.")
     step, params, mesh = evaluate.params_for_inference(config, _WORKDIR.value, step=_STEP.value)
     prompt_BxP = np.tile(np.asarray(prompt, np.int32), (_NUM_SAMPLES.value, 1))
     num_ids = tokenizer.vocab_size if tokenizer.vocab_size < config.model.vocab_size else 0
     # The mesh without the logical rules: the activation constraints would split the batch (a few samples)
     # over the data-parallel devices; the parameters keep the shardings they were restored into.
     with jax.set_mesh(mesh):
-      new_BxT = sampling.generate(params, prompt_BxP, jax.random.key(_SEED.value), model=Decoder(config.model),
-                                  max_new_tokens=_MAX_TOKENS.value, sampling=sampler,
-                                  eos_id=eos_id, num_ids=num_ids)
+      new_BxT, slid = sampling.generate_sliding(
+          params, prompt_BxP, jax.random.key(_SEED.value), model=Decoder(config.model),
+          max_new_tokens=_MAX_TOKENS.value, sampling=sampler, eos_id=eos_id, num_ids=num_ids)
     console.logger.info("Checkpoint step %d, %s", step, sampler)
+    if slid or len(prompt) > config.model.max_seq_len:
+      console.logger.info("Context slid: the prompt (%d tokens) and the new ones pass config.model.max_seq_len = "
+                          "%d, so %d new token(s) were drawn from the last %d tokens only (the earlier ones "
+                          "dropped, as nanoGPT's sampler crops).", len(prompt), config.model.max_seq_len, slid,
+                          config.model.max_seq_len)
     for row in np.asarray(new_BxT):
       ids = row.tolist()
       ids = ids[:ids.index(eos_id)] if eos_id in ids else ids

@@ -121,10 +121,14 @@ def test_sample_reproduces_the_repetitive_corpus(trained):
   root, command = trained
   args = [a for a in command[2:] if a.startswith(("--config", "--workdir"))]
   result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), *args,
-                           "--prompt=0123", "--max_tokens=40"], cwd=ROOT, env=MAIN_ENV,
+                           "--prompt=0123", "--max_tokens=80"], cwd=ROOT, env=MAIN_ENV,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith(TEXT[:44])
+  # 80 new tokens after the prompt's 4 and a BOS pass max_seq_len 64: the last 21 saw a slid context.
+  assert len(result.stdout.rstrip("\n")) == 84
+  assert "Context slid: the prompt (5 tokens) and the new ones pass config.model.max_seq_len = 64, so 21 new " \
+         "token(s) were drawn from the last 64 tokens only" in result.stderr
 
 
 def test_no_checkpoint_names_the_path(trained, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm.model import Decoder, KVCache
-from lm.sampling import SamplingConfig, generate, next_token
+from lm.sampling import SamplingConfig, generate, generate_sliding, next_token
 from tests.helpers import tiny_model
 
 
@@ -108,3 +108,23 @@ def test_prompt_and_length_over_the_model_length_is_an_error():
   with pytest.raises(ValueError, match="max_seq_len = 64"):
     generate(params, jnp.ones((1, 60), jnp.int32), jax.random.key(0), model=model, max_new_tokens=10,
              sampling=SamplingConfig(), eos_id=2)
+
+
+def test_past_the_model_length_the_context_slides_as_nanogpt_crops():
+  """Greedy: the tokens that fit come from the cache; each later one is the argmax of a full forward pass
+  over the last max_seq_len (64) tokens, positions from 0."""
+  model, params = _model_and_params()
+  prompt_BxP = np.asarray(jax.random.randint(jax.random.key(2), (2, 60), 3, 64))
+  new_BxT, slid = generate_sliding(params, prompt_BxP, jax.random.key(0), model=model, max_new_tokens=10,
+                                   sampling=SamplingConfig(), eos_id=-1)
+  assert new_BxT.shape == (2, 10) and slid == 6
+  cached = generate(params, jnp.asarray(prompt_BxP), jax.random.key(0), model=model, max_new_tokens=4,
+                    sampling=SamplingConfig(), eos_id=-1)
+  assert np.array_equal(new_BxT[:, :4], cached)
+  tokens = np.concatenate([prompt_BxP, new_BxT[:, :4]], axis=1)
+  forward = jax.jit(model.apply)
+  for i in range(4, 10):
+    window = jnp.asarray(tokens[:, -64:])
+    logits = forward({"params": params}, window, jnp.ones_like(window), jnp.broadcast_to(jnp.arange(64), window.shape))
+    tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits[:, -1], axis=-1))[:, None]], axis=1)
+  assert np.array_equal(new_BxT, tokens[:, 60:])

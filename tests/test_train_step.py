@@ -50,7 +50,7 @@ def multisteps_micro_step(state: TrainState, batch, scale, *, model, tx):
   """The specification of `train_step`: one micro-step as `optax.MultiSteps` defines it, the gradient of
   one micro-batch accumulated, and every k-th call the update. `train_step` must leave exactly the state
   and figures that k of these leave."""
-  grads, figures = gradient(model, state.params, batch, scale)
+  grads, figures = gradient(model, state.params, None, batch, scale)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(params=params, opt_state=opt_state), {
