@@ -79,6 +79,9 @@ def main(argv):
     if _MODE.value == "eval":
       evaluate.run(config, _WORKDIR.value, step=_STEP.value, follow=_FOLLOW.value,
                    follow_timeout=_FOLLOW_TIMEOUT.value)
+    elif config.grpo.enabled:
+      from lm import grpo
+      grpo.train_and_evaluate(config, _WORKDIR.value)
     else:
       train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:

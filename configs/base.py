@@ -109,6 +109,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_data = -1
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
+
+  # GRPO (lm/grpo.py): reinforcement learning from a verifiable reward instead of next-token training. Each
+  # optimizer step samples num_generations completions of each of its prompts (global batch sequences /
+  # num_generations prompts), rewards them, normalises the rewards within each prompt's group, and takes
+  # the clipped policy-gradient step with a KL penalty to the reference (the starting) model.
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.enabled = False
+  c.grpo.num_generations = 4  # completions per prompt (>= 2)
+  c.grpo.beta = 0.04  # weight of the KL penalty to the reference model
+  c.grpo.epsilon = 0.2  # clip of the probability ratio
+  c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len)
+  c.grpo.temperature = 1.0  # sampling temperature of the completions
+  c.grpo.task = "lm.rewards.arithmetic"  # prompts and answers: module.function(seed, split, indices, cfg)
+  c.grpo.max_operand = 99  # the arithmetic task's operands: 0 to max_operand
+  c.grpo.rewards = "lm.rewards.exact_answer,lm.rewards.answer_format"  # summed; module.function each
+  c.grpo.eval_prompts = 64  # held-out prompts scored (greedy) at every eval
+
   return c
 
 

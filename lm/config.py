@@ -124,11 +124,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  enabled: bool
+  num_generations: int
+  beta: float
+  epsilon: float
+  max_completion_tokens: int
+  temperature: float
+  task: str
+  max_operand: int
+  rewards: str
+  eval_prompts: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig
   data: DataConfig
   train: TrainConfig
   mesh: MeshConfig
+  grpo: GRPOConfig
 
 
 MODEL_NAMES = ("llama", "qwen3", "gemma3")
@@ -341,6 +356,8 @@ def validate(config: Config) -> None:
            f"config.train.wandb_project = {t.wandb_project!r}: a Weights & Biases project name has at most "
            "128 characters and none of / \\ # ? % : (the entity comes from `wandb login` or WANDB_ENTITY).")
   profile_step_range(t.profile_steps)
+  if config.grpo.enabled:
+    validate_grpo(config.grpo)
 
   sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
   _require(all(v == -1 or v > 0 for v in sizes.values()) and list(sizes.values()).count(-1) <= 1,
@@ -350,6 +367,19 @@ def validate(config: Config) -> None:
   _require(all(v == -1 or v > 0 for v in hosts.values()) and list(hosts.values()).count(-1) <= 1,
            f"config.mesh = {hosts}: each must be a positive number of processes, and at most one may be -1 "
            "(all remaining processes).")
+
+
+def validate_grpo(g: GRPOConfig) -> None:
+  _require(g.num_generations >= 2,
+           f"config.grpo.num_generations = {g.num_generations}: GRPO normalises each completion's reward within "
+           "the group of completions of its prompt, which needs at least 2 (4-16 are usual).")
+  _require(g.beta >= 0.0, f"config.grpo.beta = {g.beta} must be >= 0 (0 = no KL penalty).")
+  _require(0.0 < g.epsilon < 1.0, f"config.grpo.epsilon = {g.epsilon} must be in (0, 1) (the ratio's clip).")
+  _require(g.temperature > 0.0, f"config.grpo.temperature = {g.temperature} must be > 0: GRPO needs the "
+                                "completions of a prompt to differ (sampling, not greedy decoding).")
+  _positive("grpo", g, "max_completion_tokens", "max_operand", "eval_prompts")
+  _require(bool(g.rewards.strip()), "config.grpo.rewards is empty; name at least one reward function "
+                                    "(module.function, comma-separated), e.g. lm.rewards.exact_answer.")
 
 
 def to_dict(config: Config) -> dict:

@@ -362,6 +362,14 @@ class MetricsLogger:
     self.last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
     console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
 
+  def eval_scalars(self, step: int, result: dict[str, float]) -> None:
+    """Eval figures other than the language model's loss (GRPO's held-out rewards)."""
+    for _, writer in self._writers:
+      writer.write_scalars(step, result)
+    self._jsonl.write("eval", step, result)
+    self.last.update({f"eval_{k}": v for k, v in result.items()})
+    console.logger.info(">>> eval  step %d: %s <<<", step, " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
   def close(self) -> None:
     for writer in (w for pair in self._writers for w in pair):
       writer.flush()

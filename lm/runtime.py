@@ -20,7 +20,7 @@ from flax import linen as nn
 from lm import attention, checkpoint, data, lora, sharding
 from lm.config import Config, ModelConfig
 from lm.model import Decoder
-from lm.train_step import TrainState, eval_step, train_step
+from lm.train_step import TrainState, eval_step, token_losses, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +130,9 @@ def base_params(rt: Runtime):
   return init(rt.rng)
 
 
-def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
-  """The train state's shardings (the optimizer state follows its parameters') and the programs."""
+def train_functions(rt: Runtime, tx: optax.MultiSteps, losses: Callable = token_losses) -> TrainFunctions:
+  """The train state's shardings (the optimizer state follows its parameters') and the programs; `losses`
+  is the step's loss (`lm.train_step.train_step`): the language model's, or GRPO's."""
   cfg = rt.config.model
   params, frozen = trainable(rt.boxed_params, cfg)
   boxed_state = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
@@ -157,7 +158,8 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps) -> TrainFunctions:
       abstract_state=checkpoint.abstract_like(sharding.strip_boxes(boxed_state), state_sharding),
       state_sharding=state_sharding,
       step_fn=jax.jit(functools.partial(train_step, model=rt.model, tx=tx,
-                                        accumulation_steps=rt.plan.accumulation_steps, local_axis=local_axis),
+                                        accumulation_steps=rt.plan.accumulation_steps, local_axis=local_axis,
+                                        losses=losses),
                       in_shardings=(state_sharding, sharding.step_batch_sharding(rt.mesh)),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
       state_from_params=lambda base: from_params(base, rt.rng),

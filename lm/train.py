@@ -90,7 +90,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
   checkpoint.check_same_step(manager)
   latest_step, saved = checkpoint.check_compatible(manager, to_dict(config))
   if latest_step is not None:
-    _check_resumable(config, latest_step, saved, checkpoint_dir)
+    check_resumable(config, latest_step, saved, checkpoint_dir)
   if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
     _, init_model = checkpoint.params_location(t.init_from)
     checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
@@ -103,7 +103,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
 
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_train_steps))
-    state, progress = _initial_state(rt, fns, manager, latest_step, t.init_from)
+    state, progress = initial_state(rt, fns, manager, latest_step, t.init_from)
     if latest_step is not None:
       latest_step = int(state.step)  # an older one when the newest could not be restored
     if saved is not None and saved.get("global_batch_sequences") != rt.plan.global_sequences:
@@ -129,7 +129,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
       checkpoint.finish_saves(manager)
 
 
-def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str) -> None:
+def check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str) -> None:
   """A resume that would train on other tokens than the checkpoint's run, or that cannot train at all,
   stops with the reason (or, with train.allow_data_change, warns)."""
   t = config.train
@@ -157,7 +157,7 @@ def _check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str
                            "; ".join(changes))
 
 
-def _initial_state(rt: runtime.Runtime, fns: runtime.TrainFunctions, manager: ocp.CheckpointManager,
+def initial_state(rt: runtime.Runtime, fns: runtime.TrainFunctions, manager: ocp.CheckpointManager,
                    latest_step: int | None, init_from: str) -> tuple[TrainState, dict]:
   """(state, progress): the newest checkpoint that restores (an unreadable newer one is skipped with a
   warning); else parameters from `init_from` with a fresh optimizer; else new."""
@@ -298,12 +298,12 @@ def _record(run: Run, logger: metrics.MetricsLogger, step: int, figures: dict) -
   loss_sum, tokens = metrics.sum_losses(fetched)
   scalars = {"loss": loss_sum / max(tokens, 1), "grad_norm": float(fetched["grad_norm"]),
              "skipped_updates": int(fetched["skipped_updates"])}
-  _check_finite(run.config.train.skip_nonfinite_updates, step, scalars)
+  check_finite(run.config.train.skip_nonfinite_updates, step, scalars)
   scalars["learning_rate"] = float(run.lr_schedule(step - 1, xp=np))
   logger.train_step(step, scalars)
 
 
-def _check_finite(skip_nonfinite_updates: bool, step: int, scalars: dict[str, float]) -> None:
+def check_finite(skip_nonfinite_updates: bool, step: int, scalars: dict[str, float]) -> None:
   """Stops at a NaN/Inf loss or gradient, unless such updates are skipped (and then counted)."""
   bad = [name for name in ("loss", "grad_norm") if not math.isfinite(scalars[name])]
   if not bad:

@@ -14,14 +14,14 @@ from lm import config as lm_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "docs", "configuration.md")
 GUIDE = os.path.join(ROOT, "docs", "gradient_accumulation.md")
-SECTIONS = ("model", "data", "train", "mesh")
+SECTIONS = ("model", "data", "train", "mesh", "grpo")
 
 # `section.key` anywhere in the text, also inside `--config.section.key=...`. Not mentions: a path such as
 # lm/train.py (the slash), a module path such as lm.train.evaluate (the dot), a bare file name such as
 # train.py (the key "py").
-MENTION = re.compile(r"(?:(?<=config\.)|(?<![\w/.]))(model|data|train|mesh)\.([A-Za-z_]\w*)")
+MENTION = re.compile(r"(?:(?<=config\.)|(?<![\w/.]))(model|data|train|mesh|grpo)\.([A-Za-z_]\w*)")
 # A table row of the reference: | `section.key` | type | `default` | allowed | what it does |
-ROW = re.compile(r"^\|\s*`(model|data|train|mesh)\.(\w+)`\s*\|(.*)\|\s*$")
+ROW = re.compile(r"^\|\s*`(model|data|train|mesh|grpo)\.(\w+)`\s*\|(.*)\|\s*$")
 HEADING = re.compile(r"^##\s+(\S+)\s*$")
 
 CHOICES = {

@@ -1,0 +1,342 @@
+"""GRPO (Shao et al., 2024): `main.py` with config.grpo.enabled trains a policy on verifiable rewards.
+
+Each optimizer step:
+1. takes its prompts (global batch sequences / num_generations of them, fixed by the seed and the step),
+2. samples num_generations completions of each with the KV-cache sampler (`lm.sampling.generate`),
+3. rewards each completion (the config's reward functions, summed) and normalises the rewards within each
+   prompt's group: advantage = (reward - group mean) / (group std + 1e-4),
+4. takes one optimizer step on the clipped policy-gradient loss with a KL penalty to the reference model,
+   per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta KL, where ratio is
+   the policy's probability of the token over the sampling policy's and KL the k3 estimator
+   exp(ref - logp) - (ref - logp) - 1 (TRL's and Tunix's). The loss is the mean over every completion token
+   of the step, summed over micro-batches and devices exactly as pre-training sums its tokens
+   (`lm.train_step.train_step` with this module's `policy_losses`).
+
+The reference model is the one the run starts from: with LoRA the base alone (the adapters at zero: no
+copy of the weights), else a copy of the starting parameters. One update per batch of completions (TRL's
+and Tunix's default), so the ratio is 1 up to the rounding between the sampling and the update programs;
+the clip matters once a batch is reused, which this trainer does not do yet.
+
+Limits: one process (the sampler runs on this process's devices); every prompt of a task has one length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm import (checkpoint, console, corpus, data, lease, lora, metrics, runtime, sampling, sharding, train)
+from lm.config import Config, ConfigError, GRPOConfig, to_dict
+from lm.errors import TrainingError
+from lm.model import Decoder
+from lm.optimizer import learning_rate_schedule, make_optimizer
+
+
+def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float) -> dict:
+  """Per completion: the clipped policy-gradient loss with the KL penalty summed over its tokens, their
+  count, the KL sum and the number of tokens whose objective was clipped."""
+  tokens_BxL = batch["tokens"]
+  logits_BxLxV = model.apply({"params": params}, tokens_BxL, batch["segment_ids"], batch["positions"])
+  logp_BxL = -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                              data.targets(tokens_BxL))
+  mask_BxL = batch["mask"]
+  ratio_BxL = jnp.exp(logp_BxL - batch["old_logprobs"])
+  advantage_Bx1 = batch["advantages"][:, None]
+  unclipped, clipped = ratio_BxL * advantage_Bx1, jnp.clip(ratio_BxL, 1 - epsilon, 1 + epsilon) * advantage_Bx1
+  log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
+  kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
+  per_token_BxL = -jnp.minimum(unclipped, clipped) + beta * kl_BxL
+
+  def total(x_BxL):
+    return jnp.sum(jnp.where(mask_BxL, x_BxL, 0), axis=-1)
+  return {"sequence_loss": total(per_token_BxL), "sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
+          "sequence_kl": total(kl_BxL), "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
+
+
+def token_logprobs(model: Decoder, params, batch) -> jax.Array:
+  """log p(next token) at every position [B, L], float32."""
+  logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                          data.targets(batch["tokens"]))
+
+
+def load_function(name: str, key: str) -> Callable:
+  """`module.function` of config.grpo.<key>, imported; a clear error when it cannot be."""
+  module, _, attribute = name.strip().rpartition(".")
+  try:
+    function = getattr(importlib.import_module(module), attribute)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ConfigError(f"config.grpo.{key}: {name!r} cannot be imported ({type(e).__name__}: {e}). Name a "
+                      "function as module.function, importable from the working directory (e.g. "
+                      "lm.rewards.exact_answer).") from e
+  if not callable(function):
+    raise ConfigError(f"config.grpo.{key}: {name!r} is not a function.")
+  return function
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Prompts, answers and rewards of a GRPO run, as token ids."""
+  cfg: GRPOConfig
+  seed: int
+  tokenizer: object
+  problems: Callable  # (seed, split, indices, cfg) -> (prompts, answers)
+  rewards: dict[str, Callable]  # name -> reward(completions, answers)
+
+  def prompts(self, split: str, indices) -> tuple[np.ndarray, list[str]]:
+    """([len(indices), prompt tokens] int32 with the tokenizer's BOS, answers)."""
+    texts, answers = self.problems(self.seed, split, indices, self.cfg)
+    head = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+    ids = [head + self.tokenizer.encode(t) for t in texts]
+    if len({len(i) for i in ids}) != 1:
+      raise ConfigError(f"config.grpo.task = {self.cfg.task!r} gave prompts of different lengths in tokens "
+                        f"({sorted({len(i) for i in ids})}); the sampler decodes a batch in step, so a task's "
+                        "prompts must have one length (pad them in the task).")
+    return np.asarray(ids, np.int32), answers
+
+  def score(self, completions: list[str], answers: list[str]) -> dict[str, np.ndarray]:
+    """Each reward function's rewards, checked: one finite float per completion."""
+    scores = {}
+    for name, reward in self.rewards.items():
+      try:
+        values = np.asarray(reward(completions, answers), np.float64)
+      except (TypeError, ValueError) as e:
+        raise TrainingError(f"config.grpo.rewards: {name} did not return numbers ({e}).") from e
+      if values.shape != (len(completions),) or not np.all(np.isfinite(values)):
+        raise TrainingError(f"config.grpo.rewards: {name} returned {values.shape} values for "
+                            f"{len(completions)} completions (or a non-finite one); a reward function returns one "
+                            "finite float per completion.")
+      scores[name] = values
+    return scores
+
+
+def make_task(config: Config, tokenizer) -> Task:
+  """The config's task and rewards, imported and tried on two problems (errors at startup, not mid-run)."""
+  g = config.grpo
+  task = Task(g, config.train.seed, tokenizer, load_function(g.task, "task"),
+              {name.strip(): load_function(name, "rewards") for name in g.rewards.split(",") if name.strip()})
+  prompts, answers = task.prompts("train", [0, 1])
+  try:
+    task.score(answers, answers)
+  except TrainingError as e:
+    raise ConfigError(str(e)) from e
+  if prompts.shape[1] + g.max_completion_tokens > config.train.seq_len:
+    raise ConfigError(f"The prompts ({prompts.shape[1]} tokens) + config.grpo.max_completion_tokens = "
+                      f"{g.max_completion_tokens} are longer than config.train.seq_len = {config.train.seq_len}: "
+                      "raise train.seq_len or lower max_completion_tokens.")
+  return task
+
+
+def completions_of(new_BxT: np.ndarray, eos_id: int) -> tuple[list[list[int]], np.ndarray]:
+  """(each row's completion: its tokens up to and with its first end-of-sequence, their count)."""
+  rows = []
+  for row in new_BxT.tolist():
+    rows.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+  return rows, np.asarray([len(r) for r in rows])
+
+
+def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
+  """(reward - its group's mean) / (the group's standard deviation + 1e-4), groups of `group` rows."""
+  by_group = rewards.reshape(-1, group)
+  return ((by_group - by_group.mean(1, keepdims=True)) / (by_group.std(1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+def assemble(prompts_BxP: np.ndarray, completions: list[list[int]], seq_len: int) -> dict[str, np.ndarray]:
+  """Rows prompt + completion padded to seq_len; `mask` marks the positions whose target is a completion
+  token (the loss and its token count)."""
+  B, P = prompts_BxP.shape
+  tokens = np.zeros((B, seq_len), np.int32)
+  mask = np.zeros((B, seq_len), np.bool_)
+  segment_ids = np.zeros((B, seq_len), np.int32)
+  for i, completion in enumerate(completions):
+    n = len(completion)
+    tokens[i, :P], tokens[i, P:P + n] = prompts_BxP[i], completion
+    segment_ids[i, :P + n] = 1
+    mask[i, P - 1:P - 1 + n] = True
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy()
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """One step's completions: the step's batch (rows prompt + completion, advantages, log-probabilities of
+  the sampling policy and the reference) and what the log reports of them."""
+  batch: dict[str, np.ndarray]
+  rewards: dict[str, np.ndarray]  # per reward function, per row
+  lengths: np.ndarray  # completion tokens per row
+  seconds: float
+
+
+class Sampler:
+  """Completions of the step's prompts (and greedy ones of held-out prompts) with the KV cache."""
+
+  def __init__(self, rt: runtime.Runtime, task: Task):
+    self.rt, self.task, self.g = rt, task, rt.config.grpo
+    tokenizer = task.tokenizer
+    self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else -1
+    self.num_ids = tokenizer.vocab_size if tokenizer.vocab_size < rt.config.model.vocab_size else 0
+    rows = sharding.batch_sharding(rt.mesh)
+    self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
+                             out_shardings=rows)
+
+  def _generate(self, params, prompts_BxP, rng, temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
+    with jax.set_mesh(self.rt.mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
+      new_BxT = np.asarray(sampling.generate(
+          params, prompts_BxP, rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
+          sampling=sampling.SamplingConfig(temperature=temperature), eos_id=self.eos_id, num_ids=self.num_ids))
+    completions, lengths = completions_of(new_BxT, self.eos_id)
+    texts = [self.task.tokenizer.decode([t for t in c if t != self.eos_id]) for c in completions]
+    return completions, texts, lengths
+
+  def rollout(self, state, reference, step: int) -> Rollout:
+    """The completions of optimizer step `step` (from 0): its prompts depend on the seed and the step, the
+    sampling on the seed, the step and the policy."""
+    started, plan, group = time.perf_counter(), self.rt.plan, self.g.num_generations
+    count = plan.global_sequences // group
+    prompts, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
+    prompts_BxP = np.repeat(prompts, group, axis=0)
+    answers = [a for a in answers for _ in range(group)]
+    params = state.model_params
+    rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
+    completions, texts, lengths = self._generate(params, prompts_BxP, rng, self.g.temperature)
+    rewards = self.task.score(texts, answers)
+    batch = assemble(prompts_BxP, completions, plan.seq_len)
+    batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
+    if reference is None:  # LoRA: the reference is the base, the adapters at zero
+      reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
+    for name, weights in (("old_logprobs", params), ("ref_logprobs", reference)):
+      batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
+                                    for micro in _micro(batch, plan.micro_rows)])
+    return Rollout(batch, rewards, lengths, time.perf_counter() - started)
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Mean rewards of greedy completions of the held-out prompts."""
+    prompts, answers = self.task.prompts("eval", range(self.g.eval_prompts))
+    _, texts, lengths = self._generate(state.model_params, prompts, jax.random.key(0), 0.0)
+    rewards = self.task.score(texts, answers)
+    return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(lengths.mean()),
+            **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}}
+
+
+def _micro(batch: dict[str, np.ndarray], rows: int):
+  """The micro-batches of the token arrays of a step's rows, in order."""
+  keys = ("tokens", "segment_ids", "positions")
+  for start in range(0, len(batch["tokens"]), rows):
+    yield {k: batch[k][start:start + rows] for k in keys}
+
+
+def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, float]:
+  """GRPO to config.train.num_train_steps (resuming from the latest checkpoint); returns the last figures."""
+  console.setup(is_main=jax.process_index() == 0)
+  if jax.process_count() > 1:
+    raise ConfigError("GRPO runs in one process for now (the sampler decodes on this process's devices); "
+                      "start it on one host.")
+  workdir = checkpoint.absolute(workdir)
+  checkpoint.check_writable(workdir, "--workdir")
+  with lease.Lease(workdir, enabled=True) as held:
+    return _train(config, workdir, devices, held)
+
+
+def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str, float]:
+  t, g = config.train, config.grpo
+  rt = runtime.setup(config, devices)
+  if rt.plan.global_sequences % g.num_generations:
+    raise ConfigError(f"The global batch of {rt.plan.global_sequences} sequences (micro_batch_size x "
+                      f"accumulation x {rt.plan.data_parallel} data-parallel devices) is not a multiple of "
+                      f"config.grpo.num_generations = {g.num_generations}: each prompt's completions form one "
+                      "group of a step. Change the batch or num_generations.")
+  checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
+  manager = checkpoint.make_manager(checkpoint_dir, t)
+  checkpoint.check_same_step(manager)
+  latest_step, saved = checkpoint.check_compatible(manager, to_dict(config))
+  if latest_step is not None:
+    train.check_resumable(config, latest_step, saved, checkpoint_dir)
+  sampler = Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size)))
+  losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon)
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)
+    state, progress = train.initial_state(rt, fns, manager, latest_step, t.init_from)
+    reference = None if fns.lora else _reference(fns, state, latest_step, t.init_from)
+  prompts = rt.plan.global_sequences // g.num_generations
+  console.block([
+      ("Mode", f"GRPO: {prompts} prompts x {g.num_generations} generations = {rt.plan.global_sequences} "
+               f"completions per optimizer step, at most {g.max_completion_tokens} tokens each, temperature "
+               f"{g.temperature:g}; beta {g.beta:g}, epsilon {g.epsilon:g}"),
+      ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy"),
+      ("Model", f"{config.model.name}" + (f", LoRA rank {config.model.lora_rank}" if fns.lora else
+                                          ", every parameter trained")),
+      *rt.plan.describe(),
+      ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {int(state.step)}" if latest_step is not None
+                                                else "fresh start") + ")"),
+  ])
+  logger = metrics.MetricsLogger(workdir, num_train_steps=t.num_train_steps, log_interval_steps=t.log_interval_steps,
+                                 throughput=_throughput(rt, t), start_step=int(state.step),
+                                 wandb_project=t.wandb_project, run_config=to_dict(config), progress=progress)
+  try:
+    held.confirm()
+    if latest_step is None:
+      logger.eval_scalars(0, sampler.evaluate(state))
+    return _loop(rt, fns, sampler, state, reference, manager, logger, held)
+  finally:
+    logger.close()
+    checkpoint.finish_saves(manager)
+
+
+def _reference(fns: runtime.TrainFunctions, state, latest_step: int | None, init_from: str):
+  """The parameters the run started from (the KL's reference), a copy of their own."""
+  if latest_step is None:
+    return jax.tree.map(jnp.copy, state.params)
+  if init_from:
+    return checkpoint.restore_params(init_from, fns.abstract_base)
+  return fns.create_state().params
+
+
+def _throughput(rt: runtime.Runtime, t) -> metrics.Throughput:
+  plan = rt.plan
+  flops = metrics.flops_per_token(rt.config.model, plan.seq_len).train * plan.tokens_per_step
+  return metrics.Throughput(plan.tokens_per_step, flops, rt.mesh.devices.size, t.peak_flops_per_device or 1e12)
+
+
+def _loop(rt, fns, sampler: Sampler, state, reference, manager, logger: metrics.MetricsLogger,
+          held: lease.Lease) -> dict[str, float]:
+  t = rt.config.train
+  schedule = learning_rate_schedule(t, t.num_train_steps)
+  for step in range(int(state.step), t.num_train_steps):
+    done = step + 1
+    held.check()
+    out = sampler.rollout(state, reference, step)
+    with sharding.activate(rt.mesh):
+      batch = sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh)
+      state, figures = fns.step_fn(state, batch)
+    scalars = _scalars(jax.device_get(figures), out, float(schedule(step, xp=np)))
+    train.check_finite(t.skip_nonfinite_updates, done, scalars)
+    logger.train_step(done, scalars)
+    if done % t.eval_interval_steps == 0 or done == t.num_train_steps:
+      logger.eval_scalars(done, sampler.evaluate(state))
+    if done % t.save_interval_steps == 0 or done == t.num_train_steps:
+      checkpoint.save(manager, done, state.saved(), to_dict(rt.config), logger.progress())
+  checkpoint.seal(manager)
+  manager.check_for_errors()
+  return {**logger.last, "step": int(state.step)}
+
+
+def _scalars(fetched: dict, out: Rollout, learning_rate: float) -> dict[str, float]:
+  """A step's figures: the loss (per completion token), the rewards, KL, clip fraction, lengths."""
+  loss_sum, tokens = metrics.sum_losses(fetched)
+  total = sum(out.rewards.values())
+  scalars = {"loss": loss_sum / max(tokens, 1), "grad_norm": float(fetched["grad_norm"]),
+             "skipped_updates": int(fetched["skipped_updates"]), "learning_rate": learning_rate,
+             "reward_mean": float(total.mean()), "reward_std": float(total.std()),
+             "kl": float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1),
+             "clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1),
+             "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
+             **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in out.rewards.items()}}
+  return scalars

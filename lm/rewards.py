@@ -1,0 +1,46 @@
+"""GRPO's prompts and rewards: tasks whose answers can be checked, and reward functions (config.grpo.task,
+config.grpo.rewards name them as `module.function`, so a user's own module plugs in the same way).
+
+A task is `task(seed, split, indices, cfg) -> (prompts, answers)`: the problems at those indices of the
+split ("train" or "eval", disjoint streams), lists of strings, the same for the same arguments. Every
+prompt of a task has the same length in tokens (the sampler decodes the rows of a batch in step).
+
+A reward function is `reward(completions, answers) -> sequence of floats`, one per completion: the text
+the model wrote after the prompt (up to its end-of-sequence), and the task's answer of its prompt. The
+rewards of all functions named are added.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from lm.config import GRPOConfig
+
+_SPLITS = {"train": 0, "eval": 1}
+
+
+def arithmetic(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+  """Additions of two integers in 0..max_operand, written with a fixed width ("07+45=") so that every
+  prompt has one length; the answer is the sum ("52"). Problem i of a split depends on (seed, split, i)
+  alone. Needs no network and no dataset."""
+  width = len(str(cfg.max_operand))
+  prompts, answers = [], []
+  for i in indices:
+    a, b = np.random.default_rng([seed, _SPLITS[split], int(i)]).integers(0, cfg.max_operand + 1, 2)
+    prompts.append(f"{a:0{width}d}+{b:0{width}d}=")
+    answers.append(str(a + b))
+  return prompts, answers
+
+
+def exact_answer(completions: list[str], answers: list[str]) -> list[float]:
+  """1 when the completion is the answer (surrounding white space ignored), else 0."""
+  return [float(c.strip() == a) for c, a in zip(completions, answers)]
+
+
+def answer_format(completions: list[str], answers: list[str]) -> list[float]:
+  """0.1 when the completion is a number alone (the answer's form), whatever its value: a small reward
+  that teaches the format before the answers are right."""
+  del answers
+  return [0.1 * bool(re.fullmatch(r"\s*-?\d+\s*", c)) for c in completions]

@@ -1,0 +1,108 @@
+"""GRPO: group advantages, the rows and their loss mask, the startup checks, and a short LoRA run through
+main.py's entry that logs every figure, saves the adapters and resumes."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import default
+from lm import checkpoint, grpo, lora, metrics, rewards
+from lm.config import ConfigError, from_config_dict
+from tests.helpers import apply_overrides
+from tests.test_train import TINY
+
+
+def test_advantages_are_normalised_within_each_group():
+  r = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+  a = grpo.advantages(r, 4)
+  assert np.allclose(a[:4], [1, -1, -1, 1], atol=1e-3) and np.array_equal(a[4:], np.zeros(4))
+
+
+def test_rows_mask_the_completion_targets_only():
+  batch = grpo.assemble(np.array([[1, 5, 6]], np.int32), [[7, 8, 2]], 8)
+  assert batch["tokens"].tolist() == [[1, 5, 6, 7, 8, 2, 0, 0]]
+  assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+  # Position t's target is token t + 1: positions 2, 3, 4 predict the completion 7, 8 and its end.
+  assert batch["mask"].tolist() == [[False, False, True, True, True, False, False, False]]
+  assert grpo.completions_of(np.array([[7, 8, 2, 2], [3, 3, 3, 3]]), 2) == ([[7, 8, 2], [3, 3, 3, 3]], pytest.approx([3, 4]))
+
+
+def test_arithmetic_prompts_are_fixed_by_seed_split_and_index():
+  cfg = from_config_dict(default.get_config()).grpo
+  prompts, answers = rewards.arithmetic(0, "train", [0, 1, 2], cfg)
+  assert prompts == rewards.arithmetic(0, "train", [0, 1, 2], cfg)[0] != rewards.arithmetic(0, "eval", [0, 1, 2], cfg)[0]
+  assert len({len(p) for p in prompts}) == 1 and all(p.endswith("=") for p in prompts)
+  a, b = prompts[0][:-1].split("+")
+  assert answers[0] == str(int(a) + int(b))
+  assert rewards.exact_answer([" 12", "13"], ["12", "12"]) == [1.0, 0.0]
+  assert rewards.answer_format(["12", "1 2"], ["", ""]) == [0.1, 0.0]
+
+
+def _config(tmp_path, **changes):
+  c = apply_overrides(default.get_config(), TINY)
+  c.mesh.data, c.mesh.fsdp = 2, 1
+  c.model.lora_rank = 4
+  c.train.micro_batch_size, c.train.gradient_accumulation_steps = 4, 2
+  c.train.num_train_steps, c.train.save_interval_steps, c.train.eval_interval_steps = 4, 2, 4
+  c.train.log_interval_steps, c.train.warmup_steps, c.train.peak_flops_per_device = 1, 0, 1e9
+  c.grpo.enabled, c.grpo.max_operand, c.grpo.max_completion_tokens, c.grpo.eval_prompts = True, 9, 4, 8
+  for key, value in changes.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def _bad_reward(completions, answers):
+  return [1.0]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"grpo.num_generations": 1}, "config.grpo.num_generations = 1: GRPO normalises each completion's reward"),
+    ({"grpo.rewards": "lm.rewards.no_such"}, "config.grpo.rewards: 'lm.rewards.no_such' cannot be imported"),
+    ({"grpo.rewards": "tests.test_grpo._bad_reward"}, "tests.test_grpo._bad_reward returned (1,) values for 2"),
+    ({"grpo.max_completion_tokens": 60}, "The prompts (5 tokens) + config.grpo.max_completion_tokens = 60 are "
+                                         "longer than config.train.seq_len = 64"),
+    ({"grpo.num_generations": 3}, "is not a multiple of config.grpo.num_generations = 3"),
+])
+def test_bad_grpo_settings_stop_at_startup(tmp_path, change, message):
+  with pytest.raises(ConfigError) as e:
+    grpo.train_and_evaluate(from_config_dict(_config(tmp_path, **change)), str(tmp_path / "run"),
+                            devices=jax.devices()[:2])
+  assert message in str(e.value)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "2")
+
+
+def _parity_reward(completions, answers):
+  """Rewards that differ within a group even for a random model (the answers it never gets right)."""
+  return [float(ord(c[0]) % 2) if c else 0.0 for c in completions]
+
+
+def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_path):
+  config = from_config_dict(_config(tmp_path, **{"grpo.rewards": "lm.rewards.exact_answer,tests.test_grpo._parity_reward"}))
+  workdir = str(tmp_path / "run")
+  grpo.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+  logged = metrics.read_jsonl(workdir)
+  assert sorted(logged) == [1, 2, 3, 4]
+  for figure in ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length",
+                 "reward/exact_answer", "reward/_parity_reward", "grad_norm"):
+    assert all(np.isfinite(row[figure]) for row in logged.values()), figure
+  assert logged[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+  assert logged[4]["kl"] > 0 and logged[1]["grad_norm"] > 0  # the adapters moved away from it
+  assert logged[1]["clip_fraction"] == 0.0  # one update per batch: the ratio is 1
+  assert sorted(metrics.read_jsonl(workdir, "eval")) == [0, 4]
+  saved = checkpoint.saved_tree(os.path.join(workdir, "checkpoints", "4", "state"))
+  assert all(p.endswith(lora.SUFFIXES) for p in traverse_util.flatten_dict(saved["params"], sep="/"))
+  # Resumed from step 2, steps 3 and 4 are the same to the bit: prompts, samples and updates depend on
+  # the seed, the step and the state alone.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  grpo.train_and_evaluate(config, resumed, devices=jax.devices()[:2])
+  again = metrics.read_jsonl(resumed)
+  assert sorted(again) == [3, 4]
+  assert all(again[s][k] == logged[s][k] for s in (3, 4) for k in ("loss", "reward_mean", "kl", "grad_norm"))
