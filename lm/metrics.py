@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import console
+from lm import console, lora
 from lm.config import Config, ConfigError, ModelConfig
 from lm.model import layer_pattern
 
@@ -51,14 +51,24 @@ class FlopsPerToken:
   attention_scores: int  # QK^T and the weighted sum of V, causal: half of the full square
   mlp: int
   output: int  # the vocabulary projection; the embedding lookup costs no FLOPs
+  adapters: int = 0  # LoRA's x A and (x A) B
+  frozen: bool = False  # LoRA: the weights get no gradient, only the adapters do
+  # LoRA: the first layer's query/key/value projections, whose input (the frozen embeddings) needs no gradient
+  first_projections: int = 0
 
   @property
   def forward(self) -> int:
-    return self.attention_projections + self.attention_scores + self.mlp + self.output
+    return self.attention_projections + self.attention_scores + self.mlp + self.output + self.adapters
 
   @property
   def train(self) -> int:
-    return 3 * self.forward
+    """Forward + backward: a trained weight's matmul costs 3x its forward (the input's gradient and the
+    weight's); a frozen one's 2x (the input's gradient alone), 1x where nothing before it is trained (the
+    first layer's query, key and value under LoRA); attention scores 3x (two input gradients)."""
+    if not self.frozen:
+      return 3 * self.forward
+    weights = self.attention_projections + self.mlp + self.output
+    return 2 * weights - self.first_projections + 3 * (self.attention_scores + self.adapters)
 
 
 def attended_keys(seq_len: int, window: int = 0) -> float:
@@ -81,7 +91,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
       attention_scores=round(4 * N * H * keys),
       mlp=cfg.num_layers * 2 * 3 * D * F,  # gated: gate, up and down matrices
       output=2 * D * cfg.vocab_size,
+      adapters=cfg.num_layers * 2 * cfg.lora_rank * sum(_lora_widths(cfg)),
+      frozen=cfg.lora_rank > 0,
+      first_projections=2 * D * (N + 2 * K) * H if cfg.lora_rank else 0,
   )
+
+
+def _lora_widths(cfg: ModelConfig) -> list[int]:
+  """Input + output width of each adapted projection: an adapter costs 2 x rank x that per token."""
+  D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  widths = {"q_proj": D + N * H, "k_proj": D + K * H, "v_proj": D + K * H, "o_proj": N * H + D,
+            "gate_proj": D + F, "up_proj": D + F, "down_proj": F + D}
+  return [widths[name] for name in lora.targets(cfg)]
 
 
 def xla_cost(compiled) -> dict[str, float]:

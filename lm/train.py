@@ -193,10 +193,12 @@ def _startup_lines(run: Run, tokenizer, prepared: dict) -> list[tuple[str, str]]
       *rt.plan.describe(),
       ("Gradient sum", _gradient_sum(rt)),
       ("Optimizer", f"{run.num_train_steps:,} steps, {t.optimizer}, peak learning rate {t.learning_rate:g}"),
-      ("FLOPs per token", f"{flops.train:.4g} model FLOPs in training = 3 x {flops.forward:.4g} forward "
+      ("FLOPs per token", f"{flops.train:.4g} model FLOPs in training = "
+                          + ("3 x " if not flops.frozen else "(LoRA: frozen weights 2x, adapters and scores 3x) ")
+                          + f"{flops.forward:.4g} forward "
                           f"(attention projections {flops.attention_projections:.4g}, attention "
                           f"scores {flops.attention_scores:.4g}, mlp {flops.mlp:.4g}, output "
-                          f"{flops.output:.4g})"),
+                          f"{flops.output:.4g}" + (f", adapters {flops.adapters:.4g}" if flops.adapters else "") + ")"),
   ]
 
 

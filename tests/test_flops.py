@@ -127,3 +127,13 @@ def test_sliding_window_layers_count_only_their_window():
   # Gated MLP: gate, up and down, 2 FLOPs per multiply-add; the rest does not depend on the window.
   assert flops.mlp == full_flops.mlp == 7 * 2 * 3 * full.d_model * full.mlp_dim
   assert flops.attention_projections == full_flops.attention_projections
+
+
+def test_lora_counts_no_weight_gradients_of_the_frozen_base():
+  """Under LoRA the base weights' gradients are never computed: a step is 2x their forward, not 3x."""
+  cfg = config(lora_rank=8)
+  tokens = cfg.train.micro_batch_size * SEQ_LEN
+  per_token = metrics.flops_per_token(cfg.model, SEQ_LEN)
+  assert per_token.frozen and per_token.adapters > 0
+  executed = (per_token.train + 3 * per_token.attention_scores) * tokens  # the masked half, as above
+  assert 1.0 <= metrics.xla_flops(compile_step(cfg)) / executed < 1.05
