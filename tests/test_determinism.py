@@ -89,6 +89,7 @@ def test_loss_reduction_is_exact_across_accumulation_and_devices(trained_splits)
     assert losses[1]["loss"] == reference, split
 
 
+@pytest.mark.slow  # ~40 s: three more trainings; the exact reduction across splits stays in the default suite
 def test_five_splits_log_the_same_losses_and_reach_the_same_params(trained_splits):
   """Across per-device batch sizes, XLA:CPU's row reductions (RMSNorm, softmax) may round differently
   (their vectorisation depends on the array shape), so the forward differs in the last bit: the losses

@@ -30,7 +30,7 @@ def _tokens():
   return jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 24)), jnp.int32)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_adapted_model_starts_as_its_base_and_folds_into_its_weights(scan_layers):
   cfg = tiny_model(lora_rank=4, lora_alpha=8.0, scan_layers=scan_layers)
   base_cfg = dataclasses.replace(cfg, lora_rank=0)

@@ -54,6 +54,7 @@ def test_prints_the_plan_for_the_devices_asked():
     assert field in out, (field, out)
 
 
+@pytest.mark.slow  # ~24 s: the search compiles several candidates
 def test_suggests_what_fits_when_the_memory_is_too_small(plan):
   config = small_config()
   full = plan.Estimator(jax.devices()[:8])(config)

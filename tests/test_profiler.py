@@ -30,6 +30,7 @@ def _session(workdir) -> str:
   return sessions[0]
 
 
+@pytest.mark.slow  # ~38 s: a main.py run with the profiler
 def test_profile_steps_trace_the_train_step(tmp_path, corpus):
   workdir = tmp_path / "run"
   result = run_main(workdir, tmp_path / "data", corpus, "--config.train.num_train_steps=4",
