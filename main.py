@@ -15,7 +15,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only reads data and wr
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import console, distributed
+from lm import config_file, console, distributed
 from lm.config import from_config_dict
 from lm.errors import ConfigError, Interrupted, TrainingError
 
@@ -96,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback

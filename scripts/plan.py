@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from lm import hlo, metrics, runtime, sharding, topology  # noqa: E402
+from lm import config_file, hlo, metrics, runtime, sharding, topology  # noqa: E402
 from lm.model import param_count  # noqa: E402
 from lm.config import Config, ConfigError, from_config_dict  # noqa: E402
 from lm.optimizer import make_optimizer  # noqa: E402
@@ -456,4 +456,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback

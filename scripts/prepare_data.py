@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from lm import console
+from lm import config_file, console
 from lm.config import Config, from_config_dict
 from lm.errors import ConfigError
 
@@ -128,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback

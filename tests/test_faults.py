@@ -465,14 +465,33 @@ def test_a_stale_lease_is_taken_over_and_released_at_the_end(tmp_path, holder):
 
 @pytest.mark.parametrize("command,message", [
     (["main.py", "--config=configs/default.py", "--workdir="], "--workdir is empty"),
+    (["main.py", "--config=configs/nope.py", "--workdir=runs/x"],
+     f"Configuration error: --config=configs/nope.py: {ROOT}/configs/nope.py does not exist"),
+    (["main.py", "--config={tmp}/syntax.py", "--workdir=runs/x"],
+     "Configuration error: --config={tmp}/syntax.py: {tmp}/syntax.py is not valid Python: line 3: invalid syntax"),
+    (["main.py", "--config={tmp}/no_get_config.py", "--workdir=runs/x"],
+     "Configuration error: --config={tmp}/no_get_config.py: {tmp}/no_get_config.py defines no get_config()"),
+    (["main.py", "--config=configs/default.py", "--workdir=runs/x", "--config.foo.bar=1"],
+     "Configuration error: --config.foo.bar: config of configs/default.py has no key 'foo'; its keys are "
+     f"{', '.join(sorted(default.get_config().keys()))}."),
+    (["main.py", "--config=configs/default.py", "--workdir=runs/x", "--config.train.seq_lenn=64"],
+     "Configuration error: --config.train.seq_lenn: config.train of configs/default.py has no key 'seq_lenn'. "
+     "Did you mean --config.train.seq_len"),
+    (["scripts/prepare_data.py", "--config=configs/default.py", "--config.data.tokenizerr=byte"],
+     "Configuration error: --config.data.tokenizerr: config.data of configs/default.py has no key 'tokenizerr'"),
     (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--max_tokens=0"],
      "--max_tokens"),
     (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--num_samples=0"],
      "--num_samples"),
 ])
 def test_bad_flags_get_a_message_not_a_traceback(command, message, tmp_path):
+  (tmp_path / "syntax.py").write_text("from configs import base\n\ndef get_config(:\n  return base.get_config()\n")
+  (tmp_path / "no_get_config.py").write_text("from configs import base\n\nc = base.get_config()\n")
+  command = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+  message = message.replace("{tmp}", str(tmp_path))
   result = subprocess.run([sys.executable, *command], cwd=ROOT, env=MAIN_ENV, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+  assert result.returncode == 2 or "Configuration error" not in message
   assert "Traceback" not in result.stderr
   assert not os.path.exists(os.path.join(ROOT, "checkpoints"))
