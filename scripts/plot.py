@@ -178,11 +178,26 @@ def add_legend(fig, labels: list[str], colors: list[str]) -> None:
   fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
 
 
+def out_problem(out: str) -> str | None:
+  """Why the PNG cannot be written at `out` (None when it can): a directory, or a path under a file."""
+  if os.path.isdir(out):
+    return f"--out={out} is a directory; name the PNG to write, e.g. --out={os.path.join(out, 'curves.png')}."
+  existing = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return (f"--out={out}: {existing} is a file, not a directory. Name a PNG in a directory (missing "
+            "directories are created).")
+  return None
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("runs", nargs="+", metavar="RUN", help="a --workdir of main.py")
   parser.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
   args = parser.parse_args(argv)
+  if problem := out_problem(args.out):
+    parser.error(problem)  # exits with status 2, before any run is read
   try:
     drawn = plot(args.runs, args.out)
   except NoEventsError as e:

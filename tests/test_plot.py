@@ -75,3 +75,13 @@ def test_a_run_without_event_files_is_a_usage_error(plot, runs, tmp_path, capsys
   error = capsys.readouterr().err
   assert f"{empty}: no TensorBoard event files" in error and "train" in error and "eval" in error
   assert not (tmp_path / "x.png").exists()
+
+
+def test_an_out_path_that_cannot_be_a_file_is_a_usage_error(plot, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  for out, message in ((tmp_path / "a_file" / "curves.png", f"{tmp_path / 'a_file'} is a file, not a directory"),
+                       (tmp_path, f"--out={tmp_path} is a directory; name the PNG to write")):
+    with pytest.raises(SystemExit) as e:  # checked before any run is read: this one does not exist
+      plot.main([str(tmp_path / "no_run"), f"--out={out}"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
