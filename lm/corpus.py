@@ -67,7 +67,19 @@ def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
                         "config.data.tokenizer_sample_bytes or add text.") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     token_store.write_atomic(path, model)
-  return tokenizers.read("sentencepiece", os.fspath(path))
+  return _cached(path)
+
+
+def _cached(path: epath.Path) -> Tokenizer:
+  """The tokenizer trained and cached by an earlier run; ConfigError naming the file when it is damaged
+  (no key of the config names it: config.data.tokenizer_path is empty)."""
+  try:
+    return tokenizers.SentencePieceTokenizer(path.read_bytes(), os.fspath(path))
+  except (OSError, RuntimeError) as e:  # unreadable; SentencePiece's parse failure
+    reason = (str(e).splitlines() or [""])[0][:200]
+    raise ConfigError(f"The SentencePiece tokenizer cached in {path} by an earlier run (trained on this corpus; "
+                      f"config.data.tokenizer_path is empty) is damaged ({type(e).__name__}: {reason}). Delete "
+                      "that file: the next run trains it again from the corpus.") from e
 
 
 def _sample(cfg: DataConfig):

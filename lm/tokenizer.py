@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Iterable, Protocol
 
 from etils import epath
@@ -201,16 +202,23 @@ def check(tokenizer: Tokenizer, cfg: DataConfig, vocab_size: int) -> Tokenizer:
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
   """A BPE SentencePiece model of `vocab_size` pieces learned from `texts` (a bounded sample), as bytes.
 
-  Ids: pad 0, unk 1, bos 2, eos 3. Raises ConfigError when the text has too few distinct pieces."""
+  Ids: pad 0, unk 1, bos 2, eos 3. Raises ConfigError when vocab_size does not suit the text: too few
+  pieces for its characters, or more than it has."""
   import io
 
-  lines = (line for text in texts for line in text.splitlines() if line)
+  sampled = [0]  # bytes of text given, for the message
+
+  def lines():
+    for text in texts:
+      sampled[0] += len(text.encode("utf-8", errors="replace"))
+      yield from (line for line in text.splitlines() if line)
+
   model = io.BytesIO()
   # The sentence sample is random: a fixed seed gives every host and every rerun the same tokenizer.
   spm.set_random_generator_seed(0)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, split_digits=True,
         # Keep every space exactly as written so Python indentation round-trips. The corpus is fed line by
         # line, so a dummy prefix would teach pieces that never occur mid-document.
@@ -218,8 +226,23 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
         normalization_rule_name="identity", input_sentence_size=2_000_000, shuffle_input_sentence=True,
         max_sentence_length=1 << 16,  # longer lines are skipped (the default 4,192 bytes drops minified code)
         num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as e:  # e.g. "Vocabulary size too high": the sample has too few distinct pieces
-    raise ConfigError(f"config.model.vocab_size = {vocab_size}: SentencePiece cannot learn that many pieces "
-                      f"from the sample ({e}); lower config.model.vocab_size, or raise "
-                      "config.data.tokenizer_sample_bytes or add text.") from e
+  except RuntimeError as e:
+    raise ConfigError(_training_failure(str(e), vocab_size, sampled[0])) from e
   return model.getvalue()
+
+
+def _training_failure(error: str, vocab_size: int, sampled: int) -> str:
+  """What SentencePiece's refusal means for config.model.vocab_size (its own text names its own flags)."""
+  where = f"config.model.vocab_size = {vocab_size}"
+  sample = f"the {sampled:,} bytes of text sampled from the corpus"
+  too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", error)
+  if too_high:
+    return (f"{where}: SentencePiece can learn at most {int(too_high[2]):,} pieces from {sample}, too "
+            f"little text for {vocab_size:,} pieces: lower config.model.vocab_size to {too_high[2]} or less, or add text "
+            "(or raise config.data.tokenizer_sample_bytes when the corpus holds more than the sample).")
+  too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", error)
+  if too_low:
+    return (f"{where} is too small for {sample}: a SentencePiece model of it needs at least "
+            f"{int(too_low[2]):,} pieces (the 4 special ids, 256 byte pieces and each distinct character of "
+            f"the text). Raise config.model.vocab_size to at least {too_low[2]}.")
+  return f"{where}: SentencePiece training on {sample} failed ({(error.splitlines() or [''])[0][:300]})."

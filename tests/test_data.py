@@ -106,9 +106,31 @@ def test_trained_sentencepiece_is_cached_and_learns_from_a_bounded_sample(corpus
 
 
 def test_failed_training_leaves_no_file(corpus):
-  with pytest.raises(ConfigError, match="config.model.vocab_size = 50000.*lower config.model.vocab_size"):
+  with pytest.raises(ConfigError, match=r"^config.model.vocab_size = 50000: SentencePiece can learn at most "
+                                        r"([\d,]+) pieces from the [\d,]+ bytes of text sampled from the corpus, "
+                                        r"too little text for 50,000 pieces: lower config.model.vocab_size to \d+ "
+                                        r"or less, or add text") as e:
     lm_corpus.load_tokenizer(corpus, 50_000)
+  assert "ncrease" not in str(e.value)  # SentencePiece's own advice names its flags, and contradicted ours
   assert not [p for p in os.listdir(os.path.join(corpus.data_dir, "tokenizers")) if "50000" in p or ".tmp" in p]
+
+
+def test_a_vocabulary_too_small_for_the_characters_says_to_raise_it(corpus):
+  with pytest.raises(ConfigError, match=r"^config.model.vocab_size = 300 is too small for the [\d,]+ bytes of "
+                                        r"text sampled from the corpus: a SentencePiece model of it needs at least "
+                                        r"(\d+) pieces .* Raise config.model.vocab_size to at least \1\.$") as e:
+    lm_corpus.load_tokenizer(corpus, 300)
+  assert "lower" not in str(e.value) and 300 < int(e.value.args[0].split("at least ")[1].split()[0]) < 512
+
+
+def test_a_damaged_cached_tokenizer_is_named_with_the_fix(corpus, tokenizer, tmp_path):
+  shutil.copytree(os.path.join(corpus.data_dir, "tokenizers"), tmp_path / "tokenizers")
+  (cached,) = [p for p in (tmp_path / "tokenizers").iterdir() if p.name.startswith(f"spm_{VOCAB}_")]
+  cached.write_bytes(cached.read_bytes()[:100])
+  with pytest.raises(ConfigError, match=rf"^The SentencePiece tokenizer cached in {cached} by an earlier run "
+                                        r"\(trained on this corpus; config.data.tokenizer_path is empty\) is damaged "
+                                        r"\(RuntimeError: .*\)\. Delete that file: the next run trains it again"):
+    lm_corpus.load_tokenizer(dataclasses.replace(corpus, data_dir=str(tmp_path)), VOCAB)
 
 
 def test_tokenizer_path_errors(corpus, tokenizer, tmp_path):
