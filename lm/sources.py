@@ -277,15 +277,36 @@ def _tfds_builder(src: SourceConfig):
   except tfds.core.DatasetNotFoundError as e:
     raise ConfigError(f"{key(src)}.path = {src.path!r} is not a registered TFDS dataset; use a name from "
                       "https://www.tensorflow.org/datasets/catalog, or another kind.") from e
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()  # nothing to do once prepared
+  except Exception as e:  # no network, a manual download missing, a failed generation: TFDS's many types
+    raise ConfigError(f"{key(src)}.path = {src.path!r}: TFDS could not download and prepare it into "
+                      f"{builder.data_dir} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}). "
+                      f"Prepare it where the download works (`tfds build {src.path}`) and copy it there, or set "
+                      "TFDS_DATA_DIR to where it is prepared.") from e
   if src.text_field not in builder.info.features:
     raise ConfigError(f"{key(src)}.text_field = {src.text_field!r} is not a feature of {src.path}; it has "
                       f"{sorted(builder.info.features.keys())}.")
   for field, split in (("train_split", src.train_split), ("validation", src.validation)):
-    if split and split.partition("[")[0] not in builder.info.splits:
-      raise ConfigError(f"{key(src)}.{field} = {split!r} is not a split of {src.path}; it has "
-                        f"{sorted(builder.info.splits.keys())}.")
+    if split:
+      _check_tfds_split(builder, f"{key(src)}.{field} = {split!r}", split, src.path)
   return builder
+
+
+def _check_tfds_split(builder, where: str, split: str, name: str) -> None:
+  """A split that names a split of the dataset, in TFDS's slicing syntax, and selects at least one example."""
+  splits = builder.info.splits
+  if split.partition("[")[0] not in splits:
+    raise ConfigError(f"{where} is not a split of {name}; it has {sorted(splits.keys())}.")
+  try:
+    examples = splits[split].num_examples
+  except (ValueError, AssertionError) as e:  # TFDS's parse errors of the slice
+    raise ConfigError(f"{where} is not a TFDS split ({(str(e).splitlines() or [''])[0][:200]}); write a split "
+                      "or a slice of one, e.g. 'train[:90%]' (https://www.tensorflow.org/datasets/splits).") from e
+  if examples == 0:
+    whole = split.partition("[")[0]
+    raise ConfigError(f"{where} selects no example of {name} (its {whole!r} split has "
+                      f"{splits[whole].num_examples:,}); widen the slice, e.g. '{whole}[:90%]'.")
 
 
 def _tfds_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:

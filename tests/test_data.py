@@ -271,6 +271,36 @@ def test_source_errors(tmp_path):
     sources.check(source_of(data_config(kind="tfds", path="no_such_dataset_xyz")))
 
 
+@pytest.fixture(scope="module")
+def tfds_data_dir(tmp_path_factory):
+  """TFDS's data dir for these tests, holding the datasets of tests/tfds_datasets.py once prepared."""
+  from tensorflow_datasets.core import constants
+  import tests.tfds_datasets  # noqa: F401  (registers them)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(constants, "DATA_DIR", str(tmp_path_factory.mktemp("tfds")))
+    yield constants.DATA_DIR
+
+
+def test_tfds_splits_that_select_nothing_and_datasets_that_cannot_download(tfds_data_dir):
+  src = source_of(data_config(kind="tfds", path="lm_test_text", validation="validation"))
+  sources.check(src)
+  assert len(texts_of(src)) == 20  # in TFDS's order of the examples
+  assert sorted(texts_of(src, "validation")) == [f"validation document {i}: " + "word " * i for i in range(5)]
+  with pytest.raises(ConfigError, match=r"^config.data.sources.main.train_split = 'train\[:0%\]' selects no example "
+                                        r"of lm_test_text \(its 'train' split has 20\); widen the slice"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_text", train_split="train[:0%]")))
+  with pytest.raises(ConfigError, match=r"validation = 'validation\[5:\]' selects no example of lm_test_text "
+                                        r"\(its 'validation' split has 5\)"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_text", validation="validation[5:]")))
+  with pytest.raises(ConfigError, match=r"train_split = 'train\[x\]' is not a TFDS split \(Error parsing split"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_text", train_split="train[x]")))
+  with pytest.raises(ConfigError, match=r"^config.data.sources.main.path = 'lm_test_offline': TFDS could not download "
+                                        r"and prepare it into .*lm_test_offline.* \(ConnectionError: Failed to resolve "
+                                        r".*\)\. Prepare it where the download works \(`tfds build lm_test_offline`\)"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_offline")))
+
+
 # --- preparation -----------------------------------------------------------------------------------
 
 
