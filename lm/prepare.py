@@ -55,7 +55,8 @@ def _tokenize(task: tuple[str, sources.Chunk, float, np.dtype], tok=None) -> dic
   validation when `fraction` > 0; and the chunk's documents and bytes."""
   part, chunk, fraction, dtype = task
   tok = tok or _worker_tokenizer
-  texts = [t for t in sources.documents(chunk) if t]
+  decoded = sources.decode(chunk)
+  texts = [t for t in decoded.texts if t]
   to_validation = [part == "validation" or (fraction > 0 and sources.held_out(t, fraction)) for t in texts]
   out = {}
   for name, wanted in (("train", False), ("validation", True)):
@@ -64,6 +65,7 @@ def _tokenize(task: tuple[str, sources.Chunk, float, np.dtype], tok=None) -> dic
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum()))
     out[name] = (flat, lengths)
   out["documents"], out["bytes"] = len(texts), sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+  out["invalid"] = decoded.invalid
   return out
 
 
@@ -155,10 +157,11 @@ def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, wor
   if done:
     logging.info("%s: resuming the preparation after %d finished shards (%d chunks)", sources.key(src),
                  len(manifest["shards"]), done)
-  progress, shard = _Progress(manifest), None
+  progress, shard, invalid = _Progress(manifest), None, collections.Counter()
   with _local_scratch(path) as scratch:
     for n, result in enumerate(_ordered_map(itertools.islice(tasks, done, None), tokenizer,
                                             workers or _cpu_count()), done):
+      invalid.update(result["invalid"])
       shard = shard or _Shard(scratch, len(manifest["shards"]), n)
       shard.append(result)
       if shard.tokens >= shard_tokens:
@@ -166,6 +169,8 @@ def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, wor
         shard = None
     if shard is not None:
       _finish_shard(manifest, shard, path, progress)
+  if invalid:
+    logging.warning("%s: %s", sources.key(src), sources.describe_invalid(invalid))
   manifest["complete"] = True
   write_manifest(path, manifest)
   if not is_remote(path):  # a killed preparation's leftovers (nobody writes here once it is complete)

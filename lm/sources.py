@@ -13,11 +13,14 @@ Without it, the validation documents are a `validation_fraction` of the train pa
 a hash of their text (`held_out`): deterministic, independent of order and of the other documents.
 
 The main process only reads bytes: a source yields chunks (a few hundred documents' worth of raw input),
-and `documents(chunk)` turns one into texts in a worker process (JSON parsing, file reads, decoding).
+and `decode(chunk)` turns one into texts in a worker process (JSON parsing, file reads, decoding). Input
+must be UTF-8 text: a file that is binary or in another encoding is refused, naming it; a few stray bytes
+are decoded as U+FFFD and counted (MAX_INVALID_BYTES).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import glob as globlib
@@ -28,6 +31,7 @@ import json
 import os
 import re
 import sysconfig
+import threading
 from typing import Iterator
 
 from etils import epath
@@ -38,6 +42,12 @@ CHUNK_DOCUMENTS = 512  # documents (parquet rows, text pieces) per chunk
 CHUNK_BYTES = 1 << 20  # bytes of jsonl lines per chunk
 CHUNK_FILES = 32  # files per chunk of text_files
 _BLOCK_BYTES = 4 << 20  # read size of the text kind
+# A file is refused as not text when it holds a NUL byte (binary files do, text never does) or when more
+# than MAX_INVALID_BYTES of its bytes, and more than MAX_INVALID_FRACTION of them, are not UTF-8 (another
+# encoding, or binary data). Fewer are decoded as U+FFFD and counted in the log: a few stray bytes cost a
+# few characters (the Python standard library, the default corpus, has three test files in other encodings).
+MAX_INVALID_BYTES = 100
+MAX_INVALID_FRACTION = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Chunk:
   payload: object  # text_files: paths; jsonl: (path, whole lines as bytes); others: texts
   field: str = ""
   where: str = ""  # for error messages: the config key of the source
+  invalid: dict = dataclasses.field(default_factory=dict)  # texts: {path: bytes not UTF-8} of files read
 
 
 def held_out(text: str, fraction: float) -> bool:
@@ -236,19 +247,22 @@ def _parquet_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
 def _text_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
   separator = re.compile(r"\n[ \t\r]*\n\s*" if not src.separator else re.escape(src.separator))
   left = src.max_documents or None
-  texts = []
+  texts, invalid = [], {}  # the bytes that are not UTF-8 of the files read, sent with the next chunk
   for path in files(src, part):
-    for document in _reading_each(key(src), path, _split_stream(path, separator)):
+    counted = [0]
+    for document in _reading_each(key(src), path, _split_stream(key(src), path, separator, counted)):
       texts.append(document)
       if left is not None:
         left -= 1
       if len(texts) == CHUNK_DOCUMENTS or left == 0:
-        yield Chunk("texts", texts, where=key(src))
-        texts = []
+        yield Chunk("texts", texts, where=key(src), invalid=invalid)
+        texts, invalid = [], {}
         if left == 0:
           return
-  if texts:
-    yield Chunk("texts", texts, where=key(src))
+    if counted[0]:
+      invalid[path] = counted[0]
+  if texts or invalid:
+    yield Chunk("texts", texts, where=key(src), invalid=invalid)
 
 
 def _reading_each(where: str, path: str, items: Iterator) -> Iterator:
@@ -256,15 +270,22 @@ def _reading_each(where: str, path: str, items: Iterator) -> Iterator:
     yield from items
 
 
-def _split_stream(path: str, separator: re.Pattern) -> Iterator[str]:
-  """The documents of one large file, read a block at a time (memory bounded by the longest document)."""
+def _split_stream(where: str, path: str, separator: re.Pattern, counted: list[int]) -> Iterator[str]:
+  """The documents of one large file, read a block at a time (memory bounded by the longest document);
+  `counted[0]`: its bytes that are not UTF-8, once read (ConfigError when it is not text)."""
   with _open(path) as raw:
-    f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-    tail = ""
-    while block := f.read(_BLOCK_BYTES):
+    f = io.TextIOWrapper(raw, encoding="utf-8", errors=_COUNT_INVALID, newline="")
+    tail, characters = "", 0
+    while True:
+      block, invalid = _counted(lambda: f.read(_BLOCK_BYTES))
+      if not block:
+        break
+      characters, counted[0] = characters + len(block), counted[0] + invalid
+      _check_text(where, path, characters, block.count("\0") if "\0" in block else 0, 0)
       pieces = separator.split(tail + block)
       tail = pieces.pop()
       yield from (p for p in pieces if p.strip())
+    _check_text(where, path, characters, 0, counted[0])
     if tail.strip():
       yield tail
 
@@ -332,21 +353,84 @@ def _tfds_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
 # Decoding (worker processes)
 
 
+_COUNT_INVALID = "lm.count_invalid"  # the "replace" error handler, counting the bytes it replaces
+_invalid = threading.local()
+
+
+def _replace_and_count(error: UnicodeDecodeError) -> tuple[str, int]:
+  _invalid.count += error.end - error.start
+  return "\ufffd", error.end  # as "replace": one U+FFFD for each invalid sequence
+
+
+codecs.register_error(_COUNT_INVALID, _replace_and_count)
+
+
+def _counted(decode):
+  """(decode(), the bytes that decode() replaced as not UTF-8): decode decodes with errors=_COUNT_INVALID."""
+  _invalid.count = 0
+  out = decode()
+  return out, _invalid.count
+
+
+def _check_text(where: str, path: str, size: int, nul: int, invalid: int) -> None:
+  """ConfigError naming the file when `size` bytes of it, `nul` of them NUL and `invalid` not UTF-8, are
+  not text."""
+  fix = (f"Leave it out of the globs of {where} (path or validation: e.g. *.py rather than *), or convert "
+         "it to UTF-8 text.")
+  if nul:
+    raise ConfigError(f"{where}: {path} is binary, not text: it holds NUL bytes ({nul:,} in {size:,}). {fix}")
+  if invalid > MAX_INVALID_BYTES and invalid > MAX_INVALID_FRACTION * size:
+    raise ConfigError(f"{where}: {path} is not UTF-8 text: {invalid:,} of its {size:,} bytes are not UTF-8 "
+                      f"({invalid / max(size, 1):.1%}; another encoding such as Latin-1, or binary data), which "
+                      f"would become U+FFFD. {fix}")
+
+
+def describe_invalid(invalid: dict[str, int]) -> str:
+  """The files that held bytes that are not UTF-8 (few enough to be kept), for the log."""
+  listed = ", ".join(f"{path} ({count:,})" for path, count in sorted(invalid.items())[:5])
+  more = f" and {len(invalid) - 5} more" if len(invalid) > 5 else ""
+  return (f"{len(invalid)} file(s) hold bytes that are not UTF-8, {sum(invalid.values()):,} in all, decoded as "
+          f"U+FFFD: {listed}{more}. Convert them to UTF-8 or leave them out of the globs for a clean corpus.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  texts: list[str]
+  invalid: dict[str, int]  # {path: its bytes that are not UTF-8} of the files that had any
+
+
 def documents(chunk: Chunk) -> list[str]:
   """The texts of a chunk, in order; ConfigError naming the source when its input is not as declared."""
+  return decode(chunk).texts
+
+
+def decode(chunk: Chunk) -> Decoded:
+  """The texts of a chunk and its bytes that are not UTF-8 (decoded as U+FFFD): ConfigError naming the
+  file when it is not text, or naming the source when its input is not as declared."""
   if chunk.kind == "texts":
-    return chunk.payload
+    return Decoded(chunk.payload, dict(chunk.invalid))
   if chunk.kind == "text_files":
-    texts = []
+    texts, invalid = [], {}
     for path in chunk.payload:
       with _reading(chunk.where, path):
-        texts.append(epath.Path(path).read_bytes().decode("utf-8", errors="replace"))
-    return texts
+        data = epath.Path(path).read_bytes()
+      text, invalid[path] = _counted(lambda: data.decode("utf-8", errors=_COUNT_INVALID))
+      _check_text(chunk.where, path, len(data), data.count(0) if b"\0" in data else 0, invalid[path])
+      texts.append(text)
+    return Decoded(texts, {path: n for path, n in invalid.items() if n})
   path, block = chunk.payload
+  lines, invalid = _counted(lambda: [line.decode("utf-8", errors=_COUNT_INVALID)
+                                     for line in block.split(b"\n") if line.strip()])
+  _check_text(chunk.where, path, len(block), block.count(0) if b"\0" in block else 0, invalid)
+  return Decoded(_json_texts(chunk, path, lines), {path: invalid} if invalid else {})
+
+
+def _json_texts(chunk: Chunk, path: str, lines: list[str]) -> list[str]:
+  """The `chunk.field` of each JSON line."""
   texts = []
-  for line in (line for line in block.split(b"\n") if line.strip()):
-    try:  # a stray invalid byte becomes U+FFFD, as in text files, instead of failing the line
-      record = json.loads(line.decode("utf-8", errors="replace"))
+  for line in lines:
+    try:
+      record = json.loads(line)
     except ValueError as e:
       raise ConfigError(f"{chunk.where}: {path} has a line that is not JSON ({e}): "
                         f"{line[:80]!r}. Fix or remove the file.") from e

@@ -301,6 +301,48 @@ def test_tfds_splits_that_select_nothing_and_datasets_that_cannot_download(tfds_
     sources.check(source_of(data_config(kind="tfds", path="lm_test_offline")))
 
 
+def _latin1(repeat: int) -> bytes:
+  return "Très élevé, à côté.\n".encode("latin-1") * repeat  # 6 bytes of 20 are not UTF-8
+
+
+def test_a_corpus_that_is_not_text_is_refused_naming_the_file(tmp_path):
+  write_files(tmp_path, {"a.txt": "text\n\nmore text\n"})
+  (tmp_path / "b.txt").write_bytes(b"text, then a binary tail\n" + bytes(range(256)) * 4)
+  for kind in ("text_files", "text"):
+    with pytest.raises(ConfigError, match=rf"^config.data.sources.main: {tmp_path}/b.txt is binary, not text: it "
+                                          r"holds NUL bytes \(4 in [\d,]+\)\. Leave it out of the globs of "
+                                          r"config.data.sources.main \(path or validation"):
+      texts_of(source_of(data_config(kind=kind, path=f"{tmp_path}/*.txt")))
+  (tmp_path / "b.txt").write_bytes(_latin1(30))  # 180 of 600 bytes
+  for kind in ("text_files", "text"):
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/b.txt is not UTF-8 text: 180 of its 600 bytes are not "
+                                          r"UTF-8 \(30.0%; another encoding such as Latin-1"):
+      texts_of(source_of(data_config(kind=kind, path=f"{tmp_path}/*.txt")))
+  lines = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)).encode()
+  (tmp_path / "c.jsonl").write_bytes(lines + b'{"text": "' + _latin1(30).replace(b"\n", b" ") + b'"}\n')
+  with pytest.raises(ConfigError, match=rf"{tmp_path}/c.jsonl is not UTF-8 text: 180 of its [\d,]+ bytes"):
+    texts_of(source_of(data_config(kind="jsonl", path=f"{tmp_path}/c.jsonl")))
+  (tmp_path / "d.jsonl").write_bytes(lines + b"\0" * 8 + b"\n")
+  with pytest.raises(ConfigError, match=rf"{tmp_path}/d.jsonl is binary, not text: it holds NUL bytes \(8 in"):
+    texts_of(source_of(data_config(kind="jsonl", path=f"{tmp_path}/d.jsonl")))
+
+
+def test_a_few_bytes_that_are_not_utf8_are_decoded_as_before_and_counted(tmp_path, caplog):
+  stray = "x = 'déjà'\n".encode("utf-8") * 40 + _latin1(1)  # 6 stray bytes: kept, as U+FFFD
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "a.py").write_bytes(stray)
+  (tmp_path / "src" / "b.py").write_text("clean = 'é'\n" * 30)
+  for kind in ("text_files", "text"):
+    src = source_of(data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>"))
+    assert texts_of(src) == [stray.decode("utf-8", errors="replace"), "clean = 'é'\n" * 30]
+    cfg = data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>", tokenizer="byte",
+                      data_dir=str(tmp_path / kind))
+    caplog.clear()
+    lm_corpus.prepare_all(cfg, 259)
+    assert (f"config.data.sources.main: 1 file(s) hold bytes that are not UTF-8, 6 in all, decoded as U+FFFD: "
+            f"{tmp_path}/src/a.py (6)") in caplog.text, kind
+
+
 # --- preparation -----------------------------------------------------------------------------------
 
 
@@ -377,7 +419,7 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
   monkeypatch.setattr(sources, "CHUNK_BYTES", 1500)
   settings = dict(kind="jsonl", path=path, tokenizer="byte", shard_tokens=1000, workers=1)
   straight = lm_corpus.prepare_all(data_config(**settings, data_dir=str(tmp_path / "a")), 259)[1]["main"]
-  original, calls = sources.documents, []
+  original, calls = sources.decode, []
 
   def dies_at_chunk_14(chunk):
     calls.append(1)
@@ -385,7 +427,7 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
       raise _Killed()
     return original(chunk)
 
-  monkeypatch.setattr(sources, "documents", dies_at_chunk_14)
+  monkeypatch.setattr(sources, "decode", dies_at_chunk_14)
   cfg = data_config(**settings, data_dir=str(tmp_path / "b"))
   with pytest.raises(_Killed):
     lm_corpus.prepare_all(cfg, 259)
@@ -394,7 +436,7 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
   assert not partial["complete"] and len(partial["shards"]) >= 1
   kept = {n: os.stat(directory / n).st_mtime_ns for n in _shard_bytes(directory)
           if int(n.split("-")[1].split(".")[0]) < len(partial["shards"])}
-  monkeypatch.setattr(sources, "documents", original)
+  monkeypatch.setattr(sources, "decode", original)
   resumed = lm_corpus.prepare_all(cfg, 259)[1]["main"]
   assert _shard_bytes(resumed.directory) == _shard_bytes(straight.directory)
   assert {n: os.stat(directory / n).st_mtime_ns for n in kept} == kept  # finished shards were not redone

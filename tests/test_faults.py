@@ -263,6 +263,7 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"data.sources.main.max_documents": 5}, "of a run with other data: data.sources = [{"),
     ({"train.num_train_steps": 1, "train.warmup_steps": 0}, "holds step 2, past config.train.num_train_steps = 1"),
     ({"train.init_from": "/nonexistent/params"}, "/nonexistent/params does not exist"),
+    ({"data.sources.main.path": "BINARY"}, "binary.py is binary, not text: it holds NUL bytes"),
     # The earlier run's parameters, for a model with another RoPE base.
     ({"train.init_from": "EARLIER", "model.rope_theta": 5e5},
      "holds parameters of another model: model.rope_theta = 10000.0 there, 500000.0 here"),
@@ -277,14 +278,7 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
   d = _config(earlier_run, corpus, num_train_steps=2).to_dict()
   for key, value in overrides.items():
     *sections, name = key.split(".")
-    if value == "EMPTY":
-      (tmp_path / "empty").mkdir()
-      for i in range(3):
-        (tmp_path / "empty" / f"{i}.py").write_text("")
-      value = f"{tmp_path}/empty/*.py"
-    if value == "EARLIER":
-      value = str(earlier_run / "run" / "checkpoints")
-    functools.reduce(lambda part, section: part[section], sections, d)[name] = value
+    functools.reduce(lambda part, section: part[section], sections, d)[name] = _made(value, tmp_path, earlier_run)
   # A vocabulary change is caught first as "another model" in the earlier workdir, a data change as "other
   # data" (but for the entry that tests that), and parameters to start from are used only on a fresh start:
   # try them on a new one.
@@ -296,6 +290,23 @@ def test_mistakes_stop_at_startup_and_touch_nothing(earlier_run, corpus, tmp_pat
   assert message in str(e.value)
   assert "\n" not in str(e.value)  # one paragraph
   assert _files(earlier_run / "run") == before
+
+
+def _made(value, tmp_path, earlier_run):
+  """The value of a MISTAKES override, with the files its placeholder names made under tmp_path."""
+  if value == "EMPTY":  # a corpus of empty files
+    (tmp_path / "empty").mkdir()
+    for i in range(3):
+      (tmp_path / "empty" / f"{i}.py").write_text("")
+    return f"{tmp_path}/empty/*.py"
+  if value == "BINARY":  # a corpus with a binary file
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "text.py").write_text("print('text')\n" * 100)
+    (tmp_path / "binary" / "binary.py").write_bytes(bytes(range(256)) * 8)
+    return f"{tmp_path}/binary/*.py"
+  if value == "EARLIER":
+    return str(earlier_run / "run" / "checkpoints")
+  return value
 
 
 def test_loading_never_unpickles():
