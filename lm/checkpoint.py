@@ -396,8 +396,9 @@ def params_location(path: str, step: int | None = None, adapters: bool = False) 
     with open(os.path.join(path, MODEL_FILE)) as f:
       return os.path.join(path, PARAMS_ITEM), json.load(f)["model"]
   if "://" not in path and not os.path.isdir(path):
-    raise ConfigError(f"{path} does not exist: name a directory written by scripts/convert_hf.py import or a "
-                      "run's checkpoint directory.")
+    what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+    raise ConfigError(f"{path} {what}: name a directory written by scripts/convert_hf.py import (holding "
+                      f"{MODEL_FILE} and {PARAMS_ITEM}/) or a run's checkpoint directory (<workdir>/checkpoints).")
   manager = reader(path)  # another run's directory: read, never written or cleaned up
   steps = manager.all_steps()
   if step is None and not steps:

@@ -23,11 +23,25 @@ from lm.config import ConfigError, DataConfig, SourceConfig
 from lm.tokenizer import Tokenizer
 
 
+DEFAULT_DATA_DIR = "~/.cache/lm"
+
+
 def data_dir(cfg: DataConfig) -> epath.Path:
-  if not cfg.data_dir:
-    return epath.Path(os.path.expanduser("~/.cache/lm"))
-  return epath.Path(cfg.data_dir if token_store.is_remote(cfg.data_dir)
-                    else os.path.abspath(os.path.expanduser(cfg.data_dir)))
+  """config.data.data_dir as a path; ConfigError when a local one is (or lies under) a file."""
+  if token_store.is_remote(cfg.data_dir):
+    return epath.Path(cfg.data_dir)
+  path = os.path.abspath(os.path.expanduser(cfg.data_dir or DEFAULT_DATA_DIR))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = f"config.data.data_dir = {cfg.data_dir!r}" if cfg.data_dir else (
+        f"config.data.data_dir (empty: {DEFAULT_DATA_DIR})")
+    what = "a file" if existing == path else f"under {existing}, which is a file"
+    raise ConfigError(f"{where} is {what}, not a directory. It holds the trained tokenizers and the prepared "
+                      f"token shards: name a directory (created when missing), or leave it empty for "
+                      f"{DEFAULT_DATA_DIR}.")
+  return epath.Path(path)
 
 
 def _key(*parts) -> str:

@@ -86,9 +86,11 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
   checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
   rt = runtime.setup(config, devices)
 
-  manager = checkpoint.make_manager(checkpoint_dir, t)
-  checkpoint.check_same_step(manager)
-  latest_step, saved = checkpoint.check_compatible(manager, to_dict(config))
+  # Read-only until the data is known good: the writing manager starts removing a killed save's temporary
+  # directories in a thread, which an exit at a mistake in the data cut off (a traceback at shutdown).
+  found = checkpoint.reader(checkpoint_dir)
+  checkpoint.check_same_step(found)
+  latest_step, saved = checkpoint.check_compatible(found, to_dict(config))
   if latest_step is not None:
     check_resumable(config, latest_step, saved, checkpoint_dir)
   if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
@@ -98,6 +100,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
     tokenizer, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
   batches = corpus.train_batches(prepared, t.seq_len, t.seed, rt.plan.global_sequences)
   eval_batches = corpus.eval_batches(config.data, prepared, t.seq_len, rt.plan.micro_rows)
+  manager = checkpoint.make_manager(checkpoint_dir, t)
   num_train_steps = t.num_train_steps or t.num_epochs * batches.steps_per_epoch
   peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
 

@@ -263,6 +263,11 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"data.sources.main.max_documents": 5}, "of a run with other data: data.sources = [{"),
     ({"train.num_train_steps": 1, "train.warmup_steps": 0}, "holds step 2, past config.train.num_train_steps = 1"),
     ({"train.init_from": "/nonexistent/params"}, "/nonexistent/params does not exist"),
+    ({"train.init_from": "A_FILE"}, "a_file is a file, not a directory: name a directory written by "
+                                    "scripts/convert_hf.py import (holding model.json and params/) or a run's "
+                                    "checkpoint directory"),
+    ({"data.data_dir": "A_FILE"}, "a_file' is a file, not a directory. It holds the trained tokenizers and the "
+                                  "prepared token shards: name a directory"),
     ({"data.sources.main.path": "BINARY"}, "binary.py is binary, not text: it holds NUL bytes"),
     # The earlier run's parameters, for a model with another RoPE base.
     ({"train.init_from": "EARLIER", "model.rope_theta": 5e5},
@@ -304,9 +309,24 @@ def _made(value, tmp_path, earlier_run):
     (tmp_path / "binary" / "text.py").write_text("print('text')\n" * 100)
     (tmp_path / "binary" / "binary.py").write_bytes(bytes(range(256)) * 8)
     return f"{tmp_path}/binary/*.py"
+  if value == "A_FILE":
+    (tmp_path / "a_file").write_text("a file, not a directory")
+    return str(tmp_path / "a_file")
   if value == "EARLIER":
     return str(earlier_run / "run" / "checkpoints")
   return value
+
+
+def test_a_mistake_in_the_data_stops_before_the_checkpoint_manager_starts(corpus, tmp_path, monkeypatch):
+  # orbax's writing manager starts a thread at once (it removes a killed save's temporary directories); a
+  # process exiting right after cut it off with a traceback under the one-line message.
+  made = []
+  monkeypatch.setattr(checkpoint, "make_manager", lambda *args: made.append(args))
+  c = _config(tmp_path, corpus, num_train_steps=2)
+  c.data.sources.main.path = str(tmp_path / "none" / "*.txt")
+  with pytest.raises(ConfigError, match="matches no file"):
+    train_and_evaluate(from_config_dict(c), str(tmp_path / "run"))
+  assert made == []
 
 
 def test_loading_never_unpickles():
