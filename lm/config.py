@@ -276,6 +276,10 @@ def validate_model(m: ModelConfig) -> None:
            f"{m.num_kv_heads}; grouped-query attention shares each key/value head among an equal number "
            "of query heads. Pick num_kv_heads among the divisors of num_heads.")
   _require(m.head_dim % 2 == 0, f"config.model.head_dim = {m.head_dim} must be even for rotary embeddings.")
+  _require(m.init_std <= 1.0,
+           f"config.model.init_std = {m.init_std:g} is over 1: every weight is drawn with this standard "
+           "deviation, and weights that large make the activations and the loss blow up (to inf or NaN at the "
+           f"first step). Usual values are 0.02 (configs/base.py) or about 1/sqrt(d_model) = {m.d_model ** -0.5:.3g}.")
   _validate_lora(m)
 
 

@@ -317,9 +317,13 @@ def check_finite(skip_nonfinite_updates: bool, step: int, scalars: dict[str, flo
     console.logger.warning("Step %d: non-finite %s; the update was skipped (%d skipped so far).", step,
                            " and ".join(bad), scalars["skipped_updates"])
     return
+  became = (f"Step {step}: the {' and the '.join(n.replace('_', ' ') for n in bad)} became "
+            f"{scalars[bad[0]]} (loss {scalars['loss']}, gradient norm {scalars['grad_norm']}). Nothing of this "
+            "step was saved; the newest checkpoint is intact.")
+  if step == 1:  # computed on the initial parameters, before any update: not the learning rate's doing
+    raise TrainingError(f"{became} The first step is computed on the initial parameters, before any update, so "
+                        "the learning rate played no part: check config.model.init_std (0.02 is usual) or the "
+                        "parameters of config.train.init_from, config.model.dtype, and the data.")
   raise TrainingError(
-      f"Step {step}: the {' and the '.join(n.replace('_', ' ') for n in bad)} became "
-      f"{scalars[bad[0]]} (loss {scalars['loss']}, gradient norm {scalars['grad_norm']}). Nothing of this "
-      "step was saved; the newest checkpoint is intact. Lower config.train.learning_rate, keep "
-      "config.train.max_grad_norm > 0, or set config.train.skip_nonfinite_updates=True to skip such "
-      "updates.")
+      f"{became} Lower config.train.learning_rate, keep config.train.max_grad_norm > 0, or set "
+      "config.train.skip_nonfinite_updates=True to skip such updates.")

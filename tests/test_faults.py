@@ -28,7 +28,7 @@ from lm import checkpoint, metrics
 from lm.config import ConfigError, from_config_dict
 from lm.errors import TrainingError
 from lm.optimizer import make_optimizer
-from lm.train import train_and_evaluate
+from lm.train import check_finite, train_and_evaluate
 from tests.helpers import apply_overrides
 from tests.test_train import MAIN_ENV, ROOT, TINY, corpus, main_command, run_main  # noqa: F401
 
@@ -269,6 +269,8 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"data.data_dir": "A_FILE"}, "a_file' is a file, not a directory. It holds the trained tokenizers and the "
                                   "prepared token shards: name a directory"),
     ({"data.sources.main.path": "BINARY"}, "binary.py is binary, not text: it holds NUL bytes"),
+    ({"model.init_std": 1e30}, "config.model.init_std = 1e+30 is over 1: every weight is drawn with this "
+                               "standard deviation"),
     # The earlier run's parameters, for a model with another RoPE base.
     ({"train.init_from": "EARLIER", "model.rope_theta": 5e5},
      "holds parameters of another model: model.rope_theta = 10000.0 there, 500000.0 here"),
@@ -327,6 +329,19 @@ def test_a_mistake_in_the_data_stops_before_the_checkpoint_manager_starts(corpus
   with pytest.raises(ConfigError, match="matches no file"):
     train_and_evaluate(from_config_dict(c), str(tmp_path / "run"))
   assert made == []
+
+
+def test_a_non_finite_first_step_blames_the_initial_parameters_not_the_learning_rate():
+  nan = {"loss": float("nan"), "grad_norm": float("nan"), "skipped_updates": 0}
+  with pytest.raises(TrainingError) as first:
+    check_finite(False, 1, nan)
+  assert str(first.value).startswith("Step 1: the loss and the grad norm became nan")
+  assert ("computed on the initial parameters, before any update, so the learning rate played no part: check "
+          "config.model.init_std (0.02 is usual) or the parameters of config.train.init_from, config.model.dtype, "
+          "and the data.") in str(first.value)
+  with pytest.raises(TrainingError) as later:
+    check_finite(False, 2, nan)
+  assert "Lower config.train.learning_rate" in str(later.value) and "init_std" not in str(later.value)
 
 
 def test_loading_never_unpickles():
