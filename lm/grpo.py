@@ -17,7 +17,8 @@ copy of the weights), else a copy of the starting parameters. One update per bat
 and Tunix's default), so the ratio is 1 up to the rounding between the sampling and the update programs;
 the clip matters once a batch is reused, which this trainer does not do yet.
 
-Limits: one process (the sampler runs on this process's devices); every prompt of a task has one length.
+Prompts of different lengths are left-padded for the sampler (`lm.sampling.generate`'s prompt_lengths_B) and
+packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
 """
 
 from __future__ import annotations
@@ -91,16 +92,17 @@ class Task:
   problems: Callable  # (seed, split, indices, cfg) -> (prompts, answers)
   rewards: dict[str, Callable]  # name -> reward(completions, answers)
 
-  def prompts(self, split: str, indices) -> tuple[np.ndarray, list[str]]:
-    """([len(indices), prompt tokens] int32 with the tokenizer's BOS, answers)."""
+  def prompts(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(prompt tokens [len(indices), longest] int32 with the tokenizer's BOS, left-padded with 0, their
+    lengths, answers)."""
     texts, answers = self.problems(self.seed, split, indices, self.cfg)
     head = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
     ids = [head + self.tokenizer.encode(t) for t in texts]
-    if len({len(i) for i in ids}) != 1:
-      raise ConfigError(f"config.grpo.task = {self.cfg.task!r} gave prompts of different lengths in tokens "
-                        f"({sorted({len(i) for i in ids})}); the sampler decodes a batch in step, so a task's "
-                        "prompts must have one length (pad them in the task).")
-    return np.asarray(ids, np.int32), answers
+    lengths = np.asarray([len(i) for i in ids], np.int32)
+    padded = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, i in zip(padded, ids):
+      row[len(row) - len(i):] = i
+    return padded, lengths, answers
 
   def score(self, completions: list[str], answers: list[str]) -> dict[str, np.ndarray]:
     """Each reward function's rewards, checked: one finite float per completion."""
@@ -123,7 +125,7 @@ def make_task(config: Config, tokenizer) -> Task:
   g = config.grpo
   task = Task(g, config.train.seed, tokenizer, load_function(g.task, "task"),
               {name.strip(): load_function(name, "rewards") for name in g.rewards.split(",") if name.strip()})
-  prompts, answers = task.prompts("train", [0, 1])
+  prompts, _, answers = task.prompts("train", [0, 1])
   try:
     task.score(answers, answers)
   except TrainingError as e:
@@ -131,7 +133,8 @@ def make_task(config: Config, tokenizer) -> Task:
   if prompts.shape[1] + g.max_completion_tokens > config.train.seq_len:
     raise ConfigError(f"The prompts ({prompts.shape[1]} tokens) + config.grpo.max_completion_tokens = "
                       f"{g.max_completion_tokens} are longer than config.train.seq_len = {config.train.seq_len}: "
-                      "raise train.seq_len or lower max_completion_tokens.")
+                      "raise train.seq_len or lower max_completion_tokens. (Checked on the task's first prompts; a "
+                      "longer one later stops the run.)")
   return task
 
 
@@ -149,16 +152,20 @@ def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
   return ((by_group - by_group.mean(1, keepdims=True)) / (by_group.std(1, keepdims=True) + 1e-4)).reshape(-1)
 
 
-def assemble(prompts_BxP: np.ndarray, completions: list[list[int]], seq_len: int) -> dict[str, np.ndarray]:
-  """Rows prompt + completion padded to seq_len; `mask` marks the positions whose target is a completion
-  token (the loss and its token count)."""
-  B, P = prompts_BxP.shape
+def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[list[int]],
+             seq_len: int) -> dict[str, np.ndarray]:
+  """Rows prompt (its last lengths_B[b] tokens: without the left padding) + completion, padded to seq_len;
+  `mask` marks the positions whose target is a completion token (the loss and its token count)."""
+  B, width = prompts_BxP.shape
   tokens = np.zeros((B, seq_len), np.int32)
   mask = np.zeros((B, seq_len), np.bool_)
   segment_ids = np.zeros((B, seq_len), np.int32)
-  for i, completion in enumerate(completions):
+  for i, (P, completion) in enumerate(zip(lengths_B, completions)):
     n = len(completion)
-    tokens[i, :P], tokens[i, P:P + n] = prompts_BxP[i], completion
+    if P + n > seq_len:
+      raise TrainingError(f"A prompt of {P} tokens + its completion of {n} is longer than config.train.seq_len "
+                          f"= {seq_len}: raise train.seq_len or lower config.grpo.max_completion_tokens.")
+    tokens[i, :P], tokens[i, P:P + n] = prompts_BxP[i, width - P:], completion
     segment_ids[i, :P + n] = 1
     mask[i, P - 1:P - 1 + n] = True
   positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy()
@@ -187,11 +194,13 @@ class Sampler:
     self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
                              out_shardings=rows)
 
-  def _generate(self, params, prompts_BxP, rng, temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
+  def _generate(self, params, prompts_BxP, lengths_B, rng,
+                temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
     with jax.set_mesh(self.rt.mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
       new_BxT = np.asarray(sampling.generate(
           params, prompts_BxP, rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
-          sampling=sampling.SamplingConfig(temperature=temperature), eos_id=self.eos_id, num_ids=self.num_ids))
+          sampling=sampling.SamplingConfig(temperature=temperature), eos_id=self.eos_id, num_ids=self.num_ids,
+          prompt_lengths_B=lengths_B))
     completions, lengths = completions_of(new_BxT, self.eos_id)
     texts = [self.task.tokenizer.decode([t for t in c if t != self.eos_id]) for c in completions]
     return completions, texts, lengths
@@ -201,14 +210,14 @@ class Sampler:
     sampling on the seed, the step and the policy."""
     started, plan, group = time.perf_counter(), self.rt.plan, self.g.num_generations
     count = plan.global_sequences // group
-    prompts, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
-    prompts_BxP = np.repeat(prompts, group, axis=0)
+    prompts, prompt_lengths, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
+    prompts_BxP, prompt_lengths_B = np.repeat(prompts, group, axis=0), np.repeat(prompt_lengths, group)
     answers = [a for a in answers for _ in range(group)]
     params = state.model_params
     rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
-    completions, texts, lengths = self._generate(params, prompts_BxP, rng, self.g.temperature)
+    completions, texts, lengths = self._generate(params, prompts_BxP, prompt_lengths_B, rng, self.g.temperature)
     rewards = self.task.score(texts, answers)
-    batch = assemble(prompts_BxP, completions, plan.seq_len)
+    batch = assemble(prompts_BxP, prompt_lengths_B, completions, plan.seq_len)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
     if reference is None:  # LoRA: the reference is the base, the adapters at zero
       reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
@@ -219,8 +228,8 @@ class Sampler:
 
   def evaluate(self, state) -> dict[str, float]:
     """Mean rewards of greedy completions of the held-out prompts."""
-    prompts, answers = self.task.prompts("eval", range(self.g.eval_prompts))
-    _, texts, lengths = self._generate(state.model_params, prompts, jax.random.key(0), 0.0)
+    prompts, prompt_lengths, answers = self.task.prompts("eval", range(self.g.eval_prompts))
+    _, texts, lengths = self._generate(state.model_params, prompts, prompt_lengths, jax.random.key(0), 0.0)
     rewards = self.task.score(texts, answers)
     return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(lengths.mean()),
             **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}}

@@ -105,11 +105,14 @@ def rotary(x_BxLxNxH, positions_BxL, inv_freq):
   return rotated.astype(x_BxLxNxH.dtype)
 
 
-def cache_context(cfg: ModelConfig, positions_BxL, length: int) -> attention.Context:
-  """XLA attention over a cache whose slot s holds position s: (global, sliding-window or None) masks
-  B x 1 x L x S."""
-  distance_BxLxS = positions_BxL[:, :, None] - jnp.arange(length)[None, None, :]
-  visible = distance_BxLxS >= 0
+def cache_context(cfg: ModelConfig, positions_BxL, length: int, start_B=None) -> attention.Context:
+  """XLA attention over a cache whose slot s of row b holds position s - start_B[b] (0 without start_B;
+  left-padded prompts: the slots before start_B[b] are padding, never seen): (global, sliding-window or
+  None) masks B x 1 x L x S."""
+  slots_1x1xS = jnp.arange(length)[None, None, :]
+  start_Bx1x1 = jnp.zeros((1, 1, 1), jnp.int32) if start_B is None else start_B[:, None, None]
+  distance_BxLxS = positions_BxL[:, :, None] - (slots_1x1xS - start_Bx1x1)
+  visible = (distance_BxLxS >= 0) & (slots_1x1xS >= start_Bx1x1)
   local = (visible & (distance_BxLxS < cfg.sliding_window))[:, None] if cfg.sliding_window else None
   return attention.Context("xla", cfg.sliding_window, masks=(visible[:, None], local))
 
@@ -246,13 +249,14 @@ class Decoder(nn.Module):
     x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, ctx, layer_inputs(self.cfg))
     return self._logits(x_BxLxD)
 
-  def decode(self, tokens_BxL, positions_BxL, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """(logits [B, L, V], the cache with the new tokens): tokens_BxL are those at positions index ...
-    index + L - 1 of every row; each layer writes their keys and values into the cache at `index` and
-    attends over the cache's slots up to each position (the later slots are masked)."""
+  def decode(self, tokens_BxL, positions_BxL, cache: KVCache, start_B=None) -> tuple[jax.Array, KVCache]:
+    """(logits [B, L, V], the cache with the new tokens): tokens_BxL go into cache slots index ...
+    index + L - 1 of every row, at positions_BxL; each layer writes their keys and values into the cache at
+    `index` and attends over the cache's slots up to each position (the later slots are masked, and with
+    start_B the slots before start_B[b]: a left-padded prompt's padding)."""
     x_BxLxD = self._embed(tokens_BxL)
     per_layer = {**layer_inputs(self.cfg), "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
-    ctx = cache_context(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2])
+    ctx = cache_context(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2], start_B)
     x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(x_BxLxD, positions_BxL, ctx, per_layer, cache.index)
     cache = KVCache(k_TxBxSxKxH=k_TxBxSxKxH, v_TxBxSxKxH=v_TxBxSxKxH, index=cache.index + tokens_BxL.shape[1])
     return self._logits(x_BxLxD), cache

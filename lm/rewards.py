@@ -2,8 +2,8 @@
 config.grpo.rewards name them as `module.function`, so a user's own module plugs in the same way).
 
 A task is `task(seed, split, indices, cfg) -> (prompts, answers)`: the problems at those indices of the
-split ("train" or "eval", disjoint streams), lists of strings, the same for the same arguments. Every
-prompt of a task has the same length in tokens (the sampler decodes the rows of a batch in step).
+split ("train" or "eval", disjoint streams), lists of strings, the same for the same arguments; prompts may
+differ in length.
 
 A reward function is `reward(completions, answers) -> sequence of floats`, one per completion: the text
 the model wrote after the prompt (up to its end-of-sequence), and the task's answer of its prompt. The
@@ -22,9 +22,8 @@ _SPLITS = {"train": 0, "eval": 1}
 
 
 def arithmetic(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
-  """Additions of two integers in 0..max_operand, written with a fixed width ("07+45=") so that every
-  prompt has one length; the answer is the sum ("52"). Problem i of a split depends on (seed, split, i)
-  alone. Needs no network and no dataset."""
+  """Additions of two integers in 0..max_operand, written with a fixed width ("07+45="); the answer is the
+  sum ("52"). Problem i of a split depends on (seed, split, i) alone. Needs no network and no dataset."""
   width = len(str(cfg.max_operand))
   prompts, answers = [], []
   for i in indices:

@@ -49,10 +49,12 @@ def next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> ja
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "num_ids"))
 def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
-             sampling: SamplingConfig, eos_id: int, num_ids: int = 0) -> jax.Array:
+             sampling: SamplingConfig, eos_id: int, num_ids: int = 0, prompt_lengths_B=None) -> jax.Array:
   """New tokens [B, max_new_tokens] after the prompt; after a row's end-of-sequence, `eos_id` repeats.
 
-  The prompt rows share one length (a batch of samples of one prompt, or prompts of equal length).
+  Prompts of different lengths come left-padded to P with their lengths in `prompt_lengths_B` (None: every
+  row is P long): row b's prompt is its last prompt_lengths_B[b] tokens, at positions from 0, and the
+  padding before it is never attended to.
   num_ids: ids the tokenizer knows when it has fewer than the embedding rows (0: all); no other is drawn.
   """
   B, P = prompt_BxP.shape
@@ -61,10 +63,13 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
     raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) is over "
                      f"config.model.max_seq_len = {cfg.max_seq_len}.")
   cache = KVCache.zeros(cfg, B, P + max_new_tokens)
+  start_B = None if prompt_lengths_B is None else P - jnp.asarray(prompt_lengths_B, jnp.int32)
 
   def forward(tokens_BxL, cache):
     positions_BxL = cache.index + jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache,
+    if start_B is not None:  # the padding's own positions are clipped to 0: it is masked anyway
+      positions_BxL = jnp.maximum(positions_BxL - start_B[:, None], 0)
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache, start_B,
                                       method=Decoder.decode)
     logits_BxV = logits_BxLxV[:, -1]
     if num_ids:

@@ -84,6 +84,7 @@ def test_accumulation_counts_every_micro_batch_and_one_update(num_devices):
   assert four.model == 4 * one.model
 
 
+@pytest.mark.slow  # ~20 s of compiles
 def test_scanned_layers_are_extrapolated_from_unrolled_ones():
   scanned = config(num_layers=3, scan_layers=True)  # unrolled, 2 layers of it is the `plain` step
   compiled = compile_step(scanned)

@@ -24,11 +24,13 @@ def test_advantages_are_normalised_within_each_group():
 
 
 def test_rows_mask_the_completion_targets_only():
-  batch = grpo.assemble(np.array([[1, 5, 6]], np.int32), [[7, 8, 2]], 8)
-  assert batch["tokens"].tolist() == [[1, 5, 6, 7, 8, 2, 0, 0]]
-  assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
-  # Position t's target is token t + 1: positions 2, 3, 4 predict the completion 7, 8 and its end.
-  assert batch["mask"].tolist() == [[False, False, True, True, True, False, False, False]]
+  batch = grpo.assemble(np.array([[1, 5, 6], [0, 1, 9]], np.int32), np.array([3, 2]), [[7, 8, 2], [4, 2]], 8)
+  assert batch["tokens"].tolist() == [[1, 5, 6, 7, 8, 2, 0, 0], [1, 9, 4, 2, 0, 0, 0, 0]]
+  assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]
+  # Position t's target is token t + 1: positions 2, 3, 4 predict the completion 7, 8 and its end; the
+  # left-padded second prompt starts its row (its padding dropped).
+  assert batch["mask"].tolist() == [[False, False, True, True, True, False, False, False],
+                                    [False, True, True, False, False, False, False, False]]
   assert grpo.completions_of(np.array([[7, 8, 2, 2], [3, 3, 3, 3]]), 2) == ([[7, 8, 2], [3, 3, 3, 3]], pytest.approx([3, 4]))
 
 
@@ -82,6 +84,7 @@ def _parity_reward(completions, answers):
   return [float(ord(c[0]) % 2) if c else 0.0 for c in completions]
 
 
+@pytest.mark.slow  # ~45 s: two LoRA GRPO runs (the default suite has the full-parameter one of the test below)
 def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_path):
   config = from_config_dict(_config(tmp_path, **{"grpo.rewards": "lm.rewards.exact_answer,tests.test_grpo._parity_reward"}))
   workdir = str(tmp_path / "run")

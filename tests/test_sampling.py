@@ -128,3 +128,17 @@ def test_past_the_model_length_the_context_slides_as_nanogpt_crops():
     logits = forward({"params": params}, window, jnp.ones_like(window), jnp.broadcast_to(jnp.arange(64), window.shape))
     tokens = np.concatenate([tokens, np.asarray(jnp.argmax(logits[:, -1], axis=-1))[:, None]], axis=1)
   assert np.array_equal(new_BxT, tokens[:, 60:])
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA_LIKE], ids=["scan", "gemma"])
+def test_left_padded_prompts_decode_as_each_prompt_alone(overrides):
+  """Prompts of 5 and 9 tokens in one batch (the short one left-padded): greedy, each row's new tokens
+  are those of its prompt decoded alone."""
+  model, params = _model_and_params(**overrides)
+  short = jax.random.randint(jax.random.key(3), (1, 5), 3, 64)
+  long = jax.random.randint(jax.random.key(4), (1, 9), 3, 64)
+  padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 4), jnp.int32), short], axis=1), long])
+  run = functools.partial(generate, params, rng=jax.random.key(0), model=model, max_new_tokens=6,
+                          sampling=SamplingConfig(), eos_id=-1)
+  both = run(padded, prompt_lengths_B=jnp.asarray([5, 9]))
+  assert np.array_equal(both[0], run(short)[0]) and np.array_equal(both[1], run(long)[0])
