@@ -123,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.temperature = 1.0  # sampling temperature of the completions
   c.grpo.task = "lm.rewards.arithmetic"  # prompts and answers: module.function(seed, split, indices, cfg)
   c.grpo.max_operand = 99  # the arithmetic task's operands: 0 to max_operand
+  c.grpo.dataset = ""  # lm.rewards.jsonl_problems' file: JSON Lines of {"prompt": ..., "answer": ...}
   c.grpo.rewards = "lm.rewards.exact_answer,lm.rewards.answer_format"  # summed; module.function each
   c.grpo.eval_prompts = 64  # held-out prompts scored (greedy) at every eval
 

@@ -133,6 +133,7 @@ class GRPOConfig:
   temperature: float
   task: str
   max_operand: int
+  dataset: str
   rewards: str
   eval_prompts: int
 

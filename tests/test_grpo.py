@@ -45,6 +45,21 @@ def test_arithmetic_prompts_are_fixed_by_seed_split_and_index():
   assert rewards.answer_format(["12", "1 2"], ["", ""]) == [0.1, 0.0]
 
 
+def test_jsonl_problems_hold_out_the_first_lines_and_shuffle_the_rest(tmp_path):
+  lines = [f'{{"prompt": "{i}*2=", "answer": "{2 * i}"}}' for i in range(10)]
+  (tmp_path / "p.jsonl").write_text("\n".join(lines))
+  cfg = dataclasses.replace(from_config_dict(default.get_config()).grpo, dataset=str(tmp_path / "p.jsonl"),
+                            eval_prompts=2)
+  assert rewards.jsonl_problems(0, "eval", [0, 1], cfg) == (["0*2=", "1*2="], ["0", "2"])
+  prompts, answers = rewards.jsonl_problems(0, "train", range(16), cfg)
+  assert sorted(prompts[:8]) == sorted(f"{i}*2=" for i in range(2, 10)) and prompts[8:] != prompts[:8]
+  assert all(a == str(2 * int(p.split("*")[0])) for p, a in zip(prompts, answers))
+  assert prompts == rewards.jsonl_problems(0, "train", range(16), cfg)[0] != rewards.jsonl_problems(1, "train", range(16), cfg)[0]
+  (tmp_path / "bad.jsonl").write_text('{"prompt": "1"}\n')
+  with pytest.raises(ConfigError, match=r"line 1: not a JSON object with \"prompt\" and \"answer\""):
+    rewards.jsonl_problems(0, "train", [0], dataclasses.replace(cfg, dataset=str(tmp_path / "bad.jsonl")))
+
+
 def _config(tmp_path, **changes):
   c = apply_overrides(default.get_config(), TINY)
   c.mesh.data, c.mesh.fsdp = 2, 1
