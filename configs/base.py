@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo = ml_collections.ConfigDict()
   c.grpo.enabled = False
   c.grpo.num_generations = 4  # completions per prompt (>= 2)
+  c.grpo.num_iterations = 1  # optimizer steps on each batch of completions (TRL's num_iterations, mu)
   c.grpo.beta = 0.04  # weight of the KL penalty to the reference model
   c.grpo.epsilon = 0.2  # clip of the probability ratio
   c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len)

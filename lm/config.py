@@ -127,6 +127,7 @@ class MeshConfig:
 class GRPOConfig:
   enabled: bool
   num_generations: int
+  num_iterations: int
   beta: float
   epsilon: float
   max_completion_tokens: int
@@ -382,7 +383,7 @@ def validate_grpo(g: GRPOConfig) -> None:
   _require(0.0 < g.epsilon < 1.0, f"config.grpo.epsilon = {g.epsilon} must be in (0, 1) (the ratio's clip).")
   _require(g.temperature > 0.0, f"config.grpo.temperature = {g.temperature} must be > 0: GRPO needs the "
                                 "completions of a prompt to differ (sampling, not greedy decoding).")
-  _positive("grpo", g, "max_completion_tokens", "max_operand", "eval_prompts")
+  _positive("grpo", g, "num_iterations", "max_completion_tokens", "max_operand", "eval_prompts")
   _require(bool(g.rewards.strip()), "config.grpo.rewards is empty; name at least one reward function "
                                     "(module.function, comma-separated), e.g. lm.rewards.exact_answer.")
 

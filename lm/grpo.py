@@ -5,7 +5,8 @@ Each optimizer step:
 2. samples num_generations completions of each with the KV-cache sampler (`lm.sampling.generate`),
 3. rewards each completion (the config's reward functions, summed) and normalises the rewards within each
    prompt's group: advantage = (reward - group mean) / (group std + 1e-4),
-4. takes one optimizer step on the clipped policy-gradient loss with a KL penalty to the reference model,
+4. takes num_iterations optimizer steps (1 by default, as TRL and Tunix) on those completions, each on the
+   clipped policy-gradient loss with a KL penalty to the reference model,
    per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta KL, where ratio is
    the policy's probability of the token over the sampling policy's and KL the k3 estimator
    exp(ref - logp) - (ref - logp) - 1 (TRL's and Tunix's). The loss is the mean over every completion token
@@ -13,9 +14,10 @@ Each optimizer step:
    (`lm.train_step.train_step` with this module's `policy_losses`).
 
 The reference model is the one the run starts from: with LoRA the base alone (the adapters at zero: no
-copy of the weights), else a copy of the starting parameters. One update per batch of completions (TRL's
-and Tunix's default), so the ratio is 1 up to the rounding between the sampling and the update programs;
-the clip matters once a batch is reused, which this trainer does not do yet.
+copy of the weights), else a copy of the starting parameters. With one update per batch of completions the
+ratio is 1 up to the rounding between the sampling and the update programs; from the second of
+num_iterations updates on, the policy has moved from the sampling one and the clip bounds the step.
+SIGTERM and a first Ctrl-C finish the step, save it and stop, as in pre-training.
 
 Prompts of different lengths are left-padded for the sampler (`lm.sampling.generate`'s prompt_lengths_B) and
 packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
@@ -34,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import (checkpoint, console, corpus, data, lease, lora, metrics, runtime, sampling, sharding, train)
+from lm import (checkpoint, console, corpus, data, errors, lease, lora, metrics, runtime, sampling, sharding,
+                train)
 from lm.config import Config, ConfigError, GRPOConfig, to_dict
 from lm.errors import TrainingError
 from lm.model import Decoder
@@ -206,8 +209,8 @@ class Sampler:
     return completions, texts, lengths
 
   def rollout(self, state, reference, step: int) -> Rollout:
-    """The completions of optimizer step `step` (from 0): its prompts depend on the seed and the step, the
-    sampling on the seed, the step and the policy."""
+    """The completions of rollout `step` (from 0; the optimizer step / num_iterations): its prompts depend
+    on the seed and the step, the sampling on the seed, the step and the policy."""
     started, plan, group = time.perf_counter(), self.rt.plan, self.g.num_generations
     count = plan.global_sequences // group
     prompts, prompt_lengths, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
@@ -316,24 +319,37 @@ def _throughput(rt: runtime.Runtime, t) -> metrics.Throughput:
 
 def _loop(rt, fns, sampler: Sampler, state, reference, manager, logger: metrics.MetricsLogger,
           held: lease.Lease) -> dict[str, float]:
-  t = rt.config.train
+  t, iterations = rt.config.train, rt.config.grpo.num_iterations
   schedule = learning_rate_schedule(t, t.num_train_steps)
-  for step in range(int(state.step), t.num_train_steps):
-    done = step + 1
-    held.check()
-    out = sampler.rollout(state, reference, step)
-    with sharding.activate(rt.mesh):
-      batch = sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh)
-      state, figures = fns.step_fn(state, batch)
-    scalars = _scalars(jax.device_get(figures), out, float(schedule(step, xp=np)))
-    train.check_finite(t.skip_nonfinite_updates, done, scalars)
-    logger.train_step(done, scalars)
-    if done % t.eval_interval_steps == 0 or done == t.num_train_steps:
-      logger.eval_scalars(done, sampler.evaluate(state))
-    if done % t.save_interval_steps == 0 or done == t.num_train_steps:
-      checkpoint.save(manager, done, state.saved(), to_dict(rt.config), logger.progress())
+  out = None
+  with checkpoint.PreemptionNotice(manager) as preemption:
+    for step in range(int(state.step), t.num_train_steps):
+      done = step + 1
+      held.check()
+      if out is None or step % iterations == 0:  # new completions every num_iterations steps
+        if step % iterations:
+          console.logger.warning("Resumed inside a group of config.grpo.num_iterations = %d steps: the "
+                                 "completions of steps %d-%d are sampled again, from the resumed policy.",
+                                 iterations, step + 1, (step // iterations + 1) * iterations)
+        out = sampler.rollout(state, reference, step // iterations)
+      with sharding.activate(rt.mesh):
+        batch = sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh)
+        state, figures = fns.step_fn(state, batch)
+      scalars = _scalars(jax.device_get(figures), out, float(schedule(step, xp=np)))
+      train.check_finite(t.skip_nonfinite_updates, done, scalars)
+      logger.train_step(done, scalars)
+      preempted = preemption.reached(done)
+      if done % t.eval_interval_steps == 0 or done == t.num_train_steps:
+        logger.eval_scalars(done, sampler.evaluate(state))
+      if done % t.save_interval_steps == 0 or done == t.num_train_steps or preempted:
+        checkpoint.save(manager, done, state.saved(), to_dict(rt.config), logger.progress())
+      if preempted:
+        break
   checkpoint.seal(manager)
   manager.check_for_errors()
+  if preemption.interrupted:
+    raise errors.Interrupted(f"Interrupted (Ctrl-C): finished step {int(state.step)} and saved it. Run the same "
+                             "command again to resume.")
   return {**logger.last, "step": int(state.step)}
 
 

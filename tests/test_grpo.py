@@ -163,3 +163,19 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
   before, after = evals[0]["reward/exact_answer"], evals[30]["reward/exact_answer"]
   assert after >= before + 0.08, (before, after)
   assert evals[30]["completion_length"] < evals[0]["completion_length"]
+
+
+def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_path):
+  """num_iterations 2: steps 1-2 and 3-4 share their completions (the same rewards), the first step of a
+  pair has ratio 1 (nothing clipped), the second has moved (at this learning rate, some tokens clipped)."""
+  c = _config(tmp_path, **{"grpo.rewards": "tests.test_grpo._parity_reward", "grpo.num_iterations": 2,
+                           "train.learning_rate": 3e-2, "train.save_interval_steps": 4})
+  c.model.lora_rank, c.mesh.data = 0, 1
+  c.train.micro_batch_size, c.train.gradient_accumulation_steps = 16, 1
+  workdir = str(tmp_path / "run")
+  grpo.train_and_evaluate(from_config_dict(c), workdir, devices=jax.devices()[:1])
+  logged = metrics.read_jsonl(workdir)
+  assert [logged[s]["reward_mean"] for s in (1, 3)] == [logged[s]["reward_mean"] for s in (2, 4)]
+  assert logged[1]["reward_mean"] != logged[3]["reward_mean"] or logged[1]["loss"] != logged[3]["loss"]
+  assert logged[1]["clip_fraction"] == logged[3]["clip_fraction"] == 0.0
+  assert logged[2]["clip_fraction"] > 0 and logged[4]["clip_fraction"] > 0
