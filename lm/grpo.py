@@ -266,12 +266,10 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
                       f"config.grpo.num_generations = {g.num_generations}: each prompt's completions form one "
                       "group of a step. Change the batch or num_generations.")
   checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
-  manager = checkpoint.make_manager(checkpoint_dir, t)
-  checkpoint.check_same_step(manager)
-  latest_step, saved = checkpoint.check_compatible(manager, to_dict(config))
-  if latest_step is not None:
-    train.check_resumable(config, latest_step, saved, checkpoint_dir)
+  checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
+  latest_step, _ = train.check_start(config, checkpoint_dir)
   sampler = Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size)))
+  manager = checkpoint.make_manager(checkpoint_dir, t)  # the writing one, once the task is known good
   losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)

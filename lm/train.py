@@ -85,17 +85,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
   checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
   checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
   rt = runtime.setup(config, devices)
-
-  # Read-only until the data is known good: the writing manager starts removing a killed save's temporary
-  # directories in a thread, which an exit at a mistake in the data cut off (a traceback at shutdown).
-  found = checkpoint.reader(checkpoint_dir)
-  checkpoint.check_same_step(found)
-  latest_step, saved = checkpoint.check_compatible(found, to_dict(config))
-  if latest_step is not None:
-    check_resumable(config, latest_step, saved, checkpoint_dir)
-  if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
-    _, init_model = checkpoint.params_location(t.init_from)
-    checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
+  latest_step, saved = check_start(config, checkpoint_dir)
   with distributed.process_zero_first():  # process 0 prepares the data on first use
     tokenizer, prepared = corpus.prepare_all(config.data, config.model.vocab_size)
   batches = corpus.train_batches(prepared, t.seq_len, t.seed, rt.plan.global_sequences)
@@ -130,6 +120,24 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
       return loop(run, state)
     finally:
       checkpoint.finish_saves(manager)
+
+
+def check_start(config: Config, checkpoint_dir: str) -> tuple[int | None, dict | None]:
+  """(newest step, its saved config) of the checkpoint directory, read-only and checked against this config
+  (the same model and optimizer, the same data, a step left to train), and init_from's model on a fresh
+  start. Read-only until the data is known good: the writing manager starts removing a killed save's
+  temporary directories in a thread, which an exit at a mistake in the data cut off (a traceback at
+  shutdown); make it after the data."""
+  t = config.train
+  found = checkpoint.reader(checkpoint_dir)
+  checkpoint.check_same_step(found)
+  latest_step, saved = checkpoint.check_compatible(found, to_dict(config))
+  if latest_step is not None:
+    check_resumable(config, latest_step, saved, checkpoint_dir)
+  if t.init_from and latest_step is None:  # only a fresh start uses it; checked before the data is read
+    _, init_model = checkpoint.params_location(t.init_from)
+    checkpoint.check_same_model(init_model, to_dict(config)["model"], f"config.train.init_from = {t.init_from!r}")
+  return latest_step, saved
 
 
 def check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str) -> None:

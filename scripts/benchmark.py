@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from lm import checkpoint, data, metrics, runtime, sharding, train, train_step  # noqa: E402
+from lm import checkpoint, config_file, data, metrics, runtime, sharding, train, train_step  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
 from lm.model import Decoder  # noqa: E402
 from lm.optimizer import make_optimizer  # noqa: E402
@@ -421,4 +421,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback

@@ -18,6 +18,8 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+
+from lm import config_file  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A GRPO config (configs/*_grpo.py).")
@@ -63,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import console
+from lm import config_file, console
 from lm.config import from_config_dict
 from lm.errors import ConfigError, TrainingError
 
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_file.parse_flags)  # a bad --config: one line, no traceback
