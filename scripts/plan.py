@@ -102,6 +102,7 @@ class Estimate:
   params: int
   optimizer: int  # opt_state.inner_opt_state: Adam moments (or Lion's momentum), clipping, norm
   accumulator: int  # opt_state.acc_grads of MultiSteps
+  frozen: int  # LoRA: the base weights, an input of the step (0 without LoRA)
   temporary: int  # XLA temp buffers: activations kept for the backward pass, gradients, logits
   total: int  # everything live: arguments + outputs not aliased to them + temporaries
   compile_seconds: float
@@ -197,7 +198,8 @@ def estimate(config: Config, devices: list) -> Estimate:
   state = fns.abstract_state
   sizes = dict(config=config, mesh_shape=dict(rt.mesh.shape), params=device_bytes(state.params),
                optimizer=device_bytes(state.opt_state.inner_opt_state),
-               accumulator=device_bytes(state.opt_state.acc_grads), attention=rt.config.model.attention)
+               accumulator=device_bytes(state.opt_state.acc_grads), attention=rt.config.model.attention,
+               frozen=device_bytes(state.frozen) if state.frozen is not None else 0)
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
@@ -206,7 +208,8 @@ def estimate(config: Config, devices: list) -> Estimate:
       raise
     temporary = float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024
     return Estimate(**sizes, temporary=int(temporary), compiled=None,
-                    total=int(temporary) + sizes["params"] + sizes["optimizer"] + sizes["accumulator"],
+                    total=int(temporary) + sizes["params"] + sizes["optimizer"] + sizes["accumulator"]
+                    + sizes["frozen"],
                     compile_seconds=time.perf_counter() - start)
   memory = compiled.memory_analysis()
   return Estimate(**sizes, temporary=memory.temp_size_in_bytes, compiled=compiled,
@@ -317,6 +320,7 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
       f"  parameters          {_gb(est.params):>9}",
       f"  optimizer state     {_gb(est.optimizer):>9}   (opt_state.inner_opt_state)",
       f"  accumulator         {_gb(est.accumulator):>9}   (opt_state.acc_grads)",
+      *([f"  frozen base         {_gb(est.frozen):>9}   (LoRA: the weights the adapters adapt)"] if est.frozen else []),
       f"  temporary           {_gb(est.temporary):>9}   (activations, gradients, logits: XLA memory analysis)",
       f"  total               {_gb(est.total):>9}   of {memory_gb:g} GB, {usable:g} usable = "
       f"{limit / GB:,.3g} GB: {verdict}",
@@ -334,12 +338,14 @@ def describe_speed(flops: metrics.StepFlops, est: Estimate, target: Target, mfu:
   seconds = flops.model / (n * peak * mfu)
   splash = ("; the splash kernels, which XLA cannot see into, at the model count of attention, and their "
             "memory traffic left out" if est.attention == "splash" else "")
+  counted = ("3 x forward" if not est.config.model.lora_rank else
+             "LoRA: frozen weights 2 x forward, adapters and attention scores 3 x")
   at_mfu = (f"At MFU {mfu:g} on {n} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
             f"{tokens / seconds:,.0f} tokens/s ({tokens / seconds / n:,.0f} per device)")
   if not flops.hardware:  # not counted (--hardware_flops=false)
-    return [f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half)", at_mfu]
+    return [f"FLOPs per step: {flops.model:.4g} model (analytic, {counted}, causal attention as half)", at_mfu]
   lines = [
-      f"FLOPs per step: {flops.model:.4g} model (analytic, 3 x forward, causal attention as half), "
+      f"FLOPs per step: {flops.model:.4g} model (analytic, {counted}, causal attention as half), "
       f"{flops.hardware:.4g} hardware (XLA: remat recomputation, attention as computed, elementwise, "
       f"optimizer{splash}) = {flops.hardware / flops.model:.3f} x model",
       f"{at_mfu}, HFU {mfu * flops.hardware / flops.model:.3f}"]
