@@ -456,6 +456,11 @@ def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):
   with open(shard, "r+b") as f:
     f.write(bytes([content[0] ^ 1]))
   assert token_store.verify(prepared.directory) == [shard]  # a flipped bit: found by the checksum
+  store = lm_corpus.prepare_all(cfg, 259)[1]["main"].stores["train"]  # and by training's first read of it
+  store.read(0, 10)  # shard 0 is intact
+  with pytest.raises(ConfigError, match=r"train-00001.tokens does not match the CRC-32 its preparation "
+                                        r"recorded: the prepared data is corrupt. Run .* --repair"):
+    store.read(int(store._starts[1]), int(store._starts[1]) + 10)
   kept = os.stat(os.path.join(prepared.directory, "train-00000.tokens")).st_mtime_ns
   assert prepare.repair(prepared.directory) == [shard]  # shard 1 on is prepared again, shard 0 kept
   lm_corpus.prepare_all(cfg, 259)
