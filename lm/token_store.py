@@ -118,9 +118,10 @@ class TokenStore:
 
   def _shard(self, k: int):
     """The shard's (tokens, ends), opened on first use; the least recently used closed past a bound. The
-    first time in a process, each file read whole here is checked against its CRC-32 of the manifest: a local
-    shard's tokens (a memory map; 0.12 s per 128M uint16 tokens here) and every shard's document ends. A remote shard's
-    tokens are read by ranges, not whole: `scripts/prepare_data.py --verify` checks those."""
+    first time in a process, each file read whole here is checked against its CRC-32 of the manifest: a
+    local shard's tokens (a memory map; 0.12 s per 128M uint16 tokens here) and every shard's document
+    ends. A remote shard's tokens are read by ranges, not whole: `scripts/prepare_data.py --verify` checks
+    those."""
     if k not in self._arrays:
       (tokens, dtype, count), (ends, ends_dtype, documents) = self._files(k)
       self._arrays[k] = (open_array(tokens, dtype, count, self._what),
