@@ -425,17 +425,30 @@ def check_same_model(saved: dict, model: dict, where: str) -> None:
                       "they were written for, or convert the checkpoint for this one.")
 
 
-def check_same_adapters(saved: dict, model: dict, where: str) -> None:
+def same_base(saved: str, given: str) -> bool:
+  """Whether two config.train.init_from values name the same parameters (relative or absolute)."""
+  return saved == given or (bool(saved) and bool(given) and absolute(saved) == absolute(given))
+
+
+def check_same_adapters(saved: dict, config: dict, where: str) -> None:
   """A run's checkpoint holds LoRA adapters when its model.lora_rank > 0: they are read only by a config of
-  the same rank and targets (and merged with its base: config.train.init_from)."""
+  the same rank, alpha and targets, merged with the same base (config.train.init_from)."""
+  model = config["model"]
   rank = saved["model"].get("lora_rank", 0)
   targets = saved["model"].get("lora_targets", ADDED_KEYS["model.lora_targets"])
-  if rank == model["lora_rank"] and (not rank or targets == model["lora_targets"]):
-    return
+  alpha = saved["model"].get("lora_alpha", ADDED_KEYS["model.lora_alpha"])
   base = saved.get("train", {}).get("init_from", "")
+  if rank and rank == model["lora_rank"] and (targets, alpha) == (model["lora_targets"], model["lora_alpha"]):
+    if not same_base(base, config["train"]["init_from"]):
+      raise ConfigError(f"{where} holds LoRA adapters of the base config.train.init_from = {base!r}; this config "
+                        f"names {config['train']['init_from']!r}: adapters mean nothing on other weights. Pass "
+                        f"--config.train.init_from={base}.")
+    return
+  if not rank and not model["lora_rank"]:
+    return
   there = (f"LoRA adapters of rank {rank} on {targets!r} for the base {base!r}" if rank else
            "all the parameters of a model (no LoRA)")
-  fix = (f"--config.model.lora_rank={rank} --config.model.lora_targets={targets} "
+  fix = (f"--config.model.lora_rank={rank} --config.model.lora_alpha={alpha:g} --config.model.lora_targets={targets} "
          f"--config.train.init_from={base}" if rank else "--config.model.lora_rank=0")
   raise ConfigError(f"{where} holds {there}; this config has model.lora_rank = {model['lora_rank']}. Pass {fix}.")
 

@@ -56,15 +56,17 @@ class ParamsSource:
   """The parameters of a run's checkpoints for a given mesh: latest, a chosen step, or each new one.
 
   Args:
-    model: this config's model section (`to_dict(config)["model"]`): a checkpoint of another model (a
-      switch that changes no shape, such as the RoPE base or the MLP activation, included) is refused.
+    config: this config as a dict (`to_dict(config)`): a checkpoint of another model (a switch that changes
+      no shape, such as the RoPE base or the MLP activation, included) is refused, and LoRA adapters of
+      another rank, alpha, targets or base (train.init_from).
+    base: LoRA's base weights, which the adapters restored are merged with (None: no LoRA).
   """
 
-  def __init__(self, checkpoint_dir: str, abstract_params, model: dict, base=None):
+  def __init__(self, checkpoint_dir: str, abstract_params, config: dict, base=None):
     if not epath.Path(checkpoint_dir).exists():
       raise TrainingError(f"No checkpoint: {checkpoint_dir} does not exist. Pass the --workdir of a "
                           "training run (or its config.train.checkpoint_dir).")
-    self.directory, self._abstract, self._model, self._base = checkpoint_dir, abstract_params, model, base
+    self.directory, self._abstract, self._config, self.base = checkpoint_dir, abstract_params, config, base
     self.manager = checkpoint.reader(checkpoint_dir)
     checkpoint.check_same_step(self.manager)  # several processes must read one directory
     self.steps = checkpoint_steps(checkpoint_dir, self.manager)
@@ -76,11 +78,11 @@ class ParamsSource:
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     written = saved and "model" in saved  # runs write their config beside the state
     if written:
-      checkpoint.check_same_adapters(saved, self._model, where)
+      checkpoint.check_same_adapters(saved, self._config, where)
     checkpoint.check_param_shapes(checkpoint.saved_tree(item)["params"], self._abstract, where)
     if written:
-      checkpoint.check_same_model(saved["model"], self._model, where)
-    return lora.merge(self._base, checkpoint.restore_params_item(item, self._abstract, where))
+      checkpoint.check_same_model(saved["model"], self._config["model"], where)
+    return lora.merge(self.base, checkpoint.restore_params_item(item, self._abstract, where))
 
   def latest(self) -> tuple[int, object]:
     """The newest checkpoint that can be read; a partial or unreadable one is skipped and said so."""
@@ -133,8 +135,10 @@ class ParamsSource:
 def params_source(rt: runtime.Runtime, checkpoint_dir: str) -> ParamsSource:
   """The checkpoints' parameters on `rt`'s mesh; with LoRA, its adapters merged with the base they adapt."""
   adapters, _ = runtime.trainable(rt.abstract_params, rt.config.model)
-  base = runtime.base_params(rt) if rt.config.model.lora_rank else None
-  return ParamsSource(checkpoint_dir, adapters, to_dict(rt.config)["model"], base)
+  source = ParamsSource(checkpoint_dir, adapters, to_dict(rt.config))
+  if rt.config.model.lora_rank:  # each checkpoint's own base is compared with this one when it is read
+    source.base = runtime.base_params(rt)
+  return source
 
 
 def run(config: Config, workdir: str, *, step: int | None = None, follow: bool = False,

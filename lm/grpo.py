@@ -44,13 +44,11 @@ from lm.model import Decoder
 from lm.optimizer import learning_rate_schedule, make_optimizer
 
 
-def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float) -> dict:
+def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float) -> dict:
   """Per completion: the clipped policy-gradient loss with the KL penalty summed over its tokens, their
-  count, the KL sum and the number of tokens whose objective was clipped."""
-  tokens_BxL = batch["tokens"]
-  logits_BxLxV = model.apply({"params": params}, tokens_BxL, batch["segment_ids"], batch["positions"])
-  logp_BxL = -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
-                                                              data.targets(tokens_BxL))
+  count, the KL sum and the number of tokens whose objective was clipped. Log-probabilities are those of
+  the sampling distribution (logits / temperature), as TRL's."""
+  logp_BxL = token_logprobs(model, params, batch, temperature)
   mask_BxL = batch["mask"]
   ratio_BxL = jnp.exp(logp_BxL - batch["old_logprobs"])
   advantage_Bx1 = batch["advantages"][:, None]
@@ -65,10 +63,10 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float)
           "sequence_kl": total(kl_BxL), "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
 
 
-def token_logprobs(model: Decoder, params, batch) -> jax.Array:
-  """log p(next token) at every position [B, L], float32."""
+def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> jax.Array:
+  """log p(next token) at every position [B, L], float32, of the logits divided by `temperature`."""
   logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
-  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32) / temperature,
                                                           data.targets(batch["tokens"]))
 
 
@@ -102,6 +100,9 @@ class Task:
     head = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
     ids = [head + self.tokenizer.encode(t) for t in texts]
     lengths = np.asarray([len(i) for i in ids], np.int32)
+    if not lengths.min():
+      raise TrainingError(f"config.grpo.task = {self.cfg.task!r} gave an empty prompt (no tokens, and the tokenizer "
+                          "has no BOS): a completion needs a prompt to follow.")
     padded = np.zeros((len(ids), lengths.max()), np.int32)
     for row, i in zip(padded, ids):
       row[len(row) - len(i):] = i
@@ -194,8 +195,8 @@ class Sampler:
     self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else -1
     self.num_ids = tokenizer.vocab_size if tokenizer.vocab_size < rt.config.model.vocab_size else 0
     rows = sharding.batch_sharding(rt.mesh)
-    self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
-                             out_shardings=rows)
+    self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),
+                             in_shardings=(rt.param_sharding, rows), out_shardings=rows)
 
   def _generate(self, params, prompts_BxP, lengths_B, rng,
                 temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
@@ -224,9 +225,10 @@ class Sampler:
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
     if reference is None:  # LoRA: the reference is the base, the adapters at zero
       reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
-    for name, weights in (("old_logprobs", params), ("ref_logprobs", reference)):
-      batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
-                                    for micro in _micro(batch, plan.micro_rows)])
+    with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
+      for name, weights in (("old_logprobs", params), ("ref_logprobs", reference)):
+        batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
+                                      for micro in _micro(batch, plan.micro_rows)])
     return Rollout(batch, rewards, lengths, time.perf_counter() - started)
 
   def evaluate(self, state) -> dict[str, float]:
@@ -270,7 +272,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
   latest_step, _ = train.check_start(config, checkpoint_dir)
   sampler = Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size)))
   manager = checkpoint.make_manager(checkpoint_dir, t)  # the writing one, once the task is known good
-  losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon)
+  losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)
     state, progress = train.initial_state(rt, fns, manager, latest_step, t.init_from)

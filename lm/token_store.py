@@ -124,12 +124,12 @@ class TokenStore:
     those."""
     if k not in self._arrays:
       (tokens, dtype, count), (ends, ends_dtype, documents) = self._files(k)
-      self._arrays[k] = (open_array(tokens, dtype, count, self._what),
-                         open_array(ends, ends_dtype, documents, self._what, searched=True))
+      arrays = (open_array(tokens, dtype, count, self._what),
+                open_array(ends, ends_dtype, documents, self._what, searched=True))
       if k not in self._verified:
-        checked = [("ends", ends, self._arrays[k][1])]
+        checked = [("ends", ends, arrays[1])]
         if not is_remote(tokens):
-          checked.append(("tokens", tokens, self._arrays[k][0]))
+          checked.append(("tokens", tokens, arrays[0]))
         for what, path, array in checked:
           expected = self._crcs[k].get(what)
           if expected is not None and zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) != expected:
@@ -137,6 +137,7 @@ class TokenStore:
                               "prepared data is corrupt. Run scripts/prepare_data.py with the same config and "
                               "--repair: it keeps the shards before the damaged one and prepares the rest again.")
         self._verified.add(k)
+      self._arrays[k] = arrays
       if len(self._arrays) > _OPEN_SHARDS:
         self._arrays.popitem(last=False)
     self._arrays.move_to_end(k)

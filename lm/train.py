@@ -152,11 +152,16 @@ def check_resumable(config: Config, step: int, saved: dict, checkpoint_dir: str)
     console.logger.info("%s holds step %d = config.train.num_train_steps: the run is complete, nothing to "
                         "train. Raise num_train_steps to continue it.", checkpoint_dir, step)
   base = saved.get("train", {}).get("init_from", "")
-  if config.model.lora_rank and base != t.init_from:
+  if config.model.lora_rank and not checkpoint.same_base(base, t.init_from):
     raise ConfigError(
         f"{checkpoint_dir} holds LoRA adapters (step {step}) of the base config.train.init_from = {base!r}; "
         f"this run names {t.init_from!r}. Adapters only mean something on the weights they were trained on: "
         "give the same init_from, or use a new --workdir.")
+  if config.grpo.enabled and not checkpoint.same_base(base, t.init_from):
+    raise ConfigError(
+        f"{checkpoint_dir} holds step {step} of a GRPO run that started from config.train.init_from = {base!r}, "
+        f"its KL penalty's reference; this run names {t.init_from!r}. Give the same init_from, or use a new "
+        "--workdir.")
   changes = checkpoint.data_changes(saved, to_dict(config))
   if changes and not t.allow_data_change:
     raise ConfigError(

@@ -40,7 +40,8 @@ def main(argv):
   g = config.grpo
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(config.train, _STEPS.value + 1),
-                                  losses=lambda m, p, b: grpo.policy_losses(m, p, b, beta=g.beta, epsilon=g.epsilon))
+                                  losses=lambda m, p, b: grpo.policy_losses(m, p, b, beta=g.beta, epsilon=g.epsilon,
+                                                                            temperature=g.temperature))
     state = fns.create_state()
   reference = None if fns.lora else jax.tree.map(lambda x: x.copy(), state.params)
   times = {"rollout": [], "update": []}

@@ -81,7 +81,8 @@ def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
   target = load_config_file(config_path).model if config_path else None
   defaults = target or from_config_dict(base.get_config()).model
   described = hf.model_config_from_hf(family, hf_config, defaults)
-  cfg = target or described
+  # Imported parameters are weights: a LoRA config's adapters are made by its runs, not imported.
+  cfg = dataclasses.replace(target or described, lora_rank=0)
   with open(os.path.join(hf_dir, "config.json")) as f:
     multimodal = "text_config" in json.load(f)
   tensors = hf.language_model_tensors(hf.read_tensors(hf_dir), multimodal)
@@ -161,6 +162,7 @@ def lora_base(cfg: ModelConfig, run: dict) -> dict:
   if init_from:
     return checkpoint.load_params_on_host(init_from)[0]
   tokens = np.zeros((1, 1), np.int32)
+  cfg = dataclasses.replace(cfg, attention="xla")  # the run's may be a TPU kernel; the parameters are the same
   params = nn.unbox(Decoder(cfg).init(jax.random.key(run["train"]["seed"]), tokens, tokens + 1, tokens)["params"])
   return lora.split(params)[0]
 

@@ -83,7 +83,7 @@ def test_eval_on_eight_devices_of_a_checkpoint_written_on_one(trained, tmp_path)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(one.train, STEPS))
     params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), rt.abstract_params,
-                                   to_dict(one)["model"]).at(12)
+                                   to_dict(one)).at(12)
     state = fns.create_state().replace(params=params)
     manager = checkpoint.make_manager(str(tmp_path / "one" / "checkpoints"), one.train)
     checkpoint.save(manager, 12, state, {})

@@ -117,5 +117,9 @@ def test_a_lora_run_trains_and_saves_the_adapters_alone_and_reads_back_on_its_ba
   no_lora = dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=0))
   with pytest.raises(ConfigError, match="holds LoRA adapters of rank 4 .* Pass --config.model.lora_rank=4"):
     evaluate.run(no_lora, workdir)
+  other_base = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=""))
+  with pytest.raises(ConfigError, match="holds LoRA adapters of the base config.train.init_from = .* this config "
+                                        "names '': adapters mean nothing on other weights"):
+    evaluate.run(other_base, workdir)  # eval or sample.py without the run's --config.train.init_from
   with pytest.raises(ConfigError, match="holds LoRA adapters, not a model's weights"):
     checkpoint.load_params_on_host(f"{workdir}/checkpoints")
