@@ -14,6 +14,7 @@ from configs import default
 from lm import checkpoint, grpo, lora, metrics, rewards
 from lm.config import ConfigError, from_config_dict
 from tests.helpers import apply_overrides
+from tests.test_plan import needs_libtpu, plan, tpu_config  # noqa: F401 (plan: a fixture)
 from tests.test_train import TINY
 
 
@@ -179,3 +180,31 @@ def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_pat
   assert logged[1]["reward_mean"] != logged[3]["reward_mean"] or logged[1]["loss"] != logged[3]["loss"]
   assert logged[1]["clip_fraction"] == logged[3]["clip_fraction"] == 0.0
   assert logged[2]["clip_fraction"] > 0 and logged[4]["clip_fraction"] > 0
+
+
+@needs_libtpu
+def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_splash(plan):
+  """XLA:TPU compiles GRPO's two programs for v5e:2x4 with splash attention (Pallas kernels): the update (the
+  policy loss through the train step, LoRA) and the log-probability pass of the rollout, as Sampler runs it."""
+  import functools
+  import jax.numpy as jnp
+  from lm import runtime, sharding
+  from lm.optimizer import make_optimizer
+  config = tpu_config()
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=4),
+                               grpo=dataclasses.replace(config.grpo, enabled=True))
+  rt = runtime.setup(config, plan.make_target("v5e:2x4", 1, 0, "h100").devices)
+  assert rt.config.model.attention == "splash"
+  step, rows = rt.abstract_step_batch(), sharding.batch_sharding(rt.mesh)
+  shape = step["tokens"].shape
+  extra = {"mask": jnp.bool_, "old_logprobs": jnp.float32, "ref_logprobs": jnp.float32}
+  batch = {**step, **{k: jax.ShapeDtypeStruct(shape, d, sharding=step["tokens"].sharding) for k, d in extra.items()},
+           "advantages": jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=step["tokens"].sharding)}
+  losses = functools.partial(grpo.policy_losses, beta=0.04, epsilon=0.2, temperature=1.0)
+  with sharding.activate(rt.mesh):
+    fns = runtime.train_functions(rt, make_optimizer(config.train, 10), losses=losses)
+    update = fns.step_fn.lower(fns.abstract_state, batch).compile()
+    row_batch = {k: jax.ShapeDtypeStruct(shape[1:], jnp.int32, sharding=rows) for k in step}
+    logprobs = jax.jit(functools.partial(grpo.token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
+                       out_shardings=rows).lower(rt.abstract_params, row_batch).compile()
+  assert "tpu_custom_call" in update.as_text() and "tpu_custom_call" in logprobs.as_text()

@@ -174,7 +174,8 @@ def _assert_same(a, b):
                                 b.view(f"u{b.dtype.itemsize}") if b.dtype.kind == "f" else b)
 
 
-@pytest.mark.parametrize("k,skip_nonfinite", [pytest.param(3, False, marks=pytest.mark.slow), (3, True), (1, False)])
+@pytest.mark.parametrize("k,skip_nonfinite", [pytest.param(3, False, marks=pytest.mark.slow), (3, True),
+                                             pytest.param(1, False, marks=pytest.mark.slow)])
 def test_train_step_is_bitwise_the_multisteps_micro_steps(k, skip_nonfinite):
   """One program per optimizer step must leave exactly the state (accumulator, counters, params,
   optimizer state) and figures that MultiSteps' own k micro-steps leave, dtypes included."""
