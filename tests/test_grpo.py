@@ -14,7 +14,7 @@ from configs import default
 from lm import checkpoint, grpo, lora, metrics, rewards
 from lm.config import ConfigError, from_config_dict
 from tests.helpers import apply_overrides
-from tests.test_plan import needs_libtpu, plan, tpu_config  # noqa: F401 (plan: a fixture)
+from tests.test_plan import needs_libtpu, tpu_config
 from tests.test_train import TINY
 
 
@@ -183,17 +183,17 @@ def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_pat
 
 
 @needs_libtpu
-def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_splash(plan):
+def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_splash():
   """XLA:TPU compiles GRPO's two programs for v5e:2x4 with splash attention (Pallas kernels): the update (the
   policy loss through the train step, LoRA) and the log-probability pass of the rollout, as Sampler runs it."""
   import functools
   import jax.numpy as jnp
-  from lm import runtime, sharding
+  from lm import runtime, sharding, topology
   from lm.optimizer import make_optimizer
   config = tpu_config()
   config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=4),
                                grpo=dataclasses.replace(config.grpo, enabled=True))
-  rt = runtime.setup(config, plan.make_target("v5e:2x4", 1, 0, "h100").devices)
+  rt = runtime.setup(config, topology.devices("v5e:2x4"))
   assert rt.config.model.attention == "splash"
   step, rows = rt.abstract_step_batch(), sharding.batch_sharding(rt.mesh)
   shape = step["tokens"].shape
