@@ -277,6 +277,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
     fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)
     state, progress = train.initial_state(rt, fns, manager, latest_step, t.init_from)
     reference = None if fns.lora else _reference(fns, state, latest_step, t.init_from)
+  peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
   prompts = rt.plan.global_sequences // g.num_generations
   console.block([
       ("Mode", f"GRPO: {prompts} prompts x {g.num_generations} generations = {rt.plan.global_sequences} "
@@ -286,11 +287,12 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
       ("Model", f"{config.model.name}" + (f", LoRA rank {config.model.lora_rank}" if fns.lora else
                                           ", every parameter trained")),
       *rt.plan.describe(),
+      ("Peak FLOP/s", f"{peak:.4g} per device, for the update's MFU ({peak_source})"),
       ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {int(state.step)}" if latest_step is not None
                                                 else "fresh start") + ")"),
   ])
   logger = metrics.MetricsLogger(workdir, num_train_steps=t.num_train_steps, log_interval_steps=t.log_interval_steps,
-                                 throughput=_throughput(rt, t), start_step=int(state.step),
+                                 throughput=train.throughput(rt, peak), start_step=int(state.step),
                                  wandb_project=t.wandb_project, run_config=to_dict(config), progress=progress)
   try:
     held.confirm()
@@ -309,12 +311,6 @@ def _reference(fns: runtime.TrainFunctions, state, latest_step: int | None, init
   if init_from:
     return checkpoint.restore_params(init_from, fns.abstract_base)
   return fns.create_state().params
-
-
-def _throughput(rt: runtime.Runtime, t) -> metrics.Throughput:
-  plan = rt.plan
-  flops = metrics.flops_per_token(rt.config.model, plan.seq_len).train * plan.tokens_per_step
-  return metrics.Throughput(plan.tokens_per_step, flops, rt.mesh.devices.size, t.peak_flops_per_device or 1e12)
 
 
 def _loop(rt, fns, sampler: Sampler, state, reference, manager, logger: metrics.MetricsLogger,

@@ -51,10 +51,7 @@ class Run:
 
   @property
   def throughput(self) -> metrics.Throughput:
-    plan = self.rt.plan
-    flops = metrics.flops_per_token(self.config.model, plan.seq_len).train * plan.tokens_per_step
-    return metrics.Throughput(plan.tokens_per_step, flops, self.rt.mesh.devices.size,
-                              self.peak_flops_per_device)
+    return throughput(self.rt, self.peak_flops_per_device)
 
   @property
   def run_description(self) -> dict:
@@ -120,6 +117,13 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
       return loop(run, state)
     finally:
       checkpoint.finish_saves(manager)
+
+
+def throughput(rt: runtime.Runtime, peak_flops_per_device: float) -> metrics.Throughput:
+  """What an optimizer step does, for tokens/s and MFU: its tokens and model FLOPs on the mesh's devices."""
+  plan = rt.plan
+  flops = metrics.flops_per_token(rt.config.model, plan.seq_len).train * plan.tokens_per_step
+  return metrics.Throughput(plan.tokens_per_step, flops, rt.mesh.devices.size, peak_flops_per_device)
 
 
 def check_start(config: Config, checkpoint_dir: str) -> tuple[int | None, dict | None]:
