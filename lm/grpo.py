@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from lm import (checkpoint, console, corpus, data, errors, lease, lora, metrics, runtime, sampling, sharding,
-                train)
+                training)
 from lm.config import Config, ConfigError, GRPOConfig, to_dict
 from lm.errors import TrainingError
 from lm.model import Decoder
@@ -269,13 +269,13 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
                       "group of a step. Change the batch or num_generations.")
   checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
   checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
-  latest_step, _ = train.check_start(config, checkpoint_dir)
+  latest_step, _ = training.check_start(config, checkpoint_dir)
   sampler = Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size)))
   manager = checkpoint.make_manager(checkpoint_dir, t)  # the writing one, once the task is known good
   losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)
-    state, progress = train.initial_state(rt, fns, manager, latest_step, t.init_from)
+    state, progress = training.initial_state(rt, fns, manager, latest_step, t.init_from)
     reference = None if fns.lora else _reference(fns, state, latest_step, t.init_from)
   peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
   prompts = rt.plan.global_sequences // g.num_generations
@@ -292,7 +292,7 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
                                                 else "fresh start") + ")"),
   ])
   logger = metrics.MetricsLogger(workdir, num_train_steps=t.num_train_steps, log_interval_steps=t.log_interval_steps,
-                                 throughput=train.throughput(rt, peak), start_step=int(state.step),
+                                 throughput=training.throughput(rt, peak), start_step=int(state.step),
                                  wandb_project=t.wandb_project, run_config=to_dict(config), progress=progress)
   try:
     held.confirm()
@@ -332,7 +332,7 @@ def _loop(rt, fns, sampler: Sampler, state, reference, manager, logger: metrics.
         batch = sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh)
         state, figures = fns.step_fn(state, batch)
       scalars = _scalars(jax.device_get(figures), out, float(schedule(step, xp=np)))
-      train.check_finite(t.skip_nonfinite_updates, done, scalars)
+      training.check_finite(t.skip_nonfinite_updates, done, scalars)
       logger.train_step(done, scalars)
       preempted = preemption.reached(done)
       if done % t.eval_interval_steps == 0 or done == t.num_train_steps:
