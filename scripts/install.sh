@@ -1,79 +1,49 @@
 #!/usr/bin/env bash
-# Creates .venv with Python >= 3.12 (current jax releases need it) and installs the project and its tests.
-# Python is taken from $PYTHON, else python3.13 / python3.12 / python3 on PATH, else pyenv's newest 3.12+.
+# Installs the locked environments (requirements/*.txt, made by scripts/lock.sh): exact versions with their
+# sha256 hashes, nothing resolved here. Each environment is made anew when its lock changes.
+#   .venv          the project and its tests (requirements/main.txt), Python >= 3.12
+#   .venv-libtpu   XLA:TPU for scripts/plan.py --topology (requirements/libtpu.txt), Linux x86_64
+#   .venv-hf       transformers and PyTorch's CPU build, the tests' reference (requirements/hf.txt), Python 3.11
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/find_python.sh
+PIP_LOCKED=(-m pip install --quiet --require-hashes --no-deps)
 
-is_new_enough() {
-  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
-}
-
-find_python() {
-  for candidate in "${PYTHON:-}" python3.13 python3.12 python3; do
-    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 && is_new_enough "$candidate"; then
-      command -v "$candidate"
-      return
-    fi
-  done
-  if command -v pyenv >/dev/null 2>&1; then
-    for version in $(pyenv versions --bare | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.[0-9]+)?$' | sort -V -r); do
-      candidate="$(pyenv root)/versions/$version/bin/python"
-      if is_new_enough "$candidate"; then
-        echo "$candidate"
-        return
-      fi
-    done
-  fi
-  echo "No Python >= 3.12 found: install one, or point \$PYTHON at it." >&2
-  exit 1
-}
-
-if [ ! -x .venv/bin/python ] || ! is_new_enough .venv/bin/python; then
+digest="$(lock_digest requirements/main.txt)"
+if [ "$(cat .venv/lock.sha256 2>/dev/null)" != "$digest" ] || ! is_new_enough .venv/bin/python; then
   rm -rf .venv
   "$(find_python)" -m venv .venv
+  # setuptools and wheel first: the lock's source distributions are built with them, not with whatever
+  # pip's build isolation would download.
+  .venv/bin/python "${PIP_LOCKED[@]}" -r <(lock_blocks requirements/main.txt setuptools wheel)
+  .venv/bin/python "${PIP_LOCKED[@]}" --no-build-isolation -r requirements/main.txt
+  echo "$digest" > .venv/lock.sha256
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# The project itself, editable, built with the locked setuptools (no download).
+.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 
-# libtpu (XLA:TPU) for scripts/plan.py --topology, which compiles for TPU slices on this CPU machine: the
-# version jax[tpu] pins, beside the environment in .venv-libtpu/ and loaded only by lm/topology.py.
-# Installed into .venv, every `import jax` on a machine without a TPU would print libtpu's start-up errors.
-# On a platform without libtpu wheels (macOS) the TPU plan and its tests are skipped, saying why.
-LIBTPU_REQUIREMENT="$(.venv/bin/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
-if [ "$(cat .venv-libtpu/requirement.txt 2>/dev/null)" != "$LIBTPU_REQUIREMENT" ]; then
-  rm -rf .venv-libtpu
-  if .venv/bin/python -m pip install --quiet --no-deps --target .venv-libtpu "$LIBTPU_REQUIREMENT"; then
-    echo "$LIBTPU_REQUIREMENT" > .venv-libtpu/requirement.txt
-  else
-    echo "Could not install $LIBTPU_REQUIREMENT: scripts/plan.py --topology and its tests are unavailable." >&2
+# libtpu beside the environment, loaded only by lm/topology.py: installed into .venv, every `import jax` on
+# a machine without a TPU would print libtpu's start-up errors. Its wheels exist for Linux x86_64 alone;
+# there a failure is an install failure, elsewhere the TPU plan and its tests are skipped, saying why.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  digest="$(lock_digest requirements/libtpu.txt)"
+  if [ "$(cat .venv-libtpu/lock.sha256 2>/dev/null)" != "$digest" ]; then
     rm -rf .venv-libtpu
+    .venv/bin/python "${PIP_LOCKED[@]}" --target .venv-libtpu -r requirements/libtpu.txt
+    echo "$digest" > .venv-libtpu/lock.sha256
   fi
+else
+  echo "libtpu has no wheels for $(uname -s) $(uname -m): scripts/plan.py --topology and its tests are unavailable." >&2
 fi
 
-# transformers, for the tests that compare converted checkpoints with it (tests/test_convert_hf.py), in
-# its own venv: the project never imports torch. Python 3.11, the Python of the CPU build of torch 2.13.0
-# that pip finds in this machine's wheel directory (elsewhere pip downloads torch 2.13.0 from PyPI).
-HF_REQUIREMENTS="torch==2.13.0 transformers==5.23.0 safetensors numpy"
-find_python311() {
-  for candidate in "${HF_PYTHON:-}" python3.11; do
-    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 \
-        && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then
-      command -v "$candidate"
-      return
-    fi
-  done
-  if command -v pyenv >/dev/null 2>&1; then
-    for version in $(pyenv versions --bare | grep -E '^3\.11(\.[0-9]+)?$' | sort -V -r); do
-      echo "$(pyenv root)/versions/$version/bin/python"
-      return
-    done
-  fi
-  echo "No Python 3.11 found for .venv-hf (the transformers reference of the tests): install one, or point \$HF_PYTHON at it." >&2
-  exit 1
-}
-if [ ! -f .venv-hf/requirements.txt ] || [ "$(cat .venv-hf/requirements.txt)" != "$HF_REQUIREMENTS" ]; then
+# transformers, for the tests that compare converted checkpoints with it, in its own venv: the project never
+# imports torch. torch is PyTorch's CPU build (torch-2.13.0+cpu, Python 3.11), which PyPI does not serve:
+# pip takes it from its find-links directory (this machine's /opt/wheels), or from PyTorch's CPU wheel index
+# given as PIP_EXTRA_INDEX_URL; the hash in requirements/hf.txt is checked either way.
+digest="$(lock_digest requirements/hf.txt)"
+if [ "$(cat .venv-hf/lock.sha256 2>/dev/null)" != "$digest" ]; then
   rm -rf .venv-hf
   "$(find_python311)" -m venv .venv-hf
-  .venv-hf/bin/python -m pip install --quiet $HF_REQUIREMENTS
-  echo "$HF_REQUIREMENTS" > .venv-hf/requirements.txt
+  .venv-hf/bin/python "${PIP_LOCKED[@]}" -r requirements/hf.txt
+  echo "$digest" > .venv-hf/lock.sha256
 fi

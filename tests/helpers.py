@@ -2,8 +2,10 @@
 
 import dataclasses
 import functools
+import platform
 
 import ml_collections
+import pytest
 
 from configs import base
 from lm.config import Config, MeshConfig, from_config_dict
@@ -42,3 +44,24 @@ def apply_overrides(c: ml_collections.ConfigDict, flags) -> ml_collections.Confi
       old = section[name]
       section[name] = (value == "True") if isinstance(old, bool) else type(old)(value)
   return c
+
+
+# libtpu's wheels exist for Linux x86_64 alone: there scripts/install.sh must install it, and a test that
+# needs it fails when it is missing (an install that failed must not pass as a skipped test).
+LIBTPU_PLATFORM = platform.system() == "Linux" and platform.machine() == "x86_64"
+
+
+def needs_libtpu(test):
+  """XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here:
+  the test as it is where libtpu is installed; failing where it should be and is not; skipped elsewhere."""
+  from lm.topology import library_path  # noqa: PLC0415 (lm.topology imports no jax)
+  if library_path() is not None:
+    return test
+  if not LIBTPU_PLATFORM:
+    return pytest.mark.skip(reason=f"libtpu has no wheels for {platform.system()} {platform.machine()}")(test)
+
+  @functools.wraps(test)
+  def missing(*args, **kwargs):
+    pytest.fail("libtpu is not installed in .venv-libtpu, though this platform has its wheels: "
+                "run `bash scripts/install.sh` (requirements/libtpu.txt) and see why it failed.")
+  return missing

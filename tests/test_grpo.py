@@ -13,8 +13,8 @@ from flax import traverse_util
 from configs import default
 from lm import checkpoint, grpo, lora, metrics, rewards
 from lm.config import ConfigError, from_config_dict
-from tests.helpers import apply_overrides
-from tests.test_plan import needs_libtpu, tpu_config
+from tests.helpers import apply_overrides, needs_libtpu
+from tests.test_plan import tpu_config
 from tests.test_train import TINY
 
 

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import base_config
+from tests.helpers import base_config, needs_libtpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = os.path.join(ROOT, "scripts", "plan.py")
@@ -73,10 +73,6 @@ def test_suggests_what_fits_when_the_memory_is_too_small(plan):
   assert "fits" in text.split("Suggestion:")[1]
 
 
-# XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here.
-needs_libtpu = pytest.mark.skipif(
-    __import__("lm.topology", fromlist=["library_path"]).library_path() is None,
-    reason="libtpu is not installed (scripts/install.sh puts it in .venv-libtpu; pip could not fetch it here)")
 
 
 def tpu_config(**train):
