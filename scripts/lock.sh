@@ -9,8 +9,8 @@
 #
 # The locks are uv's compiled requirements with sha256 hashes (uv pip compile; uv itself locked in
 # requirements/uv.txt): requirements/main.txt for .venv (universal: every platform, Python >= 3.12),
-# requirements/libtpu.txt (the libtpu that the locked jax's jax[tpu] extra pins) and requirements/hf.txt
-# for .venv-hf. jax stays at the version of requirements/pins.in until that line is changed: a newer jax
+# requirements/libtpu.txt (the libtpu that the locked jax's jax[tpu] extra pins), requirements/hf.txt
+# for .venv-hf and requirements/models.txt (the wheel of a real model, without its dependencies). jax stays at the version of requirements/pins.in until that line is changed: a newer jax
 # whose libtpu the registry does not serve is refused here, naming both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,8 @@ echo "$resolved" | grep '^libtpu==' > requirements/libtpu.in
 
 "${compile[@]}" "${upgrade[@]}" requirements/hf.in --find-links "${TORCH_FIND_LINKS:-/opt/wheels}" \
   --python-platform x86_64-manylinux_2_28 --python-version 3.11 -o requirements/hf.txt
+
+"${compile[@]}" "${upgrade[@]}" requirements/models.in --no-deps --universal -o requirements/models.txt
 
 "$(find_python)" scripts/lock_diff.py "$before" requirements
 if [ "$run_tests" = 1 ]; then
