@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lm import console, integrity
-from lm.config import MODEL_RUN_SETTINGS, Config, ConfigError, TrainConfig
+from lm.config import MODEL_RUN_SETTINGS, Config, ConfigError, TrainConfig, same_setting
 from lm.errors import TrainingError
 
 MODEL_FILE = "model.json"
@@ -419,7 +419,8 @@ def check_same_model(saved: dict, model: dict, where: str) -> None:
   (config sections as dicts): every field but the run settings must agree."""
   differences = [f"model.{key} = {saved.get(key, ADDED_KEYS.get(f'model.{key}'))!r} there, {value!r} here"
                  for key, value in model.items()
-                 if key not in MODEL_RUN_SETTINGS and saved.get(key, ADDED_KEYS.get(f"model.{key}")) != value]
+                 if key not in MODEL_RUN_SETTINGS
+                 and not same_setting(saved.get(key, ADDED_KEYS.get(f"model.{key}")), value)]
   if differences:
     raise ConfigError(f"{where} holds parameters of another model: {'; '.join(differences)}. Use the config "
                       "they were written for, or convert the checkpoint for this one.")

@@ -154,6 +154,22 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # differ between the run that wrote parameters and one that starts from them.
 MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention",
                       "lora_rank", "lora_alpha", "lora_targets")
+# Float settings of a model agree within this relative tolerance: a Hugging Face config.json written from
+# float32 holds norm_eps = 9.999999747378752e-06 where a config says 1e-5.
+SETTING_RTOL = 1e-6
+
+
+def same_setting(a, b) -> bool:
+  """Whether two values of a config key mean the same: floats within SETTING_RTOL (relative), sequences
+  element by element, anything else equal."""
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(map(same_setting, a, b))
+  numbers = (int, float)
+  if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+    return a == b or math.isclose(a, b, rel_tol=SETTING_RTOL)
+  return a == b
+
+
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/attention.py

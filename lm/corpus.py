@@ -18,7 +18,7 @@ import os
 from absl import logging
 from etils import epath
 
-from lm import data, prepare as preparation, sources, token_store, tokenizer as tokenizers
+from lm import chat, data, prepare as preparation, sources, token_store, tokenizer as tokenizers
 from lm.config import ConfigError, DataConfig, SourceConfig
 from lm.tokenizer import Tokenizer
 
@@ -62,6 +62,14 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
   else:
     tokenizer = _trained_tokenizer(cfg, vocab_size)
   return tokenizers.check(tokenizer, cfg, vocab_size)
+
+
+def load_chat(cfg: DataConfig, tokenizer: Tokenizer) -> chat.Chat:
+  """The chat template and stop ids of the model files beside the configured tokenizer (an import's
+  directory, or a Hugging Face model's); none for the byte tokenizer or one the run trained."""
+  path = os.path.expanduser(cfg.tokenizer_path) if cfg.tokenizer != "byte" and cfg.tokenizer_path else ""
+  directory = None if not path else (path if epath.Path(path).is_dir() else os.fspath(epath.Path(path).parent))
+  return chat.read(directory, tokenizer.eos_id, tokenizer.token_id)
 
 
 def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:

@@ -132,8 +132,42 @@ class ParamsSource:
     console.logger.info("No new checkpoint in %s for %g s: stopping.", self.directory, timeout)
 
 
-def params_source(rt: runtime.Runtime, checkpoint_dir: str) -> ParamsSource:
-  """The checkpoints' parameters on `rt`'s mesh; with LoRA, its adapters merged with the base they adapt."""
+class ImportSource:
+  """The parameters of an import (`scripts/convert_hf.py import`'s --out, as config.train.init_from names
+  it) as the one checkpoint of step 0: a model to evaluate or sample from before any training."""
+
+  def __init__(self, rt: runtime.Runtime, path: str):
+    _, model = checkpoint.params_location(path)
+    checkpoint.check_same_model(model, to_dict(rt.config)["model"], f"config.train.init_from = {path!r}")
+    self.directory, self.steps, self._rt = path, [0], rt
+
+  def latest(self) -> tuple[int, object]:
+    return 0, self.at(0)
+
+  def at(self, step: int) -> object:
+    if step != 0:
+      raise TrainingError(f"--step={step}: {self.directory} is an import, whose parameters are step 0.")
+    rt, cfg = self._rt, self._rt.config.model
+    if not cfg.lora_rank:
+      return checkpoint.restore_params(self.directory, rt.abstract_params)
+    # A LoRA config: the import with fresh adapters, whose B = 0 changes nothing.
+    adapters = jax.jit(lambda rng: runtime.trainable(sharding.strip_boxes(rt.init_params(rng)), cfg)[0],
+                       out_shardings=runtime.trainable(rt.param_sharding, cfg)[0])(rt.rng)
+    return lora.merge(runtime.base_params(rt), adapters)
+
+  def follow(self, done, last_step, timeout, poll_seconds=2.0) -> Iterator[tuple[int, object]]:
+    return iter(())
+
+
+def params_source(rt: runtime.Runtime, checkpoint_dir: str) -> ParamsSource | ImportSource:
+  """The checkpoints' parameters on `rt`'s mesh; with LoRA, its adapters merged with the base they adapt.
+  A run that has saved no checkpoint yet, started from an import (config.train.init_from), gives the
+  import's parameters as step 0."""
+  init_from = rt.config.train.init_from
+  if init_from and not (epath.Path(checkpoint_dir).exists() and checkpoint.reader(checkpoint_dir).all_steps()):
+    console.logger.info("No checkpoint in %s: the parameters of config.train.init_from = %s, as step 0.",
+                        checkpoint_dir, init_from)
+    return ImportSource(rt, init_from)
   adapters, _ = runtime.trainable(rt.abstract_params, rt.config.model)
   source = ParamsSource(checkpoint_dir, adapters, to_dict(rt.config))
   if rt.config.model.lora_rank:  # each checkpoint's own base is compared with this one when it is read
@@ -199,11 +233,16 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
     return results
 
 
-def params_for_inference(config: Config, workdir: str, *, step: int | None = None, devices=None):
-  """(step, params, mesh) of the latest checkpoint (or `step`) for sampling, on this process's mesh."""
+def params_for_inference(config: Config, workdir: str | None, *, step: int | None = None, devices=None):
+  """(step, params, mesh) of the latest checkpoint (or `step`) for sampling, on this process's mesh; with
+  no workdir, those of the import config.train.init_from names (step 0)."""
+  if workdir is None and not config.train.init_from:
+    raise ConfigError("Nothing to sample from: give the --workdir of a run, or an import's directory as "
+                      "--init_from (or config.train.init_from).")
   rt = runtime.setup(config, devices)
   with sharding.activate(rt.mesh):
-    source = params_source(rt, checkpoint.checkpoint_directory(config, checkpoint.absolute(workdir)))
+    source = (ImportSource(rt, config.train.init_from) if workdir is None else
+              params_source(rt, checkpoint.checkpoint_directory(config, checkpoint.absolute(workdir))))
     if step is None:
       step, params = source.latest()
     else:

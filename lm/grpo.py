@@ -94,15 +94,14 @@ class Task:
   rewards: dict[str, Callable]  # name -> reward(completions, answers)
 
   def prompts(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(prompt tokens [len(indices), longest] int32 with the tokenizer's BOS, left-padded with 0, their
-    lengths, answers)."""
+    """(prompt tokens [len(indices), longest] int32, framed as the tokenizer frames an input (its BOS or
+    post-processor), left-padded with 0, their lengths, answers)."""
     texts, answers = self.problems(self.seed, split, indices, self.cfg)
-    head = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
-    ids = [head + self.tokenizer.encode(t) for t in texts]
+    ids = self.tokenizer.encode_batch(texts, framed=True)
     lengths = np.asarray([len(i) for i in ids], np.int32)
     if not lengths.min():
       raise TrainingError(f"config.grpo.task = {self.cfg.task!r} gave an empty prompt (no tokens, and the tokenizer "
-                          "has no BOS): a completion needs a prompt to follow.")
+                          "adds none): a completion needs a prompt to follow.")
     padded = np.zeros((len(ids), lengths.max()), np.int32)
     for row, i in zip(padded, ids):
       row[len(row) - len(i):] = i
@@ -142,11 +141,12 @@ def make_task(config: Config, tokenizer) -> Task:
   return task
 
 
-def completions_of(new_BxT: np.ndarray, eos_id: int) -> tuple[list[list[int]], np.ndarray]:
-  """(each row's completion: its tokens up to and with its first end-of-sequence, their count)."""
+def completions_of(new_BxT: np.ndarray, stop_ids: tuple[int, ...]) -> tuple[list[list[int]], np.ndarray]:
+  """(each row's completion: its tokens up to and with its first stop id, their count)."""
   rows = []
   for row in new_BxT.tolist():
-    rows.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    end = next((i for i, token in enumerate(row) if token in stop_ids), None)
+    rows.append(row if end is None else row[:end + 1])
   return rows, np.asarray([len(r) for r in rows])
 
 
@@ -192,7 +192,7 @@ class Sampler:
   def __init__(self, rt: runtime.Runtime, task: Task):
     self.rt, self.task, self.g = rt, task, rt.config.grpo
     tokenizer = task.tokenizer
-    self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else -1
+    self.stop_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     self.num_ids = tokenizer.vocab_size if tokenizer.vocab_size < rt.config.model.vocab_size else 0
     rows = sharding.batch_sharding(rt.mesh)
     self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),
@@ -203,10 +203,10 @@ class Sampler:
     with jax.set_mesh(self.rt.mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
       new_BxT = np.asarray(sampling.generate(
           params, prompts_BxP, rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
-          sampling=sampling.SamplingConfig(temperature=temperature), eos_id=self.eos_id, num_ids=self.num_ids,
+          sampling=sampling.SamplingConfig(temperature=temperature), stop_ids=self.stop_ids, num_ids=self.num_ids,
           prompt_lengths_B=lengths_B))
-    completions, lengths = completions_of(new_BxT, self.eos_id)
-    texts = [self.task.tokenizer.decode([t for t in c if t != self.eos_id]) for c in completions]
+    completions, lengths = completions_of(new_BxT, self.stop_ids)
+    texts = [self.task.tokenizer.decode([t for t in c if t not in self.stop_ids]) for c in completions]
     return completions, texts, lengths
 
   def rollout(self, state, reference, step: int) -> Rollout:

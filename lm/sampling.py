@@ -47,10 +47,17 @@ def next_token(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> ja
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "num_ids"))
+def fill_id(stop_ids: tuple[int, ...]) -> int:
+  """What follows a row's end in the tokens out: its first stop id (-1 when there is none)."""
+  return stop_ids[0] if stop_ids else -1
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "num_ids"))
 def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
-             sampling: SamplingConfig, eos_id: int, num_ids: int = 0, prompt_lengths_B=None) -> jax.Array:
-  """New tokens [B, max_new_tokens] after the prompt; after a row's end-of-sequence, `eos_id` repeats.
+             sampling: SamplingConfig, stop_ids: tuple[int, ...], num_ids: int = 0,
+             prompt_lengths_B=None) -> jax.Array:
+  """New tokens [B, max_new_tokens] after the prompt. A row ends at the first of `stop_ids` it draws (the
+  model's ends of a turn or document: several for an instruct model); after it, `fill_id(stop_ids)` repeats.
 
   Prompts of different lengths come left-padded to P with their lengths in `prompt_lengths_B` (None: every
   row is P long): row b's prompt is its last prompt_lengths_B[b] tokens, at positions from 0, and the
@@ -77,7 +84,8 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
     return logits_BxV, cache
 
   logits_BxV, cache = forward(prompt_BxP, cache)
-  out_BxT = jnp.full((B, max_new_tokens), eos_id, jnp.int32)
+  fill, stops = fill_id(stop_ids), jnp.asarray(stop_ids or (-1,), jnp.int32)
+  out_BxT = jnp.full((B, max_new_tokens), fill, jnp.int32)
   done_B = jnp.zeros((B,), jnp.bool_)
 
   def cond(carry):
@@ -87,9 +95,9 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
   def body(carry):
     i, logits_BxV, cache, out_BxT, done_B, rng = carry
     rng, step_rng = jax.random.split(rng)
-    token_B = jnp.where(done_B, eos_id, next_token(logits_BxV, step_rng, sampling))
+    token_B = jnp.where(done_B, fill, next_token(logits_BxV, step_rng, sampling))
     out_BxT = out_BxT.at[:, i].set(token_B)
-    done_B = done_B | (token_B == eos_id)
+    done_B = done_B | jnp.isin(token_B, stops)
     logits_BxV, cache = forward(token_B[:, None], cache)
     return i + 1, logits_BxV, cache, out_BxT, done_B, rng
 
@@ -110,7 +118,7 @@ def _window_next(params, window_BxL: jax.Array, rng: jax.Array, *, model: Decode
 
 
 def generate_sliding(params, prompt_BxP, rng: jax.Array, *, model: Decoder, max_new_tokens: int,
-                     sampling: SamplingConfig, eos_id: int, num_ids: int = 0) -> tuple[np.ndarray, int]:
+                     sampling: SamplingConfig, stop_ids: tuple[int, ...], num_ids: int = 0) -> tuple[np.ndarray, int]:
   """(new tokens [B, max_new_tokens], how many of them saw a slid context): `generate` while the prompt and
   the new tokens fit model.max_seq_len; past it, the context slides: each further token comes from the last
   max_seq_len tokens (nanoGPT's crop; positions renumbered from 0), one forward pass over them per token.
@@ -123,18 +131,19 @@ def generate_sliding(params, prompt_BxP, rng: jax.Array, *, model: Decoder, max_
   tokens_BxT = prompt_BxP
   if cached:
     new_BxT = np.asarray(generate(params, prompt_BxP, first, model=model, max_new_tokens=cached,
-                                  sampling=sampling, eos_id=eos_id, num_ids=num_ids))
+                                  sampling=sampling, stop_ids=stop_ids, num_ids=num_ids))
     tokens_BxT = np.concatenate([prompt_BxP, new_BxT], axis=1)
-  done_B = np.any(tokens_BxT[:, P:] == eos_id, axis=1)
+  fill = fill_id(stop_ids)
+  done_B = np.any(np.isin(tokens_BxT[:, P:], stop_ids), axis=1)
   slid = 0
   while tokens_BxT.shape[1] - P < max_new_tokens and not done_B.all():
     rng, step = jax.random.split(rng)
     token_B = np.asarray(_window_next(params, tokens_BxT[:, -length:], step, model=model, sampling=sampling,
                                       num_ids=num_ids))
-    token_B = np.where(done_B, eos_id, token_B)
-    done_B |= token_B == eos_id
+    token_B = np.where(done_B, fill, token_B)
+    done_B |= np.isin(token_B, stop_ids)
     tokens_BxT = np.concatenate([tokens_BxT, token_B[:, None]], axis=1)
     slid += 1
   new_BxT = tokens_BxT[:, P:]
-  pad = np.full((B, max_new_tokens - new_BxT.shape[1]), eos_id, new_BxT.dtype)
+  pad = np.full((B, max_new_tokens - new_BxT.shape[1]), fill, new_BxT.dtype)
   return np.concatenate([new_BxT, pad], axis=1), slid

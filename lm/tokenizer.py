@@ -1,8 +1,11 @@
 """Tokenizers: UTF-8 bytes, SentencePiece models and Hugging Face `tokenizer.json` files, behind one protocol.
 
-Each tokenizer frames a document as it defines it: its beginning-of-sequence id first when it has one
-(LLaMA and Gemma do, Qwen3 does not), its end-of-sequence id last when it has one. Nothing depends on a
-padding id: padding is masked by segment id 0 (`lm.data.loss_mask`), whatever its token.
+Each tokenizer frames its input as it defines it (`encode_input`): a Hugging Face tokenizer with the
+special tokens its tokenizer.json post-processor adds (LLaMA 3's <|begin_of_text|>; none for Qwen3 or
+SmolLM2), exactly the ids of transformers' `tokenizer(text)`; SentencePiece and byte tokenizers with their
+beginning-of-sequence id. A document is its framed input followed by the end-of-document separator, the
+tokenizer's end-of-sequence id (`frame`). Nothing depends on a padding id: padding is masked by segment
+id 0 (`lm.data.loss_mask`), whatever its token.
 
 Every tokenizer pickles to the bytes it was read from, so that worker processes of the preparation
 (`lm.prepare`) rebuild the same one.
@@ -28,21 +31,24 @@ _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_en
 
 class Tokenizer(Protocol):
   vocab_size: int  # ids are in [0, vocab_size)
-  bos_id: int | None  # None: the tokenizer does not start documents with a special id
-  eos_id: int | None
+  eos_id: int | None  # the end-of-document separator (None: documents are not separated)
   fingerprint: str  # changes whenever the id mapping or the framing changes; part of the data's key
 
-  def encode(self, text: str) -> list[int]: ...
-  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-  def decode(self, ids) -> str: ...
+  def encode(self, text: str) -> list[int]: ...  # the text alone: no special id added
+  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]: ...
+  def encode_input(self, text: str) -> list[int]: ...  # framed as the tokenizer frames an input (a prompt)
+  def encode_special(self, text: str) -> list[int]: ...  # special tokens written in the text are their ids
+  def token_id(self, token: str) -> int | None: ...  # a special token's id (None: the tokenizer lacks it)
+  def decode(self, ids, special: bool = False) -> str: ...  # special: special tokens written, not dropped
   def describe(self) -> str: ...
 
 
 def frame(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-  """The documents' ids, each framed by the tokenizer's bos and eos where it has them."""
-  head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  """The documents' ids: each framed as the tokenizer frames an input, then its end-of-document separator
+  (unless the framing already ends with it)."""
   tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-  return [head + ids + tail for ids in tokenizer.encode_batch(texts)]
+  return [ids + tail if not tail or ids[-1:] != tail else ids
+          for ids in tokenizer.encode_batch(texts, framed=True)]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,8 +56,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def _written_out(ids, names: dict[int, str], decode) -> str:
+  """The text of `ids` with each special id written as its name, the runs between them decoded."""
+  out, run = [], []
+  for i in map(int, ids):
+    if i in names:
+      out += [decode(run), names[i]]
+      run = []
+    else:
+      run.append(i)
+  return "".join(out + [decode(run)])
+
+
 class ByteTokenizer:
-  """UTF-8 bytes shifted past the special ids: 0 unused (padding), bos 1, eos 2, byte b -> b + 3."""
+  """UTF-8 bytes shifted past the special ids: 0 unused (padding), bos 1, eos 2, byte b -> b + 3. An input
+  starts with bos."""
 
   vocab_size, bos_id, eos_id = 259, 1, 2
   fingerprint = "byte"
@@ -60,10 +79,21 @@ class ByteTokenizer:
   def encode(self, text: str) -> list[int]:
     return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self._OFFSET).tolist()
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [self.encode(text) for text in texts]
+  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]:
+    return [[self.bos_id] * framed + self.encode(text) for text in texts]
 
-  def decode(self, ids) -> str:
+  def encode_input(self, text: str) -> list[int]:
+    return [self.bos_id, *self.encode(text)]
+
+  def encode_special(self, text: str) -> list[int]:
+    return self.encode(text)
+
+  def token_id(self, token: str) -> int | None:
+    return None
+
+  def decode(self, ids, special: bool = False) -> str:
+    if special:
+      return _written_out(ids, {0: "<pad>", self.bos_id: "<s>", self.eos_id: "</s>"}, self.decode)
     data = bytes(int(i) - self._OFFSET for i in ids if self._OFFSET <= int(i) < self.vocab_size)
     return data.decode("utf-8", errors="replace")
 
@@ -91,11 +121,32 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]:
     # One thread: the preparation's worker processes are the parallelism (threads on top oversubscribe).
-    return self._sp.encode(list(texts), num_threads=1)
+    head = [self.bos_id] if framed and self.bos_id is not None else []
+    return [head + ids for ids in self._sp.encode(list(texts), num_threads=1)]
 
-  def decode(self, ids) -> str:
+  def encode_input(self, text: str) -> list[int]:
+    return self.encode_batch([text], framed=True)[0]
+
+  def encode_special(self, text: str) -> list[int]:
+    """SentencePiece matches its user-defined pieces (Gemma's <start_of_turn>) in text by itself, not its
+    control pieces (<bos>, <eos>): those are split out here."""
+    if not hasattr(self, "_controls"):
+      self._controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+    pattern = "|".join(re.escape(p) for p in sorted(self._controls, key=len, reverse=True) if p)
+    ids = []
+    for k, part in enumerate(re.split(f"({pattern})", text) if pattern else [text]):
+      ids += [self._controls[part]] if k % 2 else (self._sp.encode(part) if part else [])
+    return ids
+
+  def token_id(self, token: str) -> int | None:
+    i = self._sp.piece_to_id(token)
+    return i if self._sp.id_to_piece(i) == token else None
+
+  def decode(self, ids, special: bool = False) -> str:
+    if special:
+      return _written_out(ids, {i: self._sp.id_to_piece(i) for i in self._special}, self._sp.decode)
     return self._sp.decode([int(i) for i in ids if int(i) not in self._special])
 
   def describe(self) -> str:
@@ -103,35 +154,47 @@ class SentencePieceTokenizer:
 
 
 class HuggingFaceTokenizer:
-  """A Hugging Face `tokenizer.json`, read with the `tokenizers` library. Its bos and eos tokens are the
-  ones `tokenizer_config.json` beside it names (null: none); without that file, none and the first known
-  end-of-text token it has."""
+  """A Hugging Face `tokenizer.json`, read with the `tokenizers` library. An input gets the special tokens of
+  its post-processor, as transformers' `tokenizer(text)` gives them (transformers 5 follows the
+  post-processor, not tokenizer_config.json's add_bos_token). Its end-of-document separator is the
+  eos_token that `tokenizer_config.json` beside it names (what TRL's packing appends); without that file,
+  the first known end-of-text token it has."""
 
-  def __init__(self, tokenizer_json: str, path: str, bos: str | None, eos: str | None):
+  def __init__(self, tokenizer_json: str, path: str, eos: str | None):
     from tokenizers import Tokenizer as HFTokenizer  # here: only runs with such a tokenizer need it
 
-    self._json, self._path, self._bos, self._eos = tokenizer_json, path, bos, eos
+    self._json, self._path, self._eos = tokenizer_json, path, eos
     self._tok = HFTokenizer.from_str(tokenizer_json)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.bos_id, self.eos_id = (None if t is None else self._tok.token_to_id(t) for t in (bos, eos))
-    framing = f"bos={bos!r} eos={eos!r}"
+    self.eos_id = None if eos is None else self._tok.token_to_id(eos)
+    framing = f"post-processor; separator {eos!r}"
     self.fingerprint = "hf-" + hashlib.sha256((tokenizer_json + framing).encode()).hexdigest()[:16]
 
   def __reduce__(self):
-    return HuggingFaceTokenizer, (self._json, self._path, self._bos, self._eos)
+    return HuggingFaceTokenizer, (self._json, self._path, self._eos)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=framed)]
 
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+  def encode_input(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=True).ids
+
+  def encode_special(self, text: str) -> list[int]:
+    return self.encode(text)  # its added tokens are matched in the text
+
+  def token_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  def decode(self, ids, special: bool = False) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=not special)
 
   def describe(self) -> str:
-    return (f"huggingface {self.vocab_size} ({self._path}; bos {self._bos or 'none'}, "
-            f"eos {self._eos or 'none'})")
+    added = self._tok.encode("", add_special_tokens=True).tokens
+    return (f"huggingface {self.vocab_size} ({self._path}; input framing {' '.join(added) or 'none'}, "
+            f"separator {self._eos or 'none'})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,8 +223,8 @@ def read(kind: str, path: str) -> Tokenizer:
       raise ConfigError(f"{what} is not a SentencePiece model ({e}). For a Hugging Face tokenizer.json "
                         "set config.data.tokenizer=huggingface.") from e
   try:
-    bos, eos = _hf_special_tokens(content.decode("utf-8"), file.parent / "tokenizer_config.json")
-    return HuggingFaceTokenizer(content.decode("utf-8"), os.fspath(file), bos, eos)
+    eos = _hf_separator(content.decode("utf-8"), file.parent / "tokenizer_config.json")
+    return HuggingFaceTokenizer(content.decode("utf-8"), os.fspath(file), eos)
   except (UnicodeDecodeError, ValueError, Exception) as e:  # tokenizers raises a plain Exception
     if isinstance(e, ConfigError):
       raise
@@ -169,14 +232,15 @@ def read(kind: str, path: str) -> Tokenizer:
                       "model set config.data.tokenizer=sentencepiece.") from e
 
 
-def _hf_special_tokens(tokenizer_json: str, config_file: epath.Path) -> tuple[str | None, str | None]:
+def _hf_separator(tokenizer_json: str, config_file: epath.Path) -> str | None:
+  """The end-of-document token: tokenizer_config.json's eos_token when the tokenizer has it; without that
+  file, the first known end-of-text token among its added tokens."""
   added = {t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
   if config_file.exists():
-    settings = json.loads(config_file.read_text())
-    token = lambda v: v.get("content") if isinstance(v, dict) else v
-    bos, eos = token(settings.get("bos_token")), token(settings.get("eos_token"))
-    return (bos if bos in added else None), (eos if eos in added else None)
-  return None, next((t for t in _EOS_CANDIDATES if t in added), None)
+    eos = json.loads(config_file.read_text()).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return eos if eos in added else None
+  return next((t for t in _EOS_CANDIDATES if t in added), None)
 
 
 def check(tokenizer: Tokenizer, cfg: DataConfig, vocab_size: int) -> Tokenizer:
@@ -189,8 +253,9 @@ def check(tokenizer: Tokenizer, cfg: DataConfig, vocab_size: int) -> Tokenizer:
     raise ConfigError(f"{source} has {tokenizer.vocab_size} ids but config.model.vocab_size = {vocab_size}; "
                       f"raise model.vocab_size to at least {tokenizer.vocab_size}, or use the tokenizer "
                       "the model was trained with.")
-  if tokenizer.bos_id is not None and tokenizer.bos_id == tokenizer.eos_id:
-    raise ConfigError(f"config.data.tokenizer_path = {cfg.tokenizer_path!r} uses id {tokenizer.bos_id} for "
+  bos_id = getattr(tokenizer, "bos_id", None)
+  if bos_id is not None and bos_id == tokenizer.eos_id:
+    raise ConfigError(f"config.data.tokenizer_path = {cfg.tokenizer_path!r} uses id {bos_id} for "
                       "both the beginning and the end of a document; give it distinct ids.")
   return tokenizer
 

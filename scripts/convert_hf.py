@@ -10,7 +10,7 @@ the config's shapes, and config.json's settings against its switches. Without it
 config.json and the run settings come from configs/base.py.
 
 import also copies the tokenizer files of the directory (tokenizer.json, tokenizer_config.json,
-tokenizer.model, special_tokens_map.json, generation_config.json: those it has) into --out, and prints the
+tokenizer.model, special_tokens_map.json, generation_config.json, chat_template.jinja: those it has) into --out, and prints the
 overrides that fine-tune with them, e.g. for Qwen3
 
   --config.data.tokenizer=huggingface --config.data.tokenizer_path=ckpt/qwen3/tokenizer.json
@@ -50,14 +50,14 @@ from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
 from lm import checkpoint, hf, lora  # noqa: E402
-from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_dict  # noqa: E402
+from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_dict, same_setting  # noqa: E402
 from lm.model import Decoder  # noqa: E402
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The tokenizer files of a Hugging Face directory. None is a weight file (config.json, model*.safetensors*,
 # params/, model.json): copying them never touches the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 def load_config_file(path: str):
@@ -91,7 +91,8 @@ def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
   if target is not None:
     differences = [f"model.{f.name} = {getattr(target, f.name)!r} in {config_path}, {getattr(described, f.name)!r} "
                    "in config.json" for f in dataclasses.fields(ModelConfig)
-                   if f.name not in MODEL_RUN_SETTINGS and getattr(target, f.name) != getattr(described, f.name)]
+                   if f.name not in MODEL_RUN_SETTINGS
+                   and not same_setting(getattr(target, f.name), getattr(described, f.name))]
     if differences:
       raise hf.HFError(f"{hf_dir}: the tensors fit {config_path}, but its config.json describes another model: "
                        f"{'; '.join(differences)}.")

@@ -288,7 +288,7 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
                                          "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr
-  assert f"huggingface 300 ({tmp_path / 'imported' / 'tokenizer.json'}; bos none, eos <|endoftext|>)" in run.stderr
+  assert f"huggingface 300 ({tmp_path / 'imported' / 'tokenizer.json'}; input framing none, separator <|endoftext|>)" in run.stderr
   assert f"step {steps}/{steps} | loss" in run.stderr
   imported, _ = checkpoint.load_params_on_host(str(tmp_path / "imported"))
   trained, model = checkpoint.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
@@ -352,7 +352,7 @@ def test_import_copies_the_tokenizer_and_prints_its_overrides(small_qwen3, tmp_p
   assert f"--config.data.tokenizer=huggingface --config.data.tokenizer_path={out / 'tokenizer.json'}" in stdout
   for path in (out, out / "tokenizer.json"):  # the directory, or the file the overrides name
     tok = tokenizer.read("huggingface", str(path))
-    assert (tok.eos_id, tok.bos_id, tok.vocab_size) == (eos, None, 300)
+    assert (tok.eos_id, tok.encode_input("ab"), tok.vocab_size) == (eos, tok.encode("ab"), 300)
     assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
   # The weights are the ones exported, untouched by the copy.
   back, _ = checkpoint.load_params_on_host(str(out))

@@ -166,16 +166,17 @@ def test_pretrained_sentencepiece_with_any_special_ids(tmp_path):
   assert no_bos.bos_id is None and tokenizers.frame(no_bos, ["a b"]) == [[*no_bos.encode("a b"), no_bos.eos_id]]
 
 
-def _hf_tokenizer(directory, config: dict | None) -> str:
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _hf_tokenizer(directory, config: dict | None, post_processor=None) -> str:
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>", "<s>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator([open(os.path.join(STDLIB, n)).read() for n in CORPUS_MODULES], trainer)
-  from tokenizers import decoders
   tok.decoder = decoders.ByteLevel()
+  if post_processor is not None:
+    tok.post_processor = post_processor
   directory.mkdir(parents=True, exist_ok=True)
   tok.save(str(directory / "tokenizer.json"))
   if config is not None:
@@ -184,22 +185,31 @@ def _hf_tokenizer(directory, config: dict | None) -> str:
 
 
 def test_hugging_face_tokenizer_json(tmp_path):
+  from tokenizers import processors
+
   qwen_like = _hf_tokenizer(tmp_path / "qwen", {"bos_token": None, "eos_token": "<|endoftext|>"})
   tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=qwen_like), 512)
   eos = json.load(open(qwen_like))["added_tokens"][1]
-  assert tok.bos_id is None and tok.eos_id == eos["id"] and eos["content"] == "<|endoftext|>"
+  assert tok.eos_id == eos["id"] and eos["content"] == "<|endoftext|>"
   text = "def f(x):\n    return x  # ✓\n"
   assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text)
-  assert tokenizers.frame(tok, [text]) == [[*tok.encode(text), tok.eos_id]]
+  assert tokenizers.frame(tok, [text]) == [[*tok.encode(text), tok.eos_id]] and tok.encode_input(text) == tok.encode(text)
   assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)
-  # The directory works too; a bos in tokenizer_config.json frames documents with it (LLaMA-3 style).
-  llama_like = _hf_tokenizer(tmp_path / "llama", {"bos_token": {"content": "<s>"}, "eos_token": "<|endoftext|>"})
+  assert tok.decode([*tok.encode("a"), tok.eos_id], special=True) == "a<|endoftext|>"
+  # A bos_token in tokenizer_config.json alone adds nothing (SmolLM2 names <|im_start|>; transformers adds
+  # nothing): only the post-processor frames an input (LLaMA 3's adds <|begin_of_text|>).
+  smol_like = _hf_tokenizer(tmp_path / "smol", {"bos_token": {"content": "<s>"}, "eos_token": "<|endoftext|>"})
+  tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=str(tmp_path / "smol")), 512)
+  assert tokenizers.frame(tok, ["x"]) == [[*tok.encode("x"), 1]] and smol_like.endswith("tokenizer.json")
+  bos = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 2)])
+  _hf_tokenizer(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "<|endoftext|>"}, bos)
   tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=str(tmp_path / "llama")), 512)
-  assert tok.bos_id == 2 and tokenizers.frame(tok, ["x"])[0][0] == 2 and llama_like.endswith("tokenizer.json")
-  # Without tokenizer_config.json: no bos, the end-of-text token it has.
+  assert tokenizers.frame(tok, ["x"]) == [[2, *tok.encode("x"), 1]] and tok.encode_input("x")[0] == 2
+  assert "input framing <s>, separator <|endoftext|>" in tok.describe()
+  # Without tokenizer_config.json: the end-of-text token it has.
   bare = _hf_tokenizer(tmp_path / "bare", None)
   tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=bare), 512)
-  assert (tok.bos_id, tok.eos_id) == (None, 1)
+  assert tok.eos_id == 1
   with pytest.raises(ConfigError, match="400 ids but config.model.vocab_size = 256"):
     lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=bare), 256)
   with pytest.raises(ConfigError, match="tokenizer = 'huggingface' needs config.data.tokenizer_path"):

@@ -32,7 +32,7 @@ def test_rows_mask_the_completion_targets_only():
   # left-padded second prompt starts its row (its padding dropped).
   assert batch["mask"].tolist() == [[False, False, True, True, True, False, False, False],
                                     [False, True, True, False, False, False, False, False]]
-  assert grpo.completions_of(np.array([[7, 8, 2, 2], [3, 3, 3, 3]]), 2) == ([[7, 8, 2], [3, 3, 3, 3]], pytest.approx([3, 4]))
+  assert grpo.completions_of(np.array([[7, 8, 2, 2], [3, 3, 3, 3]]), (2,)) == ([[7, 8, 2], [3, 3, 3, 3]], pytest.approx([3, 4]))
 
 
 def test_arithmetic_prompts_are_fixed_by_seed_split_and_index():

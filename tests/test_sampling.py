@@ -61,7 +61,7 @@ def test_cached_greedy_decoding_gives_the_tokens_of_full_recomputation():
   model, params = _model_and_params(num_kv_heads=1)
   prompt = jax.random.randint(jax.random.key(2), (3, 5), 3, 64)
   cached = generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=20,
-                    sampling=SamplingConfig(), eos_id=2)
+                    sampling=SamplingConfig(), stop_ids=(2,))
   reference = generate_without_cache(params, prompt, model=model, max_new_tokens=20, eos_id=2)
   np.testing.assert_array_equal(cached, reference)
   assert len(set(np.asarray(cached).ravel().tolist())) > 3  # not a degenerate repetition
@@ -71,13 +71,28 @@ def test_generation_stops_at_end_of_sequence():
   model, params = _model_and_params()
   prompt = jnp.full((2, 3), 5, jnp.int32)
   free = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
-                             sampling=SamplingConfig(), eos_id=63))
+                             sampling=SamplingConfig(), stop_ids=(63,)))
   eos = int(free[0, 4])  # make the fifth generated token of row 0 the end of sequence
   stopped = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
-                                sampling=SamplingConfig(), eos_id=eos))
+                                sampling=SamplingConfig(), stop_ids=(eos,)))
   first = list(free[0]).index(eos)
   np.testing.assert_array_equal(stopped[0, :first + 1], free[0, :first + 1])
   assert (stopped[0, first:] == eos).all()
+
+
+def test_generation_stops_at_any_of_several_stop_ids():
+  """An instruct model ends a turn with one id and a document with another (SmolLM2: <|im_end|> and
+  <|endoftext|>): a row ends at the first it draws, the rest filled with the first stop id."""
+  model, params = _model_and_params()
+  prompt = jnp.full((2, 3), 5, jnp.int32)
+  free = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
+                             sampling=SamplingConfig(), stop_ids=()))
+  second, fifth = int(free[0, 1]), int(free[0, 4])
+  assert second not in free[0, :1]
+  stopped = np.asarray(generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=12,
+                                sampling=SamplingConfig(), stop_ids=(fifth, second)))
+  np.testing.assert_array_equal(stopped[0, :2], free[0, :2])
+  assert (stopped[0, 2:] == fifth).all()
 
 
 def test_sampling_is_seeded_and_filters_apply():
@@ -107,7 +122,7 @@ def test_prompt_and_length_over_the_model_length_is_an_error():
   model, params = _model_and_params()
   with pytest.raises(ValueError, match="max_seq_len = 64"):
     generate(params, jnp.ones((1, 60), jnp.int32), jax.random.key(0), model=model, max_new_tokens=10,
-             sampling=SamplingConfig(), eos_id=2)
+             sampling=SamplingConfig(), stop_ids=(2,))
 
 
 def test_past_the_model_length_the_context_slides_as_nanogpt_crops():
@@ -116,10 +131,10 @@ def test_past_the_model_length_the_context_slides_as_nanogpt_crops():
   model, params = _model_and_params()
   prompt_BxP = np.asarray(jax.random.randint(jax.random.key(2), (2, 60), 3, 64))
   new_BxT, slid = generate_sliding(params, prompt_BxP, jax.random.key(0), model=model, max_new_tokens=10,
-                                   sampling=SamplingConfig(), eos_id=-1)
+                                   sampling=SamplingConfig(), stop_ids=())
   assert new_BxT.shape == (2, 10) and slid == 6
   cached = generate(params, jnp.asarray(prompt_BxP), jax.random.key(0), model=model, max_new_tokens=4,
-                    sampling=SamplingConfig(), eos_id=-1)
+                    sampling=SamplingConfig(), stop_ids=())
   assert np.array_equal(new_BxT[:, :4], cached)
   tokens = np.concatenate([prompt_BxP, new_BxT[:, :4]], axis=1)
   forward = jax.jit(model.apply)
@@ -139,6 +154,6 @@ def test_left_padded_prompts_decode_as_each_prompt_alone(overrides):
   long = jax.random.randint(jax.random.key(4), (1, 9), 3, 64)
   padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 4), jnp.int32), short], axis=1), long])
   run = functools.partial(generate, params, rng=jax.random.key(0), model=model, max_new_tokens=6,
-                          sampling=SamplingConfig(), eos_id=-1)
+                          sampling=SamplingConfig(), stop_ids=())
   both = run(padded, prompt_lengths_B=jnp.asarray([5, 9]))
   assert np.array_equal(both[0], run(short)[0]) and np.array_equal(both[1], run(long)[0])
