@@ -333,10 +333,11 @@ def test_a_few_bytes_that_are_not_utf8_are_decoded_as_before_and_counted(tmp_pat
   (tmp_path / "src" / "a.py").write_bytes(stray)
   (tmp_path / "src" / "b.py").write_text("clean = 'é'\n" * 30)
   for kind in ("text_files", "text"):
-    src = source_of(data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>"))
+    whole = {"separator": "<none>"} if kind == "text" else {}  # text_files reads no separator
+    src = source_of(data_config(kind=kind, path=f"{tmp_path}/src/*.py", **whole))
     assert texts_of(src) == [stray.decode("utf-8", errors="replace"), "clean = 'é'\n" * 30]
-    cfg = data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>", tokenizer="byte",
-                      data_dir=str(tmp_path / kind))
+    cfg = data_config(kind=kind, path=f"{tmp_path}/src/*.py", tokenizer="byte", data_dir=str(tmp_path / kind),
+                      **whole)
     caplog.clear()
     lm_corpus.prepare_all(cfg, 259)
     assert (f"config.data.sources.main: 1 file(s) hold bytes that are not UTF-8, 6 in all, decoded as U+FFFD: "
