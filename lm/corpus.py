@@ -98,20 +98,34 @@ def _cached(path: epath.Path) -> Tokenizer:
 
 def _sample(cfg: DataConfig):
   """The first train documents of each source (held-out ones skipped), up to its weight's share of
-  config.data.tokenizer_sample_bytes."""
+  config.data.tokenizer_sample_bytes; ConfigError when a source holds out every document."""
   total = sum(src.weight for src in cfg.sources)
   for src in cfg.sources:
     budget = cfg.tokenizer_sample_bytes * src.weight / total
     fraction = 0.0 if src.validation else src.validation_fraction
+    kept = held = 0
     for chunk in sources.chunks(src, "train"):
       for text in sources.documents(chunk):
-        if text and not (fraction and sources.held_out(text, fraction)):
+        if text and fraction and sources.held_out(text, fraction):
+          held += 1
+        elif text:
+          kept += 1
           yield text
           budget -= len(text.encode("utf-8", errors="replace"))
         if budget <= 0:
           break
       if budget <= 0:
         break
+    if src.weight > 0 and held and not kept:
+      raise ConfigError(empty_train_part(src, held))
+
+
+def empty_train_part(src: SourceConfig, documents: int) -> str:
+  """The message for a source whose every document (`documents` of them) is held out for validation."""
+  return (f"{sources.key(src)}: its train part is empty: all {documents:,} of its {documents:,} documents are held "
+          f"out for validation by validation_fraction = {src.validation_fraction:g} (a document goes to validation "
+          f"when a hash of its text falls below it). Lower {sources.key(src)}.validation_fraction, add "
+          "documents, or name validation files.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,7 +211,12 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
     manifests[src.name] = preparation.prepare(
         src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src), workers=cfg.workers,
         shard_tokens=cfg.shard_tokens)
-  return tokenizer, {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
+  prepared = {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
+  for p in prepared.values():
+    held = p.stores["validation"].num_documents
+    if p.source.weight > 0 and not p.source.validation and held and not p.stores["train"].num_documents:
+      raise ConfigError(empty_train_part(p.source, held))
+  return tokenizer, prepared
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,6 +230,12 @@ def _sequences(prepared: Prepared, part: str, seq_len: int) -> data.StoredSequen
 def train_batches(prepared: dict[str, Prepared], seq_len: int, seed: int,
                   global_batch_size: int) -> data.TrainBatches:
   weights = {name: p.source.weight for name, p in prepared.items()}
+  for p in prepared.values():
+    tokens = p.stores["train"].num_tokens
+    if p.source.weight > 0 and tokens < seq_len:
+      raise ConfigError(f"config.train.seq_len = {seq_len:,} is longer than the train part of "
+                        f"{sources.key(p.source)} ({tokens:,} tokens): not one sequence of it can be cut. Lower "
+                        "train.seq_len, or add text.")
   return data.TrainBatches({name: _sequences(p, "train", seq_len) for name, p in prepared.items()}, seed,
                            global_batch_size, weights)
 

@@ -404,6 +404,22 @@ def test_rows_derive_segments_from_document_boundaries(tmp_path):
   assert starts[:, 0].all() and (read["segment_ids"] > 1).any()
 
 
+def test_a_train_part_that_is_empty_or_shorter_than_a_sequence_says_so(tmp_path):
+  write_files(tmp_path / "src", {f"{i}.txt": f"document {i} of a tiny corpus\n" for i in range(6)})
+  path = str(tmp_path / "src" / "*.txt")
+  held = (r"^config.data.sources.main: its train part is empty: all 6 of its 6 documents are held out for "
+          r"validation by validation_fraction = 0.99 .* Lower config.data.sources.main.validation_fraction, add "
+          r"documents, or name validation files\.$")
+  for tokenizer in ("byte", "sentencepiece"):  # prepared as is; a trained tokenizer would learn from nothing
+    cfg = data_config(path=path, validation_fraction=0.99, tokenizer=tokenizer, data_dir=str(tmp_path / tokenizer))
+    with pytest.raises(ConfigError, match=held):
+      lm_corpus.prepare_all(cfg, 300)
+  _, prepared = lm_corpus.prepare_all(data_config(path=path, tokenizer="byte", data_dir=str(tmp_path / "d")), 259)
+  with pytest.raises(ConfigError, match=r"^config.train.seq_len = 4,096 is longer than the train part of "
+                                        r"config.data.sources.main \(1\d\d tokens\): not one sequence of it"):
+    lm_corpus.train_batches(prepared, 4096, 0, 8)
+
+
 def test_pack_small_example():
   packed = data.pack(np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2]), np.array([0, 4, 7]), 4)
   np.testing.assert_array_equal(packed.tokens, [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 11]])
