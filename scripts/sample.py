@@ -38,6 +38,17 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_prompt(prompt: str) -> None:
+  """ConfigError when --prompt holds bytes that are not UTF-8 (Python keeps them as surrogate escapes)."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raw = prompt[e.start:e.end].encode("utf-8", errors="surrogateescape")
+    raise ConfigError(f"--prompt holds bytes that are not UTF-8 ({raw!r} at character {e.start}): the shell passed "
+                      "text in another encoding, or binary data. Pass the prompt as UTF-8 text (a UTF-8 locale "
+                      "and terminal, or convert it: iconv -t UTF-8).") from None
+
+
 def main(argv):
   console.start_command(argv)
   import jax  # after absl has parsed the flags (XLA_FLAGS may be set by the caller)
@@ -48,6 +59,7 @@ def main(argv):
 
   try:
     config = from_config_dict(_CONFIG.value)
+    check_prompt(_PROMPT.value)
     sampler = sampling.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     tokenizer = corpus.load_tokenizer(config.data, config.model.vocab_size)
     head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as documents are framed in training
