@@ -197,9 +197,7 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
   tokenizer = load_tokenizer(cfg, vocab_size)
   directories = {src.name: prepared_directory(cfg, src, tokenizer) for src in cfg.sources}
   if repair:
-    for directory in directories.values():
-      for path in preparation.repair(os.fspath(directory)):
-        logging.warning("Damaged: %s; preparing again from its shard on", path)
+    repair_all(cfg, tokenizer)
   manifests = {name: _complete(directory) for name, directory in directories.items()}
   todo = [src for src in cfg.sources if manifests[src.name] is None]
   for src in todo:  # every source checked before any is tokenized
@@ -217,6 +215,14 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
     if p.source.weight > 0 and not p.source.validation and held and not p.stores["train"].num_documents:
       raise ConfigError(empty_train_part(p.source, held))
   return tokenizer, prepared
+
+
+def repair_all(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+  """Checks every shard file of the prepared sources (CRC-32); from the first damaged shard of a source on,
+  its shards leave the manifest, to be prepared again by `prepare_all`."""
+  for src in cfg.sources:
+    for path in preparation.repair(os.fspath(prepared_directory(cfg, src, tokenizer))):
+      logging.warning("Damaged: %s; preparing again from its shard on", path)
 
 
 # ---------------------------------------------------------------------------------------------------
