@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import sysconfig
+import time
 
 import numpy as np
 import pytest
@@ -299,6 +300,19 @@ def test_tfds_splits_that_select_nothing_and_datasets_that_cannot_download(tfds_
                                         r"and prepare it into .*lm_test_offline.* \(ConnectionError: Failed to resolve "
                                         r".*\)\. Prepare it where the download works \(`tfds build lm_test_offline`\)"):
     sources.check(source_of(data_config(kind="tfds", path="lm_test_offline")))
+
+
+def test_a_tfds_dataset_whose_download_host_is_unreachable_fails_at_once(tfds_data_dir, monkeypatch):
+  for name in ("https_proxy", "http_proxy", "all_proxy"):  # a proxy would take the downloads: no probe then
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(name.upper(), raising=False)
+  started = time.time()
+  with pytest.raises(ConfigError, match=r"^config.data.sources.main.path = 'lm_test_unreachable': TFDS could not "
+                                        r"download and prepare it into .*lm_test_unreachable.* \(it is not prepared "
+                                        r"there, and its download host lm-test.invalid:443 cannot be reached \(.*\)\)\. "
+                                        r"Prepare it where the download works"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_unreachable")))
+  assert time.time() - started < 2 * sources.PROBE_SECONDS + 5
 
 
 def _latin1(repeat: int) -> bytes:
