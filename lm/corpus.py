@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 from absl import logging
 from etils import epath
 
-from lm import data, prepare as preparation, sources, token_store, tokenizer as tokenizers
+from lm import data, lease, prepare as preparation, sources, token_store, tokenizer as tokenizers
 from lm.config import ConfigError, DataConfig, SourceConfig
 from lm.tokenizer import Tokenizer
 
@@ -205,16 +206,57 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
       _check_new(cfg, src, tokenizer)
     sources.check(src)
   for src in todo:
-    logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directories[src.name])
-    manifests[src.name] = preparation.prepare(
-        src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src), workers=cfg.workers,
-        shard_tokens=cfg.shard_tokens)
+    manifests[src.name] = _prepare_alone(cfg, src, tokenizer, directories[src.name])
   prepared = {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
   for p in prepared.values():
     held = p.stores["validation"].num_documents
     if p.source.weight > 0 and not p.source.validation and held and not p.stores["train"].num_documents:
       raise ConfigError(empty_train_part(p.source, held))
   return tokenizer, prepared
+
+
+WAIT_SECONDS = 5.0  # between looks at a preparation that another process is writing
+# After writing the lease, before reading it back: a preparation that started at the same moment writes its
+# own within this time (a local write takes microseconds, one to gs:// a fraction of a second).
+SETTLE_SECONDS = {"local": 0.1, "remote": 1.0}
+
+
+def _prepare_alone(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, directory: epath.Path) -> dict:
+  """Prepares the source as the one writer of its directory (a lease, lm/lease.py: two preparations of it
+  would race on its shard files). One by another live process is waited for, and its result used."""
+  directory.mkdir(parents=True, exist_ok=True)
+  said = False
+  while (claim := _claim(directory)) is None:
+    holder = lease.Lease(os.fspath(directory)).holder() or {}
+    if not said:
+      logging.warning("%s is being prepared into %s by host %s, pid %s (started %s): waiting for it to finish, "
+                      "then using what it prepared.", sources.key(src), directory, holder.get("host"),
+                      holder.get("pid"), holder.get("started"))
+      said = True
+    time.sleep(WAIT_SECONDS)
+    if (manifest := _complete(directory)) is not None:
+      return manifest
+  try:
+    if (manifest := _complete(directory)) is None:  # unless finished by the one waited for
+      logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directory)
+      manifest = preparation.prepare(src, tokenizer, os.fspath(directory), identity=sources.identity(src),
+                                     workers=cfg.workers, shard_tokens=cfg.shard_tokens)
+    return manifest
+  finally:
+    claim.__exit__(None, None, None)
+
+
+def _claim(directory: epath.Path) -> lease.Lease | None:
+  """The lease of the directory, taken (its heartbeat running); None while another live process holds it."""
+  claim = lease.Lease(os.fspath(directory))
+  if claim.holder() is not None:
+    return None
+  claim.__enter__()  # writes it
+  time.sleep(SETTLE_SECONDS["remote" if token_store.is_remote(directory) else "local"])
+  if claim.holder() is not None:  # a preparation that started at the same moment wrote after this one
+    return None
+  claim.confirm()
+  return claim
 
 
 def repair_all(cfg: DataConfig, tokenizer: Tokenizer) -> None:

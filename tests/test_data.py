@@ -7,7 +7,10 @@ import json
 import os
 import pickle
 import shutil
+import socket
+import subprocess
 import sysconfig
+import threading
 import time
 
 import numpy as np
@@ -473,6 +476,40 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
   assert {n: os.stat(directory / n).st_mtime_ns for n in kept} == kept  # finished shards were not redone
   assert resumed.manifest["shards"] == straight.manifest["shards"]
   assert not [n for n in os.listdir(directory) if n.startswith(".writing") or n.endswith(".tmp")]
+
+
+def test_a_preparation_by_another_process_is_waited_for_and_used(tmp_path, monkeypatch, caplog):
+  """Two preparations of one source (prepare_data.py twice, 0.7 s apart) raced on its shard files: the
+  second now waits for the lease of the first and uses its result."""
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte",
+                    data_dir=str(tmp_path / "d"))
+  src, tok = source_of(cfg), tokenizers.ByteTokenizer()
+  directory = lm_corpus.prepared_directory(cfg, src, tok)
+  directory.mkdir(parents=True)
+  other = subprocess.Popen(["sleep", "60"])  # the other preparation's process: alive
+  (directory / "lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "token": "x",
+                                                    "started": "just now", "heartbeat": time.time()}))
+  prepare_now = prepare.prepare
+
+  def the_other_finishes():
+    time.sleep(0.5)
+    prepare_now(src, tok, str(directory), identity=sources.identity(src), workers=1, shard_tokens=cfg.shard_tokens)
+    (directory / "lease.json").unlink()
+    other.kill()
+
+  monkeypatch.setattr(lm_corpus, "WAIT_SECONDS", 0.1)
+  monkeypatch.setattr(prepare, "prepare", lambda *a, **k: pytest.fail("prepared beside the other preparation"))
+  finisher = threading.Thread(target=the_other_finishes)
+  finisher.start()
+  try:
+    _, prepared = lm_corpus.prepare_all(cfg, 259)
+  finally:
+    finisher.join()
+    other.kill()
+  assert prepared["main"].manifest["complete"] and prepared["main"].stores["train"].num_documents > 0
+  assert (f"config.data.sources.main is being prepared into {directory} by host {socket.gethostname()}, pid "
+          f"{other.pid} (started just now): waiting for it to finish, then using what it prepared.") in caplog.text
+  assert not (directory / "lease.json").exists()
 
 
 def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):
