@@ -88,7 +88,7 @@ def main(argv):
     print(f"Configuration error: {e}", file=sys.stderr)
     distributed.exit_with(2)
   except TrainingError as e:
-    print(f"Training stopped: {e}", file=sys.stderr)
+    print(f"{'Evaluation' if _MODE.value == 'eval' else 'Training'} stopped: {e}", file=sys.stderr)
     distributed.exit_with(1)
   except Interrupted as e:
     print(e, file=sys.stderr)

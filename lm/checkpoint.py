@@ -12,6 +12,7 @@ directory with `params/` (an orbax tree `{"params": ...}`, the same tree as in a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -357,9 +358,29 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   manager.reload()
 
 
+@contextlib.contextmanager
+def _item_metadata_expected_missing(item: str):
+  """Without orbax's warning "Metadata file does not exist: <item>/_CHECKPOINT_METADATA" while `item` is read:
+  an item read on its own (a step's `state`, an import's `params`) has none, its step holds it. Users read the
+  warning as damage; other warnings pass."""
+  missing = os.path.join(item, "_CHECKPOINT_METADATA")
+
+  def expected(record) -> bool:
+    return not (record.msg == "Metadata file does not exist: %s" and record.args
+                and os.fspath(record.args[0]) == missing)
+
+  logger = logging.get_absl_logger()
+  logger.addFilter(expected)
+  try:
+    yield
+  finally:
+    logger.removeFilter(expected)
+
+
 def saved_tree(item: str):
   """The metadata tree (shapes and dtypes) of an orbax PyTree item."""
-  metadata = ocp.PyTreeCheckpointer().metadata(item)
+  with _item_metadata_expected_missing(item):
+    metadata = ocp.PyTreeCheckpointer().metadata(item)
   metadata = getattr(metadata, "item_metadata", metadata)
   return dict(getattr(metadata, "tree", metadata))
 
@@ -371,7 +392,9 @@ def _on_one_device(metadata):
 
 def restore_on_one_device(state_path: str):
   """A saved train state as host arrays, whatever mesh wrote it (for inspection and comparisons)."""
-  return jax.device_get(ocp.StandardCheckpointer().restore(state_path, _on_one_device(saved_tree(state_path))))
+  target = _on_one_device(saved_tree(state_path))
+  with _item_metadata_expected_missing(state_path):
+    return jax.device_get(ocp.StandardCheckpointer().restore(state_path, target))
 
 
 def abstract_like(shapes, shardings):
@@ -401,6 +424,9 @@ def params_location(path: str, step: int | None = None, adapters: bool = False) 
                       f"{MODEL_FILE} and {PARAMS_ITEM}/) or a run's checkpoint directory (<workdir>/checkpoints).")
   manager = reader(path)  # another run's directory: read, never written or cleaned up
   steps = manager.all_steps()
+  if not steps and _is_workdir(path):
+    raise ConfigError(f"{path} is a run's --workdir, not its checkpoint directory: name {path}/checkpoints, where "
+                      "its steps are (or the run's config.train.checkpoint_dir when it set one).")
   if step is None and not steps:
     raise ConfigError(f"{path} holds neither converted parameters ({MODEL_FILE}) nor checkpoint steps.")
   if step is not None and step not in steps:
@@ -412,6 +438,13 @@ def params_location(path: str, step: int | None = None, adapters: bool = False) 
                       "weights first: scripts/convert_hf.py export --checkpoint=<this directory> --out=DIR writes the merged "
                       "model, which scripts/convert_hf.py import turns into parameters to start from.")
   return os.path.join(path, str(step), "state"), config["model"]
+
+
+def _is_workdir(path: str) -> bool:
+  """Whether `path` is what main.py's --workdir names: it holds checkpoints/, lease.json or metrics.jsonl."""
+  directory = epath.Path(path)
+  return (directory / "checkpoints").is_dir() or any((directory / name).exists()
+                                                      for name in ("lease.json", "metrics.jsonl"))
 
 
 def check_same_model(saved: dict, model: dict, where: str) -> None:
@@ -485,9 +518,10 @@ def restore_params_item(item: str, abstract_params, where: str):
   naming `where`, the tensor and both shapes) and restored into its shardings; nothing else is read."""
   check_param_shapes(saved_tree(item)["params"], abstract_params, where)
   target = {"params": abstract_params}
-  restored = ocp.PyTreeCheckpointer().restore(
-      item, args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                        partial_restore=True))
+  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  with _item_metadata_expected_missing(item):
+    restored = ocp.PyTreeCheckpointer().restore(item, args=args)
   return restored["params"]
 
 

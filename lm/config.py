@@ -179,6 +179,13 @@ TOKENIZERS = ("sentencepiece", "huggingface", "byte")
 SOURCE_KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
 EVAL_SPLITS = ("validation", "train")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # lm/lora.py
+# Token ids and positions are int32 in the model (prepared tokens take 2 bytes up to 65,536 ids, 4 above).
+MAX_INT32 = 2**31 - 1
+# Source keys that only some kinds read: {key: (the kinds that read it, its default in configs/base.py's
+# source())}. Another value on a source of another kind is refused: it would do nothing, yet name a new
+# preparation of the source (the settings key holds every key).
+KIND_KEYS = {"text_field": (("jsonl", "parquet", "tfds"), "text"), "separator": (("text",), ""),
+             "train_split": (("tfds",), "train")}
 
 
 def _section(cls, section: str, values: ml_collections.ConfigDict):
@@ -282,6 +289,14 @@ def validate_model(m: ModelConfig) -> None:
   _positive("model", m, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "mlp_dim", "max_seq_len", "rope_theta", "rope_scaling_factor", "rope_local_theta", "norm_eps",
             "init_std")
+  _require(m.vocab_size <= MAX_INT32,
+           f"config.model.vocab_size = {m.vocab_size:,} is over {MAX_INT32:,}, the most ids the model holds "
+           "(token ids are int32; prepared tokens take 2 bytes each up to 65,536 ids, 4 above). Vocabularies of "
+           "real models have 32,000 to 262,144 ids.")
+  _require(m.max_seq_len <= MAX_INT32,
+           f"config.model.max_seq_len = {m.max_seq_len:,} is over {MAX_INT32:,}, the longest sequence the "
+           "model can number (positions are int32); models are trained on 2,048 to 131,072 tokens. Lower "
+           "model.max_seq_len and train.seq_len.")
   _require(m.sliding_window >= 0 and m.local_layers_per_global >= 0 and m.query_scale_dim >= 0,
            "config.model.sliding_window, config.model.local_layers_per_global and "
            "config.model.query_scale_dim must be >= 0 (0 = off).")
@@ -330,14 +345,29 @@ def validate_data(d: DataConfig) -> None:
     _require(src.kind in ("text_files", "tfds") or src.path != "",
              f"{where}.path is empty; give the comma-separated globs of its {src.kind} files.")
     _require(src.kind != "tfds" or src.path != "", f"{where}.path is empty; give the TFDS dataset name.")
-    _require(0.0 < src.validation_fraction < 1.0,
-             f"{where}.validation_fraction = {src.validation_fraction} must be in (0, 1).")
+    _require(src.validation != "" or 0.0 < src.validation_fraction < 1.0,
+             f"{where}.validation_fraction = {src.validation_fraction} must be in (0, 1): the share of the "
+             "documents held out for validation (or name validation files, and it is unused).")
+    _require(src.validation == "" or 0.0 <= src.validation_fraction < 1.0,
+             f"{where}.validation_fraction = {src.validation_fraction} must be in [0, 1) (unused: "
+             f"{where}.validation names the validation documents).")
+    _validate_kind_keys(src)
     _require(src.max_documents >= 0, f"{where}.max_documents = {src.max_documents} must be >= 0 (0 = all).")
     _require(src.weight >= 0.0 and src.weight != float("inf"),
              f"{where}.weight = {src.weight} must be a finite number >= 0 (its share of the training rows).")
   _require(sum(src.weight for src in d.sources) > 0,
            "config.data.sources: every weight is 0, so no source would give training rows; give at least one "
            "source a weight > 0.")
+
+
+def _validate_kind_keys(src: SourceConfig) -> None:
+  """A key that the source's kind does not read must keep its default (see KIND_KEYS)."""
+  for key, (kinds, default) in KIND_KEYS.items():
+    value = getattr(src, key)
+    _require(src.kind in kinds or value == default,
+             f"config.data.sources.{src.name}.{key} = {value!r} does nothing for a {src.kind} source (its kind): "
+             f"only {' and '.join(kinds)} sources read {key}. Remove the override (its default is {default!r}), "
+             "or set the source's kind.")
 
 
 def validate(config: Config) -> None:

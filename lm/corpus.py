@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 from absl import logging
 from etils import epath
 
-from lm import chat, data, prepare as preparation, sources, token_store, tokenizer as tokenizers
+from lm import chat, data, lease, prepare as preparation, sources, token_store, tokenizer as tokenizers
 from lm.config import ConfigError, DataConfig, SourceConfig
 from lm.tokenizer import Tokenizer
 
@@ -106,20 +107,34 @@ def _cached(path: epath.Path) -> Tokenizer:
 
 def _sample(cfg: DataConfig):
   """The first train documents of each source (held-out ones skipped), up to its weight's share of
-  config.data.tokenizer_sample_bytes."""
+  config.data.tokenizer_sample_bytes; ConfigError when a source holds out every document."""
   total = sum(src.weight for src in cfg.sources)
   for src in cfg.sources:
     budget = cfg.tokenizer_sample_bytes * src.weight / total
     fraction = 0.0 if src.validation else src.validation_fraction
+    kept = held = 0
     for chunk in sources.chunks(src, "train"):
       for text in sources.documents(chunk):
-        if text and not (fraction and sources.held_out(text, fraction)):
+        if text and fraction and sources.held_out(text, fraction):
+          held += 1
+        elif text:
+          kept += 1
           yield text
           budget -= len(text.encode("utf-8", errors="replace"))
         if budget <= 0:
           break
       if budget <= 0:
         break
+    if src.weight > 0 and held and not kept:
+      raise ConfigError(empty_train_part(src, held))
+
+
+def empty_train_part(src: SourceConfig, documents: int) -> str:
+  """The message for a source whose every document (`documents` of them) is held out for validation."""
+  return (f"{sources.key(src)}: its train part is empty: all {documents:,} of its {documents:,} documents are held "
+          f"out for validation by validation_fraction = {src.validation_fraction:g} (a document goes to validation "
+          f"when a hash of its text falls below it). Lower {sources.key(src)}.validation_fraction, add "
+          "documents, or name validation files.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,9 +206,7 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
   tokenizer = load_tokenizer(cfg, vocab_size)
   directories = {src.name: prepared_directory(cfg, src, tokenizer) for src in cfg.sources}
   if repair:
-    for directory in directories.values():
-      for path in preparation.repair(os.fspath(directory)):
-        logging.warning("Damaged: %s; preparing again from its shard on", path)
+    repair_all(cfg, tokenizer)
   manifests = {name: _complete(directory) for name, directory in directories.items()}
   todo = [src for src in cfg.sources if manifests[src.name] is None]
   for src in todo:  # every source checked before any is tokenized
@@ -201,11 +214,65 @@ def prepare_all(cfg: DataConfig, vocab_size: int, *, new_tokenizer: bool = False
       _check_new(cfg, src, tokenizer)
     sources.check(src)
   for src in todo:
-    logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directories[src.name])
-    manifests[src.name] = preparation.prepare(
-        src, tokenizer, os.fspath(directories[src.name]), identity=sources.identity(src), workers=cfg.workers,
-        shard_tokens=cfg.shard_tokens)
-  return tokenizer, {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
+    manifests[src.name] = _prepare_alone(cfg, src, tokenizer, directories[src.name])
+  prepared = {src.name: _open(src, directories[src.name], manifests[src.name]) for src in cfg.sources}
+  for p in prepared.values():
+    held = p.stores["validation"].num_documents
+    if p.source.weight > 0 and not p.source.validation and held and not p.stores["train"].num_documents:
+      raise ConfigError(empty_train_part(p.source, held))
+  return tokenizer, prepared
+
+
+WAIT_SECONDS = 5.0  # between looks at a preparation that another process is writing
+# After writing the lease, before reading it back: a preparation that started at the same moment writes its
+# own within this time (a local write takes microseconds, one to gs:// a fraction of a second).
+SETTLE_SECONDS = {"local": 0.1, "remote": 1.0}
+
+
+def _prepare_alone(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, directory: epath.Path) -> dict:
+  """Prepares the source as the one writer of its directory (a lease, lm/lease.py: two preparations of it
+  would race on its shard files). One by another live process is waited for, and its result used."""
+  directory.mkdir(parents=True, exist_ok=True)
+  said = False
+  while (claim := _claim(directory)) is None:
+    holder = lease.Lease(os.fspath(directory)).holder() or {}
+    if not said:
+      logging.warning("%s is being prepared into %s by host %s, pid %s (started %s): waiting for it to finish, "
+                      "then using what it prepared.", sources.key(src), directory, holder.get("host"),
+                      holder.get("pid"), holder.get("started"))
+      said = True
+    time.sleep(WAIT_SECONDS)
+    if (manifest := _complete(directory)) is not None:
+      return manifest
+  try:
+    if (manifest := _complete(directory)) is None:  # unless finished by the one waited for
+      logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directory)
+      manifest = preparation.prepare(src, tokenizer, os.fspath(directory), identity=sources.identity(src),
+                                     workers=cfg.workers, shard_tokens=cfg.shard_tokens)
+    return manifest
+  finally:
+    claim.__exit__(None, None, None)
+
+
+def _claim(directory: epath.Path) -> lease.Lease | None:
+  """The lease of the directory, taken (its heartbeat running); None while another live process holds it."""
+  claim = lease.Lease(os.fspath(directory))
+  if claim.holder() is not None:
+    return None
+  claim.__enter__()  # writes it
+  time.sleep(SETTLE_SECONDS["remote" if token_store.is_remote(directory) else "local"])
+  if claim.holder() is not None:  # a preparation that started at the same moment wrote after this one
+    return None
+  claim.confirm()
+  return claim
+
+
+def repair_all(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+  """Checks every shard file of the prepared sources (CRC-32); from the first damaged shard of a source on,
+  its shards leave the manifest, to be prepared again by `prepare_all`."""
+  for src in cfg.sources:
+    for path in preparation.repair(os.fspath(prepared_directory(cfg, src, tokenizer))):
+      logging.warning("Damaged: %s; preparing again from its shard on", path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,6 +286,12 @@ def _sequences(prepared: Prepared, part: str, seq_len: int) -> data.StoredSequen
 def train_batches(prepared: dict[str, Prepared], seq_len: int, seed: int,
                   global_batch_size: int) -> data.TrainBatches:
   weights = {name: p.source.weight for name, p in prepared.items()}
+  for p in prepared.values():
+    tokens = p.stores["train"].num_tokens
+    if p.source.weight > 0 and tokens < seq_len:
+      raise ConfigError(f"config.train.seq_len = {seq_len:,} is longer than the train part of "
+                        f"{sources.key(p.source)} ({tokens:,} tokens): not one sequence of it can be cut. Lower "
+                        "train.seq_len, or add text.")
   return data.TrainBatches({name: _sequences(p, "train", seq_len) for name, p in prepared.items()}, seed,
                            global_batch_size, weights)
 

@@ -11,6 +11,9 @@ write; each reads the file back before its first step (`confirm`, seconds later:
 the one whose token it holds goes on, the other stops before writing anything of its own. A holder
 that finds its lease taken (it stalled past STALE_SECONDS) stops at its next step. Eval and sampling read
 checkpoints and take no lease. With several processes, process 0 holds it for the run.
+
+The preparation of a source takes the same lease on the directory it prepares (lm/corpus.py): a second
+preparation of it waits for the first and uses its result.
 """
 
 from __future__ import annotations
@@ -90,10 +93,12 @@ class Lease:
   def _write(self) -> None:
     self.path.write_text(json.dumps({**self._mine, "heartbeat": time.time()}))
 
-  def _refuse_if_held(self) -> None:
+  def holder(self) -> dict | None:
+    """The lease of another live process ({host, pid, started, heartbeat, ...}), or None: there is none, it
+    is ours, or it is stale (to be taken over, said in a warning)."""
     held = self._read()
     if not held or held.get("token") == self._mine["token"]:
-      return
+      return None
     age = time.time() - float(held.get("heartbeat", 0))
     same_host = held.get("host") == self._mine["host"]
     if same_host and not _alive(int(held.get("pid", -1))):
@@ -101,13 +106,19 @@ class Lease:
     elif age > STALE_SECONDS:
       reason = f"its last heartbeat was {age:.0f} s ago"
     else:
-      raise ConfigError(
-          f"--workdir is in use by another training: host {held.get('host')}, pid {held.get('pid')}, started "
-          f"{held.get('started')} (heartbeat {age:.0f} s ago, {self.path}). Two runs on one workdir would "
-          "replace each other's checkpoints. Stop that run first, or use another --workdir; a lease whose "
-          f"process is gone or whose heartbeat is over {STALE_SECONDS:.0f} s old is taken over by itself.")
+      return {**held, "age": age}
     console.logger.warning("Taking over the lease of %s from host %s, pid %s (started %s): %s.", self.path,
                            held.get("host"), held.get("pid"), held.get("started"), reason)
+    return None
+
+  def _refuse_if_held(self) -> None:
+    held = self.holder()
+    if held is not None:
+      raise ConfigError(
+          f"--workdir is in use by another training: host {held.get('host')}, pid {held.get('pid')}, started "
+          f"{held.get('started')} (heartbeat {held['age']:.0f} s ago, {self.path}). Two runs on one workdir would "
+          "replace each other's checkpoints. Stop that run first, or use another --workdir; a lease whose "
+          f"process is gone or whose heartbeat is over {STALE_SECONDS:.0f} s old is taken over by itself.")
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):

@@ -30,8 +30,10 @@ import io
 import json
 import os
 import re
+import socket
 import sysconfig
 import threading
+import urllib.parse
 from typing import Iterator
 
 from etils import epath
@@ -298,13 +300,14 @@ def _tfds_builder(src: SourceConfig):
   except tfds.core.DatasetNotFoundError as e:
     raise ConfigError(f"{key(src)}.path = {src.path!r} is not a registered TFDS dataset; use a name from "
                       "https://www.tensorflow.org/datasets/catalog, or another kind.") from e
+  if not builder.is_prepared() and (unreachable := _unreachable_host(getattr(builder, "url_infos", None) or {})):
+    # TFDS would retry the download for minutes before failing.
+    raise ConfigError(_not_prepared(src, builder, f"it is not prepared there, and its download host {unreachable}"))
   try:
     builder.download_and_prepare()  # nothing to do once prepared
   except Exception as e:  # no network, a manual download missing, a failed generation: TFDS's many types
-    raise ConfigError(f"{key(src)}.path = {src.path!r}: TFDS could not download and prepare it into "
-                      f"{builder.data_dir} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}). "
-                      f"Prepare it where the download works (`tfds build {src.path}`) and copy it there, or set "
-                      "TFDS_DATA_DIR to where it is prepared.") from e
+    reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    raise ConfigError(_not_prepared(src, builder, reason)) from e
   if src.text_field not in builder.info.features:
     raise ConfigError(f"{key(src)}.text_field = {src.text_field!r} is not a feature of {src.path}; it has "
                       f"{sorted(builder.info.features.keys())}.")
@@ -312,6 +315,35 @@ def _tfds_builder(src: SourceConfig):
     if split:
       _check_tfds_split(builder, f"{key(src)}.{field} = {split!r}", split, src.path)
   return builder
+
+
+def _not_prepared(src: SourceConfig, builder, reason: str) -> str:
+  return (f"{key(src)}.path = {src.path!r}: TFDS could not download and prepare it into {builder.data_dir} "
+          f"({reason}). Prepare it where the download works (`tfds build {src.path}`) and copy it there, or set "
+          "TFDS_DATA_DIR to where it is prepared.")
+
+
+_PORTS = {"https": 443, "http": 80, "ftp": 21}
+_PROXIES = ("https_proxy", "http_proxy", "all_proxy")
+PROBE_SECONDS = 3.0
+
+
+def _unreachable_host(urls) -> str:
+  """'host:port cannot be reached (error)' for the first host of a dataset's download URLs that a connection
+  does not reach within PROBE_SECONDS; empty when all do, or when a proxy is set (downloads go through it)."""
+  if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXIES):
+    return ""
+  hosts = set()
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and parts.scheme in _PORTS:
+      hosts.add((parts.hostname, parts.port or _PORTS[parts.scheme]))
+  for host, port in sorted(hosts)[:3]:  # a few seconds at most
+    try:
+      socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+      return f"{host}:{port} cannot be reached ({e})"
+  return ""
 
 
 def _check_tfds_split(builder, where: str, split: str, name: str) -> None:

@@ -75,8 +75,22 @@ def abstract_params(cfg: ModelConfig) -> dict:
   return nn.unbox(shapes["params"])
 
 
+def check_out(out: str, what: str) -> None:
+  """ConfigError when a local --out is (or lies under) a file: it is the directory `what` is written into."""
+  if "://" in out:
+    return
+  path = existing = os.path.abspath(os.path.expanduser(out))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "a file" if existing == path else f"under {existing}, which is a file"
+    raise ConfigError(f"--out={out} is {where}, not a directory: name a directory for {what} (created when "
+                      "missing; files of the same names in it are replaced).")
+
+
 def import_hf(hf_dir: str, out: str, config_path: str = "") -> ModelConfig:
   """Hugging Face directory -> parameters under `out`; returns the model they belong to."""
+  check_out(out, "the parameters (params/ and model.json)")
   family, hf_config = hf.read_config(hf_dir)
   target = load_config_file(config_path).model if config_path else None
   defaults = target or from_config_dict(base.get_config()).model
@@ -138,6 +152,7 @@ def tokenizer_overrides(out: str, copied: list[str]) -> str:
 def export_hf(path: str, out: str, step: int | None = None, dtype: str = "float32",
               max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> ModelConfig:
   """Parameters (an import, or a run's checkpoints) -> Hugging Face directory `out`."""
+  check_out(out, "the Hugging Face files (config.json, model.safetensors, the tokenizer's)")
   params, model = checkpoint.load_params_on_host(path, step, adapters=True)
   defaults = from_config_dict(base.get_config()).model
   known = {f.name for f in dataclasses.fields(ModelConfig)}

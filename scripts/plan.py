@@ -74,13 +74,14 @@ REMAT_ORDER = ("none", "save_dots", "full")  # least to most recomputation, most
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice, as libtpu names it (v5e:2x4, v5p:2x2x1, v6e:4x4): "
                                 "compile with XLA:TPU for its chips. Empty: --devices simulated CPU devices.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology, joined over the data-centre network.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (simulated on the CPU).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology, joined over the data-centre network.",
+                                   lower_bound=1)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (simulated on the CPU).", lower_bound=1)
 _DEVICE_KIND = flags.DEFINE_enum("device_kind", "h100", sorted(DEVICE_KINDS),
                                  "Accelerator planned for without --topology.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
 _MEMORY_GB = flags.DEFINE_float("memory_gb", 0.0, "Memory per device in GB; 0 = the chip's (--topology) or "
-                                 "that of --device_kind.")
+                                 "that of --device_kind.", lower_bound=0.0)
 _USABLE = flags.DEFINE_float("usable_fraction", 0.9,
                              "Share of the memory a step may use: runtime reserves, fragmentation and the "
                              "estimate's error need the rest. GPUs: JAX preallocates 0.75 by default.")
@@ -90,8 +91,20 @@ _MEMORY_TABLE = flags.DEFINE_list("memory_table", [], "Memory sizes in GB: print
 _MIN_MICRO_TOKENS = flags.DEFINE_integer(
     "min_micro_tokens", 4096, "--memory_table suggests micro-steps of at least this many tokens per device "
     "when one fits: the costs of a micro-step that do not shrink with it (FSDP's parameter all-gathers and "
-    "gradient reduce-scatter) outweigh a few percent of recomputation below.")
+    "gradient reduce-scatter) outweigh a few percent of recomputation below.", lower_bound=0)
 flags.mark_flags_as_required(["config"])
+flags.register_validator("mfu", lambda v: 0 < v <= 1, "--mfu is a fraction of the peak FLOP/s: in (0, 1], e.g. 0.4.")
+flags.register_validator("usable_fraction", lambda v: 0 < v <= 1,
+                         "--usable_fraction is a share of the device's memory: in (0, 1], e.g. 0.9.")
+flags.register_validator("memory_table", lambda sizes: all(_positive_number(s) for s in sizes),
+                         "--memory_table lists memory sizes in GB, each a number > 0: e.g. 16,24,40,80.")
+
+
+def _positive_number(text: str) -> bool:
+  try:
+    return float(text) > 0 and math.isfinite(float(text))
+  except ValueError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)

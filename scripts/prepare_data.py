@@ -62,13 +62,15 @@ def _prepare(config: Config) -> list[_Result]:
   started = time.time()
   tokenizer = corpus.load_tokenizer(data, config.model.vocab_size)  # trained here when it must be
   console.logger.info("Tokenizer: %s (%.1f s)", tokenizer.describe(), time.time() - started)
+  if _REPAIR.value:  # first: what is prepared again is then counted as this run's
+    corpus.repair_all(data, tokenizer)
   before = {src.name: token_store.read_manifest(os.fspath(corpus.prepared_directory(data, src, tokenizer)))
             or {"shards": []} for src in data.sources}
   started = time.time()
-  _, prepared = corpus.prepare_all(data, config.model.vocab_size, new_tokenizer=True, repair=_REPAIR.value)
+  _, prepared = corpus.prepare_all(data, config.model.vocab_size, new_tokenizer=True)
   seconds = time.time() - started
   return [_Result(p, prepare.tokens_in(p.manifest) - prepare.tokens_in(before[name]), seconds,
-                  bool(before[name].get("complete")) and not _REPAIR.value) for name, p in prepared.items()]
+                  bool(before[name].get("complete"))) for name, p in prepared.items()]
 
 
 def _disk_bytes(directory: str) -> int:

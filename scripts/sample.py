@@ -83,6 +83,17 @@ def prompt_ids(tokenizer, chat) -> list[int]:
   return ids or [tokenizer.eos_id]
 
 
+def check_prompt(prompt: str, flag: str = "--prompt") -> None:
+  """ConfigError when a text flag holds bytes that are not UTF-8 (Python keeps them as surrogate escapes)."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raw = prompt[e.start:e.end].encode("utf-8", errors="surrogateescape")
+    raise ConfigError(f"{flag} holds bytes that are not UTF-8 ({raw!r} at character {e.start}): the shell passed "
+                      "text in another encoding, or binary data. Pass the prompt as UTF-8 text (a UTF-8 locale "
+                      "and terminal, or convert it: iconv -t UTF-8).") from None
+
+
 def main(argv):
   console.start_command(argv)
   import dataclasses
@@ -97,6 +108,8 @@ def main(argv):
     config = from_config_dict(_CONFIG.value)
     if _INIT_FROM.value is not None:
       config = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=_INIT_FROM.value))
+    check_prompt(_PROMPT.value)
+    check_prompt(_SYSTEM.value or "", "--system")
     sampler = sampling.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     tokenizer = corpus.load_tokenizer(config.data, config.model.vocab_size)
     chat = corpus.load_chat(config.data, tokenizer)

@@ -58,6 +58,10 @@ def _with(section, key, value):
     ("model", "remat", "some", "config.model.remat = 'some' is not known"),
     ("mesh", "fsdp", -1, "at most one may be -1"),
     ("train", "learning_rate", "fast", "config.train.learning_rate = 'fast' is a str; it must be a float"),
+    ("model", "vocab_size", 10**12, "config.model.vocab_size = 1,000,000,000,000 is over 2,147,483,647, the most "
+                                    "ids the model holds (token ids are int32"),
+    ("model", "max_seq_len", 10**12, "config.model.max_seq_len = 1,000,000,000,000 is over 2,147,483,647, the "
+                                     "longest sequence the model can number"),
 ])
 def test_bad_values_name_the_key(section, key, value, expected):
   with pytest.raises(ConfigError) as e:
@@ -71,3 +75,37 @@ def test_unknown_key_is_rejected():
     c.train.micro_batch = 4
   with pytest.raises(ConfigError, match=r"unknown keys \['micro_batch'\]"):
     from_config_dict(c)
+
+
+def _with_source(**changes):
+  c = base.get_config()
+  c.data.sources.main = base.source(**changes)
+  return c
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"train_split": "train[:50%]"}, "config.data.sources.main.train_split = 'train[:50%]' does nothing for a "
+                                     "text_files source (its kind): only tfds sources read train_split. Remove the "
+                                     "override (its default is 'train')"),
+    ({"kind": "jsonl", "path": "a.jsonl", "separator": "<END>"},
+     "config.data.sources.main.separator = '<END>' does nothing for a jsonl source (its kind): only text sources"),
+    ({"kind": "text", "path": "a.txt", "text_field": "body"},
+     "text_field = 'body' does nothing for a text source (its kind): only jsonl and parquet and tfds sources"),
+    ({"validation_fraction": 0.0}, "config.data.sources.main.validation_fraction = 0.0 must be in (0, 1)"),
+    ({"validation": "val.txt", "validation_fraction": 1.0}, "validation_fraction = 1.0 must be in [0, 1) (unused"),
+])
+def test_source_keys_that_do_nothing_or_are_out_of_range_are_refused(changes, expected):
+  with pytest.raises(ConfigError) as e:
+    from_config_dict(_with_source(**changes))
+  assert expected in str(e.value)
+
+
+def test_keys_a_kind_reads_and_an_unused_validation_fraction_are_accepted():
+  from lm import config as lm_config
+  for key, (_, default) in lm_config.KIND_KEYS.items():  # the defaults every kind accepts are base.source()'s
+    assert base.source()[key] == default
+  for changes in ({"kind": "tfds", "path": "d", "train_split": "train[:50%]", "text_field": "body"},
+                  {"kind": "text", "path": "a.txt", "separator": "<END>"},
+                  {"kind": "parquet", "path": "a.parquet", "text_field": "body"},
+                  {"validation": "val.txt", "validation_fraction": 0.0}):  # named files: the fraction is unused
+    from_config_dict(_with_source(**changes))

@@ -410,3 +410,45 @@ def test_export_of_a_run_writes_the_tokenizer_its_config_names(small_qwen3, tmp_
   stdout = capsys.readouterr().out
   assert ("the byte tokenizer, which has no files" in stdout if kind == "byte" else
           f"the run's data.tokenizer_path {named}" in stdout)
+
+
+def _a_run(small_qwen3, workdir):
+  """A run's workdir as main.py leaves it: checkpoints/ holding step 5 (with its config), metrics.jsonl."""
+  from configs import base
+  from lm.config import from_config_dict, to_dict
+
+  cfg, _, params_dir, _ = small_qwen3
+  config = to_dict(from_config_dict(base.get_config()))
+  config["model"] = dataclasses.asdict(cfg)
+  params, _ = checkpoint.load_params_on_host(str(params_dir))
+  manager = checkpoint.make_manager(str(workdir / "checkpoints"), from_config_dict(base.get_config()).train)
+  checkpoint.save(manager, 5, {"params": params}, config)
+  checkpoint.finish_saves(manager)
+  (workdir / "metrics.jsonl").write_text("")
+  return workdir
+
+
+def test_export_of_a_workdir_or_into_a_file_names_the_flag_and_the_fix(small_qwen3, tmp_path, capsys):
+  workdir = _a_run(small_qwen3, tmp_path / "run")
+  assert convert.main(["export", f"--checkpoint={workdir}", f"--out={tmp_path / 'hf_run'}"]) == 2
+  assert (f"Conversion error: {workdir} is a run's --workdir, not its checkpoint directory: name "
+          f"{workdir}/checkpoints, where its steps are") in capsys.readouterr().err
+  (tmp_path / "a_file").write_text("kept")
+  for out in (tmp_path / "a_file", tmp_path / "a_file" / "hf"):
+    assert convert.main(["export", f"--checkpoint={workdir}/checkpoints", f"--out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"Conversion error: --out={out} is " in err and "not a directory: name a directory for the Hugging " \
+                                                           "Face files" in err, err
+  assert (tmp_path / "a_file").read_text() == "kept" and not (tmp_path / "hf_run").exists()
+
+
+def test_reading_a_step_logs_no_missing_metadata_warning(small_qwen3, tmp_path, caplog):
+  """orbax warned "Metadata file does not exist: <step>/state/_CHECKPOINT_METADATA" at every read of a step's
+  parameters (export, eval, sample.py), which users took for damage: it is expected there."""
+  workdir = _a_run(small_qwen3, tmp_path / "run")
+  caplog.set_level("WARNING")
+  checkpoint.load_params_on_host(str(workdir / "checkpoints"))
+  assert "Metadata file does not exist" not in caplog.text
+  from absl import logging
+  logging.warning("Metadata file does not exist: %s", "elsewhere/_CHECKPOINT_METADATA")  # others still pass
+  assert "Metadata file does not exist: elsewhere" in caplog.text

@@ -7,7 +7,11 @@ import json
 import os
 import pickle
 import shutil
+import socket
+import subprocess
 import sysconfig
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -311,6 +315,19 @@ def test_tfds_splits_that_select_nothing_and_datasets_that_cannot_download(tfds_
     sources.check(source_of(data_config(kind="tfds", path="lm_test_offline")))
 
 
+def test_a_tfds_dataset_whose_download_host_is_unreachable_fails_at_once(tfds_data_dir, monkeypatch):
+  for name in ("https_proxy", "http_proxy", "all_proxy"):  # a proxy would take the downloads: no probe then
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(name.upper(), raising=False)
+  started = time.time()
+  with pytest.raises(ConfigError, match=r"^config.data.sources.main.path = 'lm_test_unreachable': TFDS could not "
+                                        r"download and prepare it into .*lm_test_unreachable.* \(it is not prepared "
+                                        r"there, and its download host lm-test.invalid:443 cannot be reached \(.*\)\)\. "
+                                        r"Prepare it where the download works"):
+    sources.check(source_of(data_config(kind="tfds", path="lm_test_unreachable")))
+  assert time.time() - started < 2 * sources.PROBE_SECONDS + 5
+
+
 def _latin1(repeat: int) -> bytes:
   return "Très élevé, à côté.\n".encode("latin-1") * repeat  # 6 bytes of 20 are not UTF-8
 
@@ -343,10 +360,11 @@ def test_a_few_bytes_that_are_not_utf8_are_decoded_as_before_and_counted(tmp_pat
   (tmp_path / "src" / "a.py").write_bytes(stray)
   (tmp_path / "src" / "b.py").write_text("clean = 'é'\n" * 30)
   for kind in ("text_files", "text"):
-    src = source_of(data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>"))
+    whole = {"separator": "<none>"} if kind == "text" else {}  # text_files reads no separator
+    src = source_of(data_config(kind=kind, path=f"{tmp_path}/src/*.py", **whole))
     assert texts_of(src) == [stray.decode("utf-8", errors="replace"), "clean = 'é'\n" * 30]
-    cfg = data_config(kind=kind, path=f"{tmp_path}/src/*.py", separator="<none>", tokenizer="byte",
-                      data_dir=str(tmp_path / kind))
+    cfg = data_config(kind=kind, path=f"{tmp_path}/src/*.py", tokenizer="byte", data_dir=str(tmp_path / kind),
+                      **whole)
     caplog.clear()
     lm_corpus.prepare_all(cfg, 259)
     assert (f"config.data.sources.main: 1 file(s) hold bytes that are not UTF-8, 6 in all, decoded as U+FFFD: "
@@ -413,6 +431,22 @@ def test_rows_derive_segments_from_document_boundaries(tmp_path):
   assert starts[:, 0].all() and (read["segment_ids"] > 1).any()
 
 
+def test_a_train_part_that_is_empty_or_shorter_than_a_sequence_says_so(tmp_path):
+  write_files(tmp_path / "src", {f"{i}.txt": f"document {i} of a tiny corpus\n" for i in range(6)})
+  path = str(tmp_path / "src" / "*.txt")
+  held = (r"^config.data.sources.main: its train part is empty: all 6 of its 6 documents are held out for "
+          r"validation by validation_fraction = 0.99 .* Lower config.data.sources.main.validation_fraction, add "
+          r"documents, or name validation files\.$")
+  for tokenizer in ("byte", "sentencepiece"):  # prepared as is; a trained tokenizer would learn from nothing
+    cfg = data_config(path=path, validation_fraction=0.99, tokenizer=tokenizer, data_dir=str(tmp_path / tokenizer))
+    with pytest.raises(ConfigError, match=held):
+      lm_corpus.prepare_all(cfg, 300)
+  _, prepared = lm_corpus.prepare_all(data_config(path=path, tokenizer="byte", data_dir=str(tmp_path / "d")), 259)
+  with pytest.raises(ConfigError, match=r"^config.train.seq_len = 4,096 is longer than the train part of "
+                                        r"config.data.sources.main \(1\d\d tokens\): not one sequence of it"):
+    lm_corpus.train_batches(prepared, 4096, 0, 8)
+
+
 def test_pack_small_example():
   packed = data.pack(np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2]), np.array([0, 4, 7]), 4)
   np.testing.assert_array_equal(packed.tokens, [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 11]])
@@ -452,6 +486,40 @@ def test_killed_preparation_resumes_keeping_finished_shards(tmp_path, monkeypatc
   assert {n: os.stat(directory / n).st_mtime_ns for n in kept} == kept  # finished shards were not redone
   assert resumed.manifest["shards"] == straight.manifest["shards"]
   assert not [n for n in os.listdir(directory) if n.startswith(".writing") or n.endswith(".tmp")]
+
+
+def test_a_preparation_by_another_process_is_waited_for_and_used(tmp_path, monkeypatch, caplog):
+  """Two preparations of one source (prepare_data.py twice, 0.7 s apart) raced on its shard files: the
+  second now waits for the lease of the first and uses its result."""
+  cfg = data_config(kind="jsonl", path=_jsonl_corpus(tmp_path / "src"), tokenizer="byte",
+                    data_dir=str(tmp_path / "d"))
+  src, tok = source_of(cfg), tokenizers.ByteTokenizer()
+  directory = lm_corpus.prepared_directory(cfg, src, tok)
+  directory.mkdir(parents=True)
+  other = subprocess.Popen(["sleep", "60"])  # the other preparation's process: alive
+  (directory / "lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "token": "x",
+                                                    "started": "just now", "heartbeat": time.time()}))
+  prepare_now = prepare.prepare
+
+  def the_other_finishes():
+    time.sleep(0.5)
+    prepare_now(src, tok, str(directory), identity=sources.identity(src), workers=1, shard_tokens=cfg.shard_tokens)
+    (directory / "lease.json").unlink()
+    other.kill()
+
+  monkeypatch.setattr(lm_corpus, "WAIT_SECONDS", 0.1)
+  monkeypatch.setattr(prepare, "prepare", lambda *a, **k: pytest.fail("prepared beside the other preparation"))
+  finisher = threading.Thread(target=the_other_finishes)
+  finisher.start()
+  try:
+    _, prepared = lm_corpus.prepare_all(cfg, 259)
+  finally:
+    finisher.join()
+    other.kill()
+  assert prepared["main"].manifest["complete"] and prepared["main"].stores["train"].num_documents > 0
+  assert (f"config.data.sources.main is being prepared into {directory} by host {socket.gethostname()}, pid "
+          f"{other.pid} (started just now): waiting for it to finish, then using what it prepared.") in caplog.text
+  assert not (directory / "lease.json").exists()
 
 
 def test_damaged_or_foreign_prepared_data_is_refused(tmp_path, monkeypatch):

@@ -140,6 +140,14 @@ def test_no_checkpoint_names_the_path(trained, tmp_path):
     evaluate.run(config_of(command), str(tmp_path / "run"))
 
 
+def test_eval_mode_errors_say_evaluation_stopped(tmp_path):
+  result = subprocess.run(main_command(tmp_path / "run", tmp_path / "data", tmp_path, "--mode=eval"), cwd=ROOT,
+                          env=MAIN_ENV, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert f"Evaluation stopped: No checkpoint: {tmp_path}/run/checkpoints does not exist" in result.stderr
+  assert "Training stopped" not in result.stderr
+
+
 def test_missing_step_lists_the_steps(trained):
   root, command = trained
   with pytest.raises(TrainingError, match=r"--step=7: there is no checkpoint of step 7 in .*; it holds "

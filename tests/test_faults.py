@@ -529,6 +529,13 @@ def test_a_stale_lease_is_taken_over_and_released_at_the_end(tmp_path, holder):
      "--max_tokens"),
     (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--num_samples=0"],
      "--num_samples"),
+    # Bytes that are not UTF-8 reach Python as surrogate escapes ($'\xff\xfe' in bash).
+    (["scripts/sample.py", "--config=configs/default.py", "--workdir=runs/x", "--prompt=ab\udcff\udcfe"],
+     "Error: --prompt holds bytes that are not UTF-8 (b'\\xff\\xfe' at character 2): the shell passed text in "
+     "another encoding, or binary data. Pass the prompt as UTF-8 text"),
+    (["scripts/plan.py", "--config=configs/default.py", "--devices=0"],
+     "flag --devices=0: 0 is not a positive integer"),
+    (["scripts/plan.py", "--config=configs/default.py", "--mfu=1.5"], "--mfu is a fraction of the peak FLOP/s"),
 ])
 def test_bad_flags_get_a_message_not_a_traceback(command, message, tmp_path):
   (tmp_path / "syntax.py").write_text("from configs import base\n\ndef get_config(:\n  return base.get_config()\n")
@@ -539,5 +546,6 @@ def test_bad_flags_get_a_message_not_a_traceback(command, message, tmp_path):
                           timeout=120)
   assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
   assert result.returncode == 2 or "Configuration error" not in message
+  assert result.returncode == 2 or "Error: " not in message
   assert "Traceback" not in result.stderr
   assert not os.path.exists(os.path.join(ROOT, "checkpoints"))

@@ -1,5 +1,6 @@
 """scripts/prepare_data.py: prepares, reopens, verifies and repairs, as a user runs it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,7 @@ def test_prepare_verify_and_repair(tmp_path):
   repaired = _run(tmp_path, "--repair", "--verify")
   assert repaired.returncode == 0, repaired.stderr[-2000:]
   assert shard.read_bytes() == content and "Damaged:" in repaired.stderr
+  # What was prepared again is reported: shards 2 on (it said "tokenized 0 tokens").
+  manifest = json.loads((directory / "manifest.json").read_text())
+  again = sum(s[part]["tokens"] for s in manifest["shards"][2:] for part in ("train", "validation"))
+  assert again > 0 and f"this run tokenized {again:,} tokens" in repaired.stdout, repaired.stdout
