@@ -200,7 +200,7 @@ def run(config: Config, workdir: str, *, step: int | None = None, follow: bool =
         ("Devices", f"{rt.mesh.devices.size} x {rt.mesh.devices.flat[0].device_kind} "
                     f"({rt.mesh.devices.flat[0].platform})"),
         ("Mesh", " x ".join(f"{k}={v}" for k, v in rt.mesh.shape.items())),
-        ("Checkpoints", f"{checkpoint_dir} (steps {source.steps})"),
+        ("Checkpoints", f"{source.directory} (steps {source.steps})"),
         ("Eval data", corpus.describe_eval(config.data, batches)),
     ])
     out_dir = os.path.join(workdir, "eval")

@@ -1,6 +1,7 @@
 import dataclasses
 import glob
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -14,17 +15,52 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 CONFIG_FILES = [f for f in CONFIG_FILES if not f.endswith("__init__.py")]
 
 
-def _load(path) -> ml_collections.ConfigDict:
+def _load(path, *args) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
+
+
+def _import_dir(directory, **model) -> str:
+  """What scripts/convert_hf.py import writes, but the parameters: model.json and a tokenizer file."""
+  directory.mkdir()
+  fields = {**base.get_config().model.to_dict(), "num_layers": 2, "d_model": 64, **model}
+  (directory / "model.json").write_text(json.dumps({"model": fields, "source": "test"}))
+  (directory / "tokenizer.json").write_text("{}")
+  return str(directory)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_every_config_file_loads_converts_and_validates(path):
-  config = from_config_dict(_load(path))
+def test_every_config_file_loads_converts_and_validates(path, tmp_path):
+  args = [_import_dir(tmp_path / "import")] if path.endswith("imported.py") else []
+  config = from_config_dict(_load(path, *args))
   assert isinstance(config, Config)
+
+
+def test_an_import_is_a_config_of_its_model_tokenizer_and_weights(tmp_path):
+  directory = _import_dir(tmp_path / "smollm2", max_seq_len=1024, norm_eps=9.999999747378752e-06)
+  config = from_config_dict(_load(os.path.join(ROOT, "configs", "imported.py"), directory))
+  assert (config.model.num_layers, config.model.d_model, config.model.norm_eps) == (2, 64, 9.999999747378752e-06)
+  assert (config.data.tokenizer, config.data.tokenizer_path) == ("huggingface", f"{directory}/tokenizer.json")
+  assert config.train.init_from == directory and config.train.seq_len == 1024  # base's 2048, capped
+  assert config.train.learning_rate == 1e-4  # base.continued_training's
+  with pytest.raises(ValueError, match="holds no model.json"):
+    _load(os.path.join(ROOT, "configs", "imported.py"), str(tmp_path))
+  with pytest.raises(ValueError, match="name the import's directory after a colon"):
+    _load(os.path.join(ROOT, "configs", "imported.py"))
+
+
+def test_model_floats_agree_within_a_relative_tolerance():
+  from lm.checkpoint import check_same_model
+  from lm.config import same_setting
+
+  assert same_setting(1e-5, 9.999999747378752e-06) and not same_setting(1e-5, 1.1e-5)
+  assert same_setting([1.0, "a"], (1.0000001, "a")) and not same_setting("silu", "gelu")
+  model = base.get_config().model.to_dict()
+  check_same_model({**model, "norm_eps": 9.999999747378752e-06}, {**model, "norm_eps": 1e-5}, "ckpt")
+  with pytest.raises(ConfigError, match="model.norm_eps = 1e-06 there, 1e-05 here"):
+    check_same_model({**model, "norm_eps": 1e-6}, {**model, "norm_eps": 1e-5}, "ckpt")
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIG_FILES if not p.endswith("base.py")], ids=os.path.basename)
