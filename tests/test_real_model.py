@@ -151,6 +151,38 @@ def test_chat_without_a_template_or_with_bad_messages_says_so():
       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _sample(*flags) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample.py"), *flags],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_sample_chats_with_a_tiny_import_through_its_template(tokenizer_dirs, tmp_path):
+  """sample.py on an import (no run): --chat renders the template (--system first), --show_special writes
+  the special tokens, --prompt_file reads the prompt; flags that do not go together are refused."""
+  import shutil
+
+  from lm import checkpoint
+  from tests.test_convert_hf import ours_config, random_params
+
+  cfg = ours_config(dict(name="llama", vocab_size=768, num_heads=4, num_kv_heads=2, head_dim=16))
+  imported = tmp_path / "tiny"
+  checkpoint.save_params(str(imported), random_params(cfg, seed=0), dataclasses.asdict(cfg), source="test")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(tokenizer_dirs["qwen3"] / name, imported / name)
+  (tmp_path / "prompt.txt").write_text("Hi there")
+  config = f"--config=configs/imported.py:{imported}"
+  run = _sample(config, "--chat", "--system=Be brief.", f"--prompt_file={tmp_path / 'prompt.txt'}",
+                "--show_special", "--max_tokens=4", "--config.train.seq_len=64")
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                               "<|im_start|>assistant\n"), run.stdout
+  assert "Import " in run.stderr and "step 0" in run.stderr
+  for flags, message in ((["--system=x", "--prompt=Hi"], "--system is a message of a conversation: add --chat"),
+                         (["--prompt=Hi", f"--prompt_file={tmp_path / 'prompt.txt'}"], "not both")):
+    run = _sample(config, *flags, "--max_tokens=1", "--config.train.seq_len=64")
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+
+
 # --- the model (under -m slow: transformers dequantizes and runs it on the CPU) --------------------------
 
 PROMPTS = [{"text": "The capital of France is"},
