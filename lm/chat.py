@@ -88,9 +88,9 @@ def read(directory: str | None, eos_id: int | None, token_ids) -> Chat:
   for i in generation if isinstance(generation, list) else [generation]:
     if isinstance(i, int) and i not in stops:
       stops.append(i)
-  eos = special.get("eos_token")
-  if eos is not None and token_ids(eos) is not None and token_ids(eos) not in stops:
-    stops.append(token_ids(eos))
+  named_eos = token_ids(special["eos_token"]) if "eos_token" in special else None
+  if named_eos is not None and named_eos not in stops:
+    stops.append(named_eos)
   return Chat(_template(folder, settings), special, tuple(stops), os.fspath(folder))
 
 

@@ -1,10 +1,10 @@
 """Tokenizers: UTF-8 bytes, SentencePiece models and Hugging Face `tokenizer.json` files, behind one protocol.
 
-Each tokenizer frames its input as it defines it (`encode_input`): a Hugging Face tokenizer with the
-special tokens its tokenizer.json post-processor adds (LLaMA 3's <|begin_of_text|>; none for Qwen3 or
-SmolLM2), exactly the ids of transformers' `tokenizer(text)`; SentencePiece and byte tokenizers with their
-beginning-of-sequence id. A document is its framed input followed by the end-of-document separator, the
-tokenizer's end-of-sequence id (`frame`). Nothing depends on a padding id: padding is masked by segment
+Each tokenizer frames its input as it defines it (`encode_batch(framed=True)`, `encode_input`): a Hugging
+Face tokenizer with the special tokens its tokenizer.json post-processor adds (LLaMA 3's <|begin_of_text|>;
+none for Qwen3 or SmolLM2), exactly the ids of transformers' `tokenizer(text)`; SentencePiece and byte
+tokenizers with their beginning-of-sequence id. A document is its framed input followed by the
+end-of-document separator, the tokenizer's end-of-sequence id (`frame`). Nothing depends on a padding id: padding is masked by segment
 id 0 (`lm.data.loss_mask`), whatever its token.
 
 Every tokenizer pickles to the bytes it was read from, so that worker processes of the preparation
@@ -35,12 +35,16 @@ class Tokenizer(Protocol):
   fingerprint: str  # changes whenever the id mapping or the framing changes; part of the data's key
 
   def encode(self, text: str) -> list[int]: ...  # the text alone: no special id added
-  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]: ...
-  def encode_input(self, text: str) -> list[int]: ...  # framed as the tokenizer frames an input (a prompt)
+  def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]: ...  # framed: as inputs
   def encode_special(self, text: str) -> list[int]: ...  # special tokens written in the text are their ids
   def token_id(self, token: str) -> int | None: ...  # a special token's id (None: the tokenizer lacks it)
   def decode(self, ids, special: bool = False) -> str: ...  # special: special tokens written, not dropped
   def describe(self) -> str: ...
+
+
+def encode_input(tokenizer: Tokenizer, text: str) -> list[int]:
+  """The text framed as the tokenizer frames an input (a prompt): transformers' `tokenizer(text)`."""
+  return tokenizer.encode_batch([text], framed=True)[0]
 
 
 def frame(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -82,9 +86,6 @@ class ByteTokenizer:
   def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]:
     return [[self.bos_id] * framed + self.encode(text) for text in texts]
 
-  def encode_input(self, text: str) -> list[int]:
-    return [self.bos_id, *self.encode(text)]
-
   def encode_special(self, text: str) -> list[int]:
     return self.encode(text)
 
@@ -125,9 +126,6 @@ class SentencePieceTokenizer:
     # One thread: the preparation's worker processes are the parallelism (threads on top oversubscribe).
     head = [self.bos_id] if framed and self.bos_id is not None else []
     return [head + ids for ids in self._sp.encode(list(texts), num_threads=1)]
-
-  def encode_input(self, text: str) -> list[int]:
-    return self.encode_batch([text], framed=True)[0]
 
   def encode_special(self, text: str) -> list[int]:
     """SentencePiece matches its user-defined pieces (Gemma's <start_of_turn>) in text by itself, not its
@@ -178,9 +176,6 @@ class HuggingFaceTokenizer:
 
   def encode_batch(self, texts: list[str], framed: bool = False) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=framed)]
-
-  def encode_input(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=True).ids
 
   def encode_special(self, text: str) -> list[int]:
     return self.encode(text)  # its added tokens are matched in the text

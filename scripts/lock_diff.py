@@ -6,7 +6,8 @@ import os
 import re
 import sys
 
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)")
+# A lock's requirement line: name==version, then its environment marker (uv's universal locks), then "\".
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
 def pins(path: str) -> dict[str, str]:

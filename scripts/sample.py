@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import chat as lm_chat, config_file, console
+from lm import chat as lm_chat, config_file, console, tokenizer as tokenizers
 from lm.config import from_config_dict
 from lm.errors import ConfigError, TrainingError
 
@@ -77,7 +77,7 @@ def prompt_ids(tokenizer, chat) -> list[int]:
     return tokenizer.encode_special(chat.render(lm_chat.messages(text, _SYSTEM.value)))
   if _SYSTEM.value is not None:
     raise ConfigError("--system is a message of a conversation: add --chat.")
-  ids = tokenizer.encode_input(text)
+  ids = tokenizers.encode_input(tokenizer, text)
   if not ids and tokenizer.eos_id is None:
     raise ConfigError("The prompt is empty and the tokenizer frames it with nothing: give a --prompt.")
   return ids or [tokenizer.eos_id]

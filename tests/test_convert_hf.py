@@ -352,7 +352,7 @@ def test_import_copies_the_tokenizer_and_prints_its_overrides(small_qwen3, tmp_p
   assert f"--config.data.tokenizer=huggingface --config.data.tokenizer_path={out / 'tokenizer.json'}" in stdout
   for path in (out, out / "tokenizer.json"):  # the directory, or the file the overrides name
     tok = tokenizer.read("huggingface", str(path))
-    assert (tok.eos_id, tok.encode_input("ab"), tok.vocab_size) == (eos, tok.encode("ab"), 300)
+    assert (tok.eos_id, tokenizer.encode_input(tok, "ab"), tok.vocab_size) == (eos, tok.encode("ab"), 300)
     assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
   # The weights are the ones exported, untouched by the copy.
   back, _ = checkpoint.load_params_on_host(str(out))

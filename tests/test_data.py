@@ -197,7 +197,7 @@ def test_hugging_face_tokenizer_json(tmp_path):
   assert tok.eos_id == eos["id"] and eos["content"] == "<|endoftext|>"
   text = "def f(x):\n    return x  # ✓\n"
   assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text)
-  assert tokenizers.frame(tok, [text]) == [[*tok.encode(text), tok.eos_id]] and tok.encode_input(text) == tok.encode(text)
+  assert tokenizers.frame(tok, [text]) == [[*tok.encode(text), tok.eos_id]] and tokenizers.encode_input(tok, text) == tok.encode(text)
   assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)
   assert tok.decode([*tok.encode("a"), tok.eos_id], special=True) == "a<|endoftext|>"
   # A bos_token in tokenizer_config.json alone adds nothing (SmolLM2 names <|im_start|>; transformers adds
@@ -208,7 +208,7 @@ def test_hugging_face_tokenizer_json(tmp_path):
   bos = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 2)])
   _hf_tokenizer(tmp_path / "llama", {"bos_token": "<s>", "eos_token": "<|endoftext|>"}, bos)
   tok = lm_corpus.load_tokenizer(data_config(tokenizer="huggingface", tokenizer_path=str(tmp_path / "llama")), 512)
-  assert tokenizers.frame(tok, ["x"]) == [[2, *tok.encode("x"), 1]] and tok.encode_input("x")[0] == 2
+  assert tokenizers.frame(tok, ["x"]) == [[2, *tok.encode("x"), 1]] and tokenizers.encode_input(tok, "x")[0] == 2
   assert "input framing <s>, separator <|endoftext|>" in tok.describe()
   # Without tokenizer_config.json: the end-of-text token it has.
   bare = _hf_tokenizer(tmp_path / "bare", None)

@@ -4,7 +4,6 @@ environments that scripts/install.sh made from them hold exactly the locked vers
 import importlib.metadata
 import json
 import os
-import re
 import subprocess
 import tomllib
 
@@ -13,12 +12,11 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from scripts.lock_diff import PIN
 from tests.helpers import LIBTPU_PLATFORM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIREMENTS = os.path.join(ROOT, "requirements")
-# A lock's requirement line: name==version, then its environment marker (uv's universal locks), then "\".
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
 def locked(name: str) -> dict[str, tuple[str, str | None]]:

@@ -114,7 +114,7 @@ def test_ids_of_texts_and_inputs_are_those_of_transformers(reference, tokenizer_
   tok = tokenizers.read("huggingface", str(tokenizer_dirs[name]))
   for text, theirs in zip(TEXTS, reference[name]["ids"], strict=True):
     assert tok.encode(text) == theirs["plain"], text
-    assert tok.encode_input(text) == theirs["framed"], text
+    assert tokenizers.encode_input(tok, text) == theirs["framed"], text
     assert tok.decode(tok.encode(text), special=True) == text
   # A document: the framed input, then the separator (tokenizer_config.json's eos_token).
   framed = tokenizers.frame(tok, TEXTS[:2])
@@ -209,7 +209,7 @@ def test_smollm2_imported_samples_the_tokens_of_transformers(tmp_path):
   _, params, mesh = evaluate.params_for_inference(config, None, devices=jax.devices()[:1])
   for i, (prompt, theirs) in enumerate(zip(PROMPTS, generated)):
     ids = (tok.encode_special(chat.render(prompt["messages"])) if "messages" in prompt else
-           tok.encode_input(prompt["text"]))
+           tokenizers.encode_input(tok, prompt["text"]))
     assert ids == theirs["prompt"]
     with jax.set_mesh(mesh):
       new, _ = sampling.generate_sliding(params, np.asarray([ids], np.int32), jax.random.key(0),
