@@ -273,6 +273,12 @@ def loss_mask(segment_ids):
   return xp.concatenate([has_target, xp.zeros_like(has_target[..., :1])], axis=-1)
 
 
+def target_mask(batch):
+  """Where a position's target counts in the loss and its token count: the batch's `mask` where it has one
+  (SFT: the assistant's tokens; GRPO: the completions), else every target inside a document."""
+  return batch["mask"] if "mask" in batch else loss_mask(batch["segment_ids"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batch arithmetic
 

@@ -46,7 +46,7 @@ def sequence_losses(model: Decoder, params, batch) -> tuple[jax.Array, jax.Array
   """Sum of per-token cross-entropy and number of real target tokens, per sequence: float32 [B], int32 [B]."""
   tokens_BxL, segment_ids_BxL = batch["tokens"], batch["segment_ids"]
   logits_BxLxV = model.apply({"params": params}, tokens_BxL, segment_ids_BxL, batch["positions"])
-  mask_BxL = data.loss_mask(segment_ids_BxL)
+  mask_BxL = data.target_mask(batch)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxLxV.astype(jnp.float32), data.targets(tokens_BxL))
   return jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1), jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)
@@ -62,8 +62,7 @@ def loss_scale(batch) -> jax.Array:
   """1 / (real target tokens of the whole optimizer step), float32: every micro-batch's loss sum is
   scaled by it, so that the summed gradients are those of the step's token mean. The tokens that count are
   the batch's `mask` where it has one (GRPO: the completions), else every target of a document."""
-  mask = batch["mask"] if "mask" in batch else data.loss_mask(batch["segment_ids"])
-  tokens = jnp.sum(mask, dtype=jnp.int32)
+  tokens = jnp.sum(data.target_mask(batch), dtype=jnp.int32)
   return 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
 
 
