@@ -79,10 +79,7 @@ def main(argv):
     if _MODE.value == "eval":
       evaluate.run(config, _WORKDIR.value, step=_STEP.value, follow=_FOLLOW.value,
                    follow_timeout=_FOLLOW_TIMEOUT.value)
-    elif config.grpo.enabled:
-      from lm import grpo
-      grpo.train_and_evaluate(config, _WORKDIR.value)
-    else:
+    else:  # every kind of training: next-token (pre-training, SFT), GRPO
       train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     print(f"Configuration error: {e}", file=sys.stderr)

@@ -198,6 +198,11 @@ def check_same_step(manager: ocp.CheckpointManager) -> None:
         "file system shared by the hosts.")
 
 
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The run description saved with a step (its config and batch arithmetic): the one place it is read."""
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
 def restore_progress(manager: ocp.CheckpointManager, step: int) -> dict:
   """The `progress` saved with checkpoint `step`; {} for checkpoints written before it was saved."""
   if "progress" not in manager.item_metadata(step).keys():
@@ -257,7 +262,7 @@ def check_compatible(manager: ocp.CheckpointManager, config: dict) -> tuple[int 
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+      saved = saved_config(manager, step)
     except Exception as e:  # orbax raises many types for missing or damaged files
       failures.append(_unreadable(manager.directory, step, e))
       continue
@@ -432,7 +437,7 @@ def params_location(path: str, step: int | None = None, adapters: bool = False) 
   if step is not None and step not in steps:
     raise ConfigError(f"{path} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
   step = max(steps) if step is None else step
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  config = saved_config(manager, step)
   if config["model"].get("lora_rank") and not adapters:
     raise ConfigError(f"{path} (step {step}) holds LoRA adapters, not a model's weights. Merge them into the "
                       "weights first: scripts/convert_hf.py export --checkpoint=<this directory> --out=DIR writes the merged "

@@ -75,7 +75,7 @@ class ParamsSource:
     where = f"{self.directory}/{step}"
     checkpoint.verify(self.directory, step)
     item = str(epath.Path(self.directory) / str(step) / "state")
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    saved = checkpoint.saved_config(self.manager, step)
     written = saved and "model" in saved  # runs write their config beside the state
     if written:
       checkpoint.check_same_adapters(saved, self._config, where)

@@ -1,4 +1,5 @@
-"""GRPO (Shao et al., 2024): `main.py` with config.grpo.enabled trains a policy on verifiable rewards.
+"""GRPO (Shao et al., 2024): `main.py` with config.grpo.enabled trains a policy on verifiable rewards, a kind
+of training for the loop (`lm.train`, which does the rest: state, checkpoints, figures, eval, preemption).
 
 Each optimizer step:
 1. takes its prompts (global batch sequences / num_generations of them, fixed by the seed and the step),
@@ -17,7 +18,6 @@ The reference model is the one the run starts from: with LoRA the base alone (th
 copy of the weights), else a copy of the starting parameters. With one update per batch of completions the
 ratio is 1 up to the rounding between the sampling and the update programs; from the second of
 num_iterations updates on, the policy has moved from the sampling one and the clip bounds the step.
-SIGTERM and a first Ctrl-C finish the step, save it and stop, as in pre-training.
 
 Prompts of different lengths are left-padded for the sampler (`lm.sampling.generate`'s prompt_lengths_B) and
 packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
@@ -34,14 +34,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lm import (checkpoint, console, corpus, data, errors, lease, lora, metrics, runtime, sampling, sharding,
-                training)
-from lm.config import Config, ConfigError, GRPOConfig, to_dict
+from lm import checkpoint, console, corpus, data, lora, runtime, sampling, sharding
+from lm.config import Config, ConfigError, GRPOConfig
 from lm.errors import TrainingError
 from lm.model import Decoder
-from lm.optimizer import learning_rate_schedule, make_optimizer
+from lm.train_step import token_logprobs
 
 
 def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float) -> dict:
@@ -61,13 +59,6 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float,
     return jnp.sum(jnp.where(mask_BxL, x_BxL, 0), axis=-1)
   return {"sequence_loss": total(per_token_BxL), "sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
           "sequence_kl": total(kl_BxL), "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
-
-
-def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> jax.Array:
-  """log p(next token) at every position [B, L], float32, of the logits divided by `temperature`."""
-  logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
-  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32) / temperature,
-                                                          data.targets(batch["tokens"]))
 
 
 def load_function(name: str, key: str) -> Callable:
@@ -247,117 +238,76 @@ def _micro(batch: dict[str, np.ndarray], rows: int):
     yield {k: batch[k][start:start + rows] for k in keys}
 
 
-def train_and_evaluate(config: Config, workdir: str, devices=None) -> dict[str, float]:
-  """GRPO to config.train.num_train_steps (resuming from the latest checkpoint); returns the last figures."""
-  console.setup(is_main=jax.process_index() == 0)
+class GRPO:
+  """GRPO as a kind of training for the loop (`lm.train`): rollouts as its batches, the policy loss, the
+  rewards of greedy completions of held-out prompts as its eval."""
+  steps_per_epoch = None  # a task's prompts have no epochs: config.train.num_train_steps counts the steps
+  evaluate_first = True  # the rewards of the model the run starts from
+
+  def __init__(self, rt: runtime.Runtime, sampler: Sampler):
+    g = rt.config.grpo
+    self.rt, self.sampler, self.g = rt, sampler, g
+    self.losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
+    self.reference = None  # the KL's reference: the starting parameters (None with LoRA: the base alone)
+    self._rollout: Rollout | None = None
+
+  def describe(self) -> list[tuple[str, str]]:
+    g, plan = self.g, self.rt.plan
+    return [("Mode", f"GRPO: {plan.global_sequences // g.num_generations} prompts x {g.num_generations} "
+                     f"generations = {plan.global_sequences} completions per optimizer step, at most "
+                     f"{g.max_completion_tokens} tokens each, temperature {g.temperature:g}; beta {g.beta:g}, "
+                     f"epsilon {g.epsilon:g}, {g.num_iterations} update(s) per batch of completions"),
+            ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy")]
+
+  def start(self, fns: runtime.TrainFunctions, state, resumed: bool) -> None:
+    """Keeps the parameters the run started from, a copy of their own (with LoRA, the base is the state's)."""
+    t = self.rt.config.train
+    if fns.lora:
+      self.reference = None
+    elif not resumed:
+      self.reference = jax.tree.map(jnp.copy, state.params)
+    else:
+      self.reference = (checkpoint.restore_params(t.init_from, fns.abstract_base) if t.init_from
+                        else fns.create_state().params)
+
+  def batch(self, step: int, state) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The step's completions (sampled anew every num_iterations steps) as micro-batches, their figures."""
+    iterations = self.g.num_iterations
+    if self._rollout is None or step % iterations == 0:
+      if step % iterations:
+        console.logger.warning("Resumed inside a group of config.grpo.num_iterations = %d steps: the "
+                               "completions of steps %d-%d are sampled again, from the resumed policy.",
+                               iterations, step + 1, (step // iterations + 1) * iterations)
+      self._rollout = self.sampler.rollout(state, self.reference, step // iterations)
+    out = self._rollout
+    total = sum(out.rewards.values())
+    figures = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
+               "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
+               **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in out.rewards.items()}}
+    return data.micro_batches(out.batch, self.rt.plan), figures
+
+  def figures(self, fetched: dict, tokens: int) -> dict[str, float]:
+    """The KL to the reference and the fraction of clipped tokens, per completion token."""
+    return {"kl": float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1),
+            "clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1)}
+
+  def evaluate(self, state) -> dict[str, float]:
+    return self.sampler.evaluate(state)
+
+
+def make(rt: runtime.Runtime) -> GRPO:
+  """The config's task and sampler, checked against the batch (errors at startup, not mid-run)."""
+  config, g = rt.config, rt.config.grpo
   if jax.process_count() > 1:
     raise ConfigError("GRPO runs in one process for now (the sampler decodes on this process's devices); "
                       "start it on one host.")
-  workdir = checkpoint.absolute(workdir)
-  checkpoint.check_writable(workdir, "--workdir")
-  with lease.Lease(workdir, enabled=True) as held:
-    return _train(config, workdir, devices, held)
-
-
-def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str, float]:
-  t, g = config.train, config.grpo
-  rt = runtime.setup(config, devices)
   if rt.plan.global_sequences % g.num_generations:
     raise ConfigError(f"The global batch of {rt.plan.global_sequences} sequences (micro_batch_size x "
                       f"accumulation x {rt.plan.data_parallel} data-parallel devices) is not a multiple of "
                       f"config.grpo.num_generations = {g.num_generations}: each prompt's completions form one "
                       "group of a step. Change the batch or num_generations.")
-  checkpoint_dir = checkpoint.checkpoint_directory(config, workdir)
-  checkpoint.check_writable(checkpoint_dir, "config.train.checkpoint_dir")
-  latest_step, _ = training.check_start(config, checkpoint_dir)
-  sampler = Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size)))
-  manager = checkpoint.make_manager(checkpoint_dir, t)  # the writing one, once the task is known good
-  losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
-  with sharding.activate(rt.mesh):
-    fns = runtime.train_functions(rt, make_optimizer(t, t.num_train_steps), losses=losses)
-    state, progress = training.initial_state(rt, fns, manager, latest_step, t.init_from)
-    reference = None if fns.lora else _reference(fns, state, latest_step, t.init_from)
-  peak, peak_source = metrics.peak_flops_per_device(rt.mesh.devices.flat[0], t.peak_flops_per_device)
-  prompts = rt.plan.global_sequences // g.num_generations
-  console.block([
-      ("Mode", f"GRPO: {prompts} prompts x {g.num_generations} generations = {rt.plan.global_sequences} "
-               f"completions per optimizer step, at most {g.max_completion_tokens} tokens each, temperature "
-               f"{g.temperature:g}; beta {g.beta:g}, epsilon {g.epsilon:g}"),
-      ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy"),
-      ("Model", f"{config.model.name}" + (f", LoRA rank {config.model.lora_rank}" if fns.lora else
-                                          ", every parameter trained")),
-      *rt.plan.describe(),
-      ("Peak FLOP/s", f"{peak:.4g} per device, for the update's MFU ({peak_source})"),
-      ("Checkpoints", f"{checkpoint_dir} (" + (f"resumed from step {int(state.step)}" if latest_step is not None
-                                                else "fresh start") + ")"),
-  ])
-  logger = metrics.MetricsLogger(workdir, num_train_steps=t.num_train_steps, log_interval_steps=t.log_interval_steps,
-                                 throughput=training.throughput(rt, peak), start_step=int(state.step),
-                                 wandb_project=t.wandb_project, run_config=to_dict(config), progress=progress)
-  try:
-    held.confirm()
-    if latest_step is None:
-      logger.eval_scalars(0, sampler.evaluate(state))
-    return _loop(rt, fns, sampler, state, reference, manager, logger, held)
-  finally:
-    logger.close()
-    checkpoint.finish_saves(manager)
-
-
-def _reference(fns: runtime.TrainFunctions, state, latest_step: int | None, init_from: str):
-  """The parameters the run started from (the KL's reference), a copy of their own."""
-  if latest_step is None:
-    return jax.tree.map(jnp.copy, state.params)
-  if init_from:
-    return checkpoint.restore_params(init_from, fns.abstract_base)
-  return fns.create_state().params
-
-
-def _loop(rt, fns, sampler: Sampler, state, reference, manager, logger: metrics.MetricsLogger,
-          held: lease.Lease) -> dict[str, float]:
-  t, iterations = rt.config.train, rt.config.grpo.num_iterations
-  schedule = learning_rate_schedule(t, t.num_train_steps)
-  out = None
-  with checkpoint.PreemptionNotice(manager) as preemption:
-    for step in range(int(state.step), t.num_train_steps):
-      done = step + 1
-      held.check()
-      if out is None or step % iterations == 0:  # new completions every num_iterations steps
-        if step % iterations:
-          console.logger.warning("Resumed inside a group of config.grpo.num_iterations = %d steps: the "
-                                 "completions of steps %d-%d are sampled again, from the resumed policy.",
-                                 iterations, step + 1, (step // iterations + 1) * iterations)
-        out = sampler.rollout(state, reference, step // iterations)
-      with sharding.activate(rt.mesh):
-        batch = sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh)
-        state, figures = fns.step_fn(state, batch)
-      scalars = _scalars(jax.device_get(figures), out, float(schedule(step, xp=np)))
-      training.check_finite(t.skip_nonfinite_updates, done, scalars)
-      logger.train_step(done, scalars)
-      preempted = preemption.reached(done)
-      if done % t.eval_interval_steps == 0 or done == t.num_train_steps:
-        logger.eval_scalars(done, sampler.evaluate(state))
-      if done % t.save_interval_steps == 0 or done == t.num_train_steps or preempted:
-        checkpoint.save(manager, done, state.saved(), to_dict(rt.config), logger.progress())
-      if preempted:
-        break
-  checkpoint.seal(manager)
-  manager.check_for_errors()
-  if preemption.interrupted:
-    raise errors.Interrupted(f"Interrupted (Ctrl-C): finished step {int(state.step)} and saved it. Run the same "
-                             "command again to resume.")
-  return {**logger.last, "step": int(state.step)}
-
-
-def _scalars(fetched: dict, out: Rollout, learning_rate: float) -> dict[str, float]:
-  """A step's figures: the loss (per completion token), the rewards, KL, clip fraction, lengths."""
-  loss_sum, tokens = metrics.sum_losses(fetched)
-  total = sum(out.rewards.values())
-  scalars = {"loss": loss_sum / max(tokens, 1), "grad_norm": float(fetched["grad_norm"]),
-             "skipped_updates": int(fetched["skipped_updates"]), "learning_rate": learning_rate,
-             "reward_mean": float(total.mean()), "reward_std": float(total.std()),
-             "kl": float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1),
-             "clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1),
-             "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
-             **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in out.rewards.items()}}
-  return scalars
+  if not config.train.num_train_steps:
+    raise ConfigError(f"config.train.num_train_steps = 0 with config.train.num_epochs = {config.train.num_epochs}: "
+                      "a GRPO task's prompts have no epochs (it draws as many as the steps ask for). Set "
+                      "config.train.num_train_steps.")
+  return GRPO(rt, Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size))))

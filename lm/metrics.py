@@ -377,19 +377,15 @@ class MetricsLogger:
     console.logger.info("%s", console.step_line(step, self._num_train_steps, scalars, eta))
 
   def eval(self, step: int, result: dict[str, float]) -> None:
-    for _, writer in self._writers:
-      writer.write_scalars(step, result)
-    self._jsonl.write("eval", step, result)
-    self.last.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
-    console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
-
-  def eval_scalars(self, step: int, result: dict[str, float]) -> None:
-    """Eval figures other than the language model's loss (GRPO's held-out rewards)."""
+    """A kind's eval figures: the language model's loss, perplexity and tokens, or others (GRPO's rewards)."""
     for _, writer in self._writers:
       writer.write_scalars(step, result)
     self._jsonl.write("eval", step, result)
     self.last.update({f"eval_{k}": v for k, v in result.items()})
-    console.logger.info(">>> eval  step %d: %s <<<", step, " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    if {"loss", "perplexity", "tokens"} <= set(result):
+      console.logger.info("%s", console.eval_line(step, result["loss"], result["perplexity"], result["tokens"]))
+    else:
+      console.logger.info(">>> eval  step %d: %s <<<", step, " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
   def close(self) -> None:
     for writer in (w for pair in self._writers for w in pair):

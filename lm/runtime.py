@@ -20,7 +20,7 @@ from flax import linen as nn
 from lm import attention, checkpoint, data, lora, sharding
 from lm.config import Config, ModelConfig
 from lm.model import Decoder
-from lm.train_step import TrainState, eval_step, token_losses, train_step
+from lm.train_step import TrainState, token_losses, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def setup(config: Config, devices=None) -> Runtime:
 
 def eval_function(rt: Runtime) -> Callable:
   """(params, batch [rows, seq_len]) -> per-sequence loss sums and token counts, jitted."""
-  return jax.jit(functools.partial(eval_step, model=rt.model),
+  return jax.jit(functools.partial(token_losses, rt.model),
                  in_shardings=(rt.param_sharding, sharding.batch_sharding(rt.mesh)),
                  out_shardings=sharding.replicated(rt.mesh))
 

@@ -42,20 +42,21 @@ class TrainState(struct.PyTreeNode):
     return self.opt_state.gradient_step
 
 
-def sequence_losses(model: Decoder, params, batch) -> tuple[jax.Array, jax.Array]:
-  """Sum of per-token cross-entropy and number of real target tokens, per sequence: float32 [B], int32 [B]."""
-  tokens_BxL, segment_ids_BxL = batch["tokens"], batch["segment_ids"]
-  logits_BxLxV = model.apply({"params": params}, tokens_BxL, segment_ids_BxL, batch["positions"])
-  mask_BxL = data.target_mask(batch)
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), data.targets(tokens_BxL))
-  return jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1), jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)
+def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> jax.Array:
+  """log p(next token) at every position [B, L], float32, of the logits divided by `temperature` (GRPO
+  samples at a temperature and scores its tokens at it, as TRL)."""
+  logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32) / temperature,
+                                                          data.targets(batch["tokens"]))
 
 
 def token_losses(model: Decoder, params, batch) -> dict:
-  """The language-model loss of a micro-batch: per-sequence loss sums and target token counts."""
-  seq_loss_B, seq_tokens_B = sequence_losses(model, params, batch)
-  return {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B}
+  """The language-model loss of a micro-batch, per sequence: the cross-entropy summed over the counted
+  targets (`data.target_mask`), float32 [B], and their count, int32 [B]. Training's loss and eval's."""
+  mask_BxL = data.target_mask(batch)
+  ce_BxL = -token_logprobs(model, params, batch)
+  return {"sequence_loss": jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1),
+          "sequence_tokens": jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)}
 
 
 def loss_scale(batch) -> jax.Array:
@@ -155,9 +156,3 @@ def gradient(model: Decoder, params, frozen, batch, scale, losses: Callable = to
     return jnp.sum(figures["sequence_loss"]) * scale, figures
 
   return jax.grad(loss_fn, has_aux=True)(params)
-
-
-def eval_step(params, batch, *, model: Decoder):
-  """Loss sum and token count of one batch (padding rows count nothing)."""
-  seq_loss_B, seq_tokens_B = sequence_losses(model, params, batch)
-  return {"sequence_loss": seq_loss_B, "sequence_tokens": seq_tokens_B}

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from lm import checkpoint, config_file, data, metrics, runtime, sharding, train, train_step  # noqa: E402
+from lm import checkpoint, config_file, data, metrics, next_token, runtime, sharding, train, train_step  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
 from lm.model import Decoder  # noqa: E402
 from lm.optimizer import make_optimizer  # noqa: E402
@@ -161,9 +161,9 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str,
     compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
     compile_seconds = time.perf_counter() - start
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
-    run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, batches=batches,
-                    eval_fn=_stub_eval, manager=manager,
-                    eval_batches=data.EvalBatches([sequences], rt.plan.micro_rows, rt.plan.micro_rows),
+    kind = next_token.NextToken(rt, batches, _stub_eval, data.EvalBatches([sequences], rt.plan.micro_rows,
+                                                                          rt.plan.micro_rows), lines=[])
+    run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, kind=kind, manager=manager,
                     num_train_steps=num_steps, peak_flops_per_device=peak,
                     tensorboard=importlib.util.find_spec("clu") is not None)
     train.loop(run, state)

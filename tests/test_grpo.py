@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import default
-from lm import checkpoint, grpo, lora, metrics, rewards
+from lm import checkpoint, grpo, lora, metrics, rewards, train, train_step
 from lm.config import ConfigError, from_config_dict
 from tests.helpers import apply_overrides, needs_libtpu
 from tests.test_plan import tpu_config
@@ -89,7 +89,7 @@ def _bad_reward(completions, answers):
 ])
 def test_bad_grpo_settings_stop_at_startup(tmp_path, change, message):
   with pytest.raises(ConfigError) as e:
-    grpo.train_and_evaluate(from_config_dict(_config(tmp_path, **change)), str(tmp_path / "run"),
+    train.train_and_evaluate(from_config_dict(_config(tmp_path, **change)), str(tmp_path / "run"),
                             devices=jax.devices()[:2])
   assert message in str(e.value)
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "2")
@@ -104,7 +104,7 @@ def _parity_reward(completions, answers):
 def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_path):
   config = from_config_dict(_config(tmp_path, **{"grpo.rewards": "lm.rewards.exact_answer,tests.test_grpo._parity_reward"}))
   workdir = str(tmp_path / "run")
-  grpo.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   logged = metrics.read_jsonl(workdir)
   assert sorted(logged) == [1, 2, 3, 4]
   for figure in ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length",
@@ -122,7 +122,7 @@ def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_pat
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
   os.remove(os.path.join(resumed, "metrics.jsonl"))
-  grpo.train_and_evaluate(config, resumed, devices=jax.devices()[:2])
+  train.train_and_evaluate(config, resumed, devices=jax.devices()[:2])
   again = metrics.read_jsonl(resumed)
   assert sorted(again) == [3, 4]
   assert all(again[s][k] == logged[s][k] for s in (3, 4) for k in ("loss", "reward_mean", "kl", "grad_norm"))
@@ -159,7 +159,7 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
               init_from=str(tmp_path / "sft" / "checkpoints"))
   rl.grpo.enabled, rl.grpo.num_generations, rl.grpo.max_completion_tokens = True, 8, 4
   rl.grpo.rewards, rl.grpo.eval_prompts = "lm.rewards.exact_answer", 128
-  grpo.train_and_evaluate(from_config_dict(rl), str(tmp_path / "grpo"), devices=jax.devices()[:1])
+  train.train_and_evaluate(from_config_dict(rl), str(tmp_path / "grpo"), devices=jax.devices()[:1])
   evals = metrics.read_jsonl(str(tmp_path / "grpo"), "eval")
   before, after = evals[0]["reward/exact_answer"], evals[30]["reward/exact_answer"]
   assert after >= before + 0.08, (before, after)
@@ -174,7 +174,7 @@ def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_pat
   c.model.lora_rank, c.mesh.data = 0, 1
   c.train.micro_batch_size, c.train.gradient_accumulation_steps = 16, 1
   workdir = str(tmp_path / "run")
-  grpo.train_and_evaluate(from_config_dict(c), workdir, devices=jax.devices()[:1])
+  train.train_and_evaluate(from_config_dict(c), workdir, devices=jax.devices()[:1])
   logged = metrics.read_jsonl(workdir)
   assert [logged[s]["reward_mean"] for s in (1, 3)] == [logged[s]["reward_mean"] for s in (2, 4)]
   assert logged[1]["reward_mean"] != logged[3]["reward_mean"] or logged[1]["loss"] != logged[3]["loss"]
@@ -205,6 +205,6 @@ def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_sp
     fns = runtime.train_functions(rt, make_optimizer(config.train, 10), losses=losses)
     update = fns.step_fn.lower(fns.abstract_state, batch).compile()
     row_batch = {k: jax.ShapeDtypeStruct(shape[1:], jnp.int32, sharding=rows) for k in step}
-    logprobs = jax.jit(functools.partial(grpo.token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
+    logprobs = jax.jit(functools.partial(train_step.token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
                        out_shardings=rows).lower(rt.abstract_params, row_batch).compile()
   assert "tpu_custom_call" in update.as_text() and "tpu_custom_call" in logprobs.as_text()
