@@ -15,7 +15,8 @@ Paths are comma-separated globs, local or on a remote file system etils.epath kn
 
 Each source has two parts: `train`, and `validation` when `validation` names files (or a TFDS split).
 Without it, the validation documents are a `validation_fraction` of the train part's documents, chosen by
-a hash of their text (`held_out`; a chat source's: of its line): deterministic, independent of order and of the other documents.
+a hash of their text (`held_out`; a chat source's: of its line): deterministic, independent of order and
+of the other documents.
 
 The main process only reads bytes: a source yields chunks (a few hundred documents' worth of raw input),
 and `decode(chunk)` turns one into texts in a worker process (JSON parsing, file reads, decoding). Input

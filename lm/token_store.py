@@ -4,8 +4,8 @@ One directory per source: manifest.json, and per shard and part (train, validati
 arrays, Megatron's .bin/.idx layout: `<part>-<shard>.tokens` (the documents' ids one after the other, in
 the smallest unsigned type that holds the vocabulary) and `<part>-<shard>.ends` (int64: where each
 document ends in the shard); a chat source's (supervised fine-tuning: the manifest's "mask" is true) also
-`<part>-<shard>.mask` (uint8, one per token: 1 where the token is learned, an assistant's). Why raw arrays and not ArrayRecord: a training row is an arbitrary slice of
-the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
+`<part>-<shard>.mask` (uint8, one per token: 1 where the token is learned, an assistant's). Why raw arrays
+and not ArrayRecord: a training row is an arbitrary slice of the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
 memory-mapped (or read by range from gs://) without parsing, and the preparation appends to it as it
 tokenizes, holding nothing. Segment ids and positions are derived from the ends when a row is read
 (`lm.data`). Written by `lm.prepare`; no jax here, so that its worker processes stay small.

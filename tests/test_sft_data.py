@@ -150,7 +150,8 @@ def test_rows_pack_whole_conversations_and_count_the_truncated(tmp_path, seq_len
   assert len(seen) == len(expected)  # each conversation once, in stream order, whole or truncated
   for (tokens, mask), (ids, learn) in zip(seen, expected):
     np.testing.assert_array_equal(tokens, ids[:seq_len])
-    np.testing.assert_array_equal(mask, np.append(learn[1:], False)[:seq_len] & (np.arange(len(tokens)) < len(tokens) - 1))
+    following = np.append(learn[1:], False)[:seq_len]  # the next token learned, and inside the row
+    np.testing.assert_array_equal(mask, following & (np.arange(len(tokens)) < len(tokens) - 1))
   truncated = sum(len(ids) > seq_len for ids, _ in expected)
   assert rows.truncated == truncated and (truncated > 0) == (seq_len == 48)
   assert f"{truncated:,} truncated" in corpus.train_batches(prepared, seq_len, 0, 2).describe()
