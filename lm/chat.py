@@ -11,6 +11,18 @@ add_generation_prompt=True)` gives them.
 
 Generation ends at the ids of `generation_config.json` (`eos_token_id`, one or a list: SmolLM2-Instruct's
 <|im_end|>) and at the tokenizer's end of document.
+
+A model without a template (the byte tokenizer, a tokenizer the run trained) has the plain one of this
+module (PLAIN_VERSION): each message as "role: content\n", the generation prompt "assistant: "; in training
+ids each assistant turn is followed by the tokenizer's end-of-document id (an id, not text), so that a
+model fine-tuned on it stops where it was taught to (generation ends at that id).
+
+Training ids (`Chat.tokenize`, SFT's chat sources) are made piecewise so that they match inference exactly:
+the text before each learned assistant message is render(messages[:i], add_generation_prompt=True), the
+ids sample.py --chat feeds the model; the assistant's span is what render(messages[:i + 1]) adds to it (its
+content and the template's end of turn, e.g. SmolLM2's "<|im_end|>\n"). Each piece is encoded alone
+(`Tokenizer.encode_special`: the rendered text holds its own BOS when the template writes one), and the
+assistant's pieces are the tokens learned.
 """
 
 from __future__ import annotations
@@ -18,15 +30,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import os
 
 from etils import epath
+import numpy as np
 
 from lm.config import ConfigError
 
 TEMPLATE_FILE = "chat_template.jinja"
 ROLES = ("system", "user", "assistant", "tool")
+PLAIN_VERSION = 1  # of the plain template: part of the key of data prepared with it
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -39,12 +54,11 @@ class Chat:
   where: str  # the directory read, for messages
 
   def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The conversation as the template writes it, ending with the assistant's header when asked."""
-    if self.template is None:
-      raise ConfigError(f"{self.where} has no chat template ({TEMPLATE_FILE}, or a chat_template in "
-                        "tokenizer_config.json): the model was not trained on conversations. Give it text to "
-                        "continue instead (no --chat).")
+    """The conversation as the template writes it (the plain one without a template), ending with the
+    assistant's header when asked."""
     check_messages(messages, self.where)
+    if self.template is None:
+      return _plain(messages, add_generation_prompt)
     import jinja2  # here: only conversations need it
 
     try:
@@ -52,6 +66,53 @@ class Chat:
                                              tools=None, documents=None, **self.special_tokens)
     except jinja2.TemplateError as e:
       raise ConfigError(f"The chat template of {self.where} refused the conversation: {e}") from e
+
+  @property
+  def fingerprint(self) -> str:
+    """Changes whenever the training ids of a conversation may: the template and its variables."""
+    what = [self.template, self.special_tokens] if self.template is not None else f"plain-{PLAIN_VERSION}"
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+  def tokenize(self, messages: list[dict], tokenizer, learn_from: int = 0,
+               where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The conversation's ids (int32) and which of them are learned (bool): the tokens of its assistant
+    messages from index `learn_from` on (TRL's prompt-completion: the completion's), with the template's
+    end of turn (the plain template: the end-of-document id)."""
+    ids, learn = [], []
+    end = [tokenizer.eos_id] if self.template is None and tokenizer.eos_id is not None else []
+    for text, learned in self._pieces(messages, learn_from, where or self.where):
+      piece = (tokenizer.encode_special(text) if text else []) + (end if learned else [])
+      ids += piece
+      learn += [learned] * len(piece)
+    return np.asarray(ids, np.int32), np.asarray(learn, bool)
+
+  def _pieces(self, messages: list[dict], learn_from: int, where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, learned): the text before each learned assistant message,
+    then that message's span; the rest last."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+      if message.get("role") != "assistant" or i < learn_from:
+        continue
+      prompt, whole = self.render(messages[:i], True), self.render(messages[:i + 1], False)
+      if not (prompt.startswith(done) and whole.startswith(prompt)):
+        raise ConfigError(f"{where}: the chat template of {self.where} rewrites earlier turns (the rendering up "
+                          f"to message {i} with the generation prompt is not the start of the rendering with "
+                          "it): the ids trained on would not be the ones the model sees at inference. Use a "
+                          "template that appends each turn, or give such conversations one assistant message.")
+      pieces += [(prompt[len(done):], False), (whole[len(prompt):], True)]
+      done = whole
+    if not pieces:
+      raise ConfigError(f"{where}: the conversation has no assistant message to learn"
+                        f"{' in its completion' if learn_from else ''}: {json.dumps(messages)[:200]}")
+    whole = self.render(messages, False)
+    if not whole.startswith(done):
+      raise ConfigError(f"{where}: the chat template of {self.where} rewrites earlier turns once later ones follow.")
+    return pieces + [(whole[len(done):], False)]
+
+
+def _plain(messages: list[dict], add_generation_prompt: bool) -> str:
+  """The plain template (a model without one): "role: content\n" each, then "assistant: " when asked."""
+  return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
 
 
 def messages(prompt: str, system: str | None = None) -> list[dict]:

@@ -176,7 +176,7 @@ ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/attention.py
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("sentencepiece", "huggingface", "byte")
-SOURCE_KINDS = ("text_files", "jsonl", "parquet", "text", "tfds")
+SOURCE_KINDS = ("text_files", "jsonl", "chat", "parquet", "text", "tfds")
 EVAL_SPLITS = ("validation", "train")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # lm/lora.py
 # Token ids and positions are int32 in the model (prepared tokens take 2 bytes up to 65,536 ids, 4 above).

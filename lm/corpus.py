@@ -159,12 +159,21 @@ class Prepared:
 
 
 def prepared_directory(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> epath.Path:
-  """`<data_dir>/prepared/<name>-<settings key>-<tokenizer fingerprint>`."""
-  return data_dir(cfg) / "prepared" / f"{_prefix(src)}{tokenizer.fingerprint}"
+  """`<data_dir>/prepared/<name>-<settings key>-<tokenizer fingerprint>`; a chat source's settings key
+  holds its chat template's fingerprint (another template makes other tokens)."""
+  return data_dir(cfg) / "prepared" / f"{_prefix(src, _chat_of(cfg, src, tokenizer))}{tokenizer.fingerprint}"
 
 
-def _prefix(src: SourceConfig) -> str:
-  return f"{src.name}-{_key(token_store.FORMAT, sources.settings(src))}-"
+def _chat_of(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> chat.Chat | None:
+  """The chat a source is tokenized with: the model's for a chat source, none for the others."""
+  return load_chat(cfg, tokenizer) if src.kind == "chat" else None
+
+
+def _prefix(src: SourceConfig, chat_of: chat.Chat | None = None) -> str:
+  settings = sources.settings(src)
+  if chat_of is not None:
+    settings["chat"] = chat_of.fingerprint
+  return f"{src.name}-{_key(token_store.FORMAT, settings)}-"
 
 
 def _complete(directory: epath.Path) -> dict | None:
@@ -176,7 +185,8 @@ def _check_new(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> None
   """main.py prepares a source on first use, but not beside a preparation of it with another tokenizer:
   that is a forgotten tokenizer flag far more often than a wish to tokenize the corpus again."""
   directory = prepared_directory(cfg, src, tokenizer)
-  others = [p.name for p in directory.parent.glob(_prefix(src) + "*") if _complete(p)] \
+  prefix = _prefix(src, _chat_of(cfg, src, tokenizer))
+  others = [p.name for p in directory.parent.glob(prefix + "*") if _complete(p)] \
       if directory.parent.exists() else []
   if others:
     raise ConfigError(f"{sources.key(src)} is prepared in {directory.parent} with another tokenizer "
@@ -248,7 +258,8 @@ def _prepare_alone(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, dir
     if (manifest := _complete(directory)) is None:  # unless finished by the one waited for
       logging.info("Preparing %s with %s into %s", sources.key(src), tokenizer.describe(), directory)
       manifest = preparation.prepare(src, tokenizer, os.fspath(directory), identity=sources.identity(src),
-                                     workers=cfg.workers, shard_tokens=cfg.shard_tokens)
+                                     workers=cfg.workers, shard_tokens=cfg.shard_tokens,
+                                     chat=_chat_of(cfg, src, tokenizer))
     return manifest
   finally:
     claim.__exit__(None, None, None)
@@ -279,7 +290,10 @@ def repair_all(cfg: DataConfig, tokenizer: Tokenizer) -> None:
 # Rows
 
 
-def _sequences(prepared: Prepared, part: str, seq_len: int) -> data.StoredSequences:
+def _sequences(prepared: Prepared, part: str, seq_len: int) -> data.Sequences:
+  """Rows cut across documents; a chat source's: whole conversations packed into rows."""
+  if prepared.stores[part].masked:
+    return data.ConversationSequences(prepared.stores[part], seq_len)
   return data.StoredSequences(prepared.stores[part], seq_len)
 
 
@@ -288,7 +302,7 @@ def train_batches(prepared: dict[str, Prepared], seq_len: int, seed: int,
   weights = {name: p.source.weight for name, p in prepared.items()}
   for p in prepared.values():
     tokens = p.stores["train"].num_tokens
-    if p.source.weight > 0 and tokens < seq_len:
+    if p.source.weight > 0 and tokens < seq_len and not p.stores["train"].masked:  # a conversation fills a row
       raise ConfigError(f"config.train.seq_len = {seq_len:,} is longer than the train part of "
                         f"{sources.key(p.source)} ({tokens:,} tokens): not one sequence of it can be cut. Lower "
                         "train.seq_len, or add text.")

@@ -31,6 +31,10 @@ from lm.config import ConfigError
 from lm.token_store import TokenStore
 
 ARRAYS = ("tokens", "segment_ids", "positions")
+# bool [rows, seq_len]: position p's target (token p + 1) counts in the loss. Only in the batches of a corpus
+# with a chat source (SFT: the assistant's tokens; a text source's rows there: `loss_mask`); a corpus without
+# one has no mask, and its batches are those of pre-training, unchanged.
+MASK = "mask"
 
 
 def segments(length: int, boundaries: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +60,7 @@ def _from_starts(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Sequences(Protocol):
   seq_len: int
+  masked: bool  # its rows hold MASK too
 
   def __len__(self) -> int: ...
   def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...  # int32 [len(indices), seq_len] each
@@ -64,6 +69,8 @@ class Sequences(Protocol):
 class StoredSequences:
   """A token store cut into rows of seq_len: row i is tokens [i L, (i + 1) L) of the stream (the tail
   that does not fill a row is not used)."""
+
+  masked = False
 
   def __init__(self, store: TokenStore, seq_len: int):
     self.store, self.seq_len = store, seq_len
@@ -80,9 +87,64 @@ class StoredSequences:
     return out
 
 
+class ConversationSequences:
+  """A masked store (a chat source's conversations) packed into rows as TRL's packing does: conversations
+  in stream order, each in the current row when it fits, else in a new one (greedy); each its own segment,
+  never cut across rows, the rest of a row padding (segment 0). A conversation longer than seq_len is
+  truncated to its first seq_len tokens (counted). MASK[p]: token p + 1 is learned, in p's conversation."""
+
+  masked = True
+
+  def __init__(self, store: TokenStore, seq_len: int):
+    self.store, self.seq_len = store, seq_len
+    ends = store.document_ends()
+    self._starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    self._lengths = np.minimum(ends - self._starts, seq_len)
+    self.truncated = int(np.sum(ends - self._starts > seq_len))
+    self._first = pack_greedily(self._lengths, seq_len)  # [rows + 1]: each row's first conversation
+
+  def __len__(self) -> int:
+    return len(self._first) - 1
+
+  def describe(self) -> str:
+    return (f"{len(self._lengths):,} conversations packed into {len(self):,} rows, {self.truncated:,} truncated "
+            "to seq_len")
+
+  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    out = {name: np.zeros((len(indices), self.seq_len), np.int32) for name in ARRAYS}
+    learned = np.zeros((len(indices), self.seq_len), bool)
+    for n, i in enumerate(indices):
+      first, stop = int(self._first[i]), int(self._first[i + 1])
+      lengths = self._lengths[first:stop]
+      # A row's conversations are consecutive in the stream (a truncated one is alone in its row): one read.
+      start, column = int(self._starts[first]), int(lengths.sum())
+      if column:
+        out["tokens"][n, :column] = self.store.read(start, start + column)[0]
+        learned[n, :column] = self.store.read_mask(start, start + column)
+      out["segment_ids"][n, :column] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
+      out["positions"][n, :column] = np.arange(column) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    following = np.concatenate([learned[:, 1:], np.zeros_like(learned[:, :1])], axis=1)
+    out[MASK] = loss_mask(out["segment_ids"]) & following
+    return out
+
+
+def pack_greedily(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+  """The first item of each row (and the item count last) when items of `lengths` (each <= seq_len) go in
+  order into rows of seq_len, each into the current row when it fits, else into a new one."""
+  first, used = [0], 0
+  for n, length in enumerate(lengths.tolist()):
+    if used + length > seq_len:
+      first.append(n)
+      used = 0
+    used += length
+  return np.asarray(first + [len(lengths)] if len(lengths) else [0], np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedSequences:
   """Rows held in memory (synthetic data, tests)."""
+
+  masked = False
 
   tokens: np.ndarray  # int32 [num_sequences, seq_len]
   segment_ids: np.ndarray  # int32 [N, L]; 0 = padding, 1, 2, ... = document pieces within the row
@@ -166,9 +228,9 @@ class TrainBatches:
 
   def describe(self) -> str:
     if len(self._sources) == 1:
-      return f"{len(self._sources[0]):,} sequences"
+      return f"{len(self._sources[0]):,} sequences{_packing(self._sources[0])}"
     shares = self._counts / self._counts.sum()
-    return "a mixture of " + ", ".join(f"{name} {share:.1%} ({len(s):,} sequences)"
+    return "a mixture of " + ", ".join(f"{name} {share:.1%} ({len(s):,} sequences{_packing(s)})"
                                        for name, share, s in zip(self._names, shares, self._sources))
 
   def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,12 +270,29 @@ class TrainBatches:
     return _gather(self._sources, *self.locate(step, rows))
 
 
+def _empty(sources: list[Sequences], rows: int) -> dict[str, np.ndarray]:
+  """Zeroed batch arrays of `rows` rows: ARRAYS, and MASK when a source has one (all False: padding)."""
+  out = {name: np.zeros((rows, sources[0].seq_len), np.int32) for name in ARRAYS}
+  if any(s.masked for s in sources):
+    out[MASK] = np.zeros((rows, sources[0].seq_len), bool)
+  return out
+
+
+def _packing(sequences: Sequences) -> str:
+  """How a chat source's rows were packed (its conversations, the truncated ones), for describe()."""
+  return f": {sequences.describe()}" if isinstance(sequences, ConversationSequences) else ""
+
+
 def _gather(sources: list[Sequences], source: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-  """The rows (source[n], index[n]) in order, each source read once for all of its rows."""
-  out = {name: np.empty((len(index), sources[0].seq_len), np.int32) for name in ARRAYS}
+  """The rows (source[n], index[n]) in order, each source read once for all of its rows. With a masked
+  source among them, a text source's rows get MASK too: every target inside a document."""
+  out = _empty(sources, len(index))
   for j in np.unique(source):
     where = np.flatnonzero(source == j)
-    for name, array in sources[j].rows(index[where]).items():
+    rows = sources[j].rows(index[where])
+    if MASK in out and MASK not in rows:
+      rows[MASK] = loss_mask(rows["segment_ids"])
+    for name, array in rows.items():
       out[name][where] = array
   return out
 
@@ -253,7 +332,7 @@ class EvalBatches:
       raise IndexError(b)
     positions = np.arange(b * self.batch_size, (b + 1) * self.batch_size)[rows]
     real = positions < self.num_sequences
-    out = {name: np.zeros((len(positions), self._sources[0].seq_len), np.int32) for name in ARRAYS}
+    out = _empty(self._sources, len(positions))
     for name, array in _gather(self._sources, self._source[positions[real]], self._index[positions[real]]).items():
       out[name][real] = array
     return out

@@ -10,6 +10,10 @@ config.data.shard_tokens (so shards hold whole documents and are that size plus 
 shard appears complete or not at all (written beside, then renamed or copied into place), and
 manifest.json lists the finished shards with their chunk ranges: a killed preparation resumes after its
 last finished shard, and `repair` goes back to the first damaged one. The layout is `lm.token_store`'s.
+
+A chat source's conversations are tokenized with the model's chat template (`lm.chat.Chat.tokenize`, the
+Chat handed to the workers as the tokenizer is), each a document of its own with no separator added, and
+their learned tokens written as each shard's third array, its mask.
 """
 
 from __future__ import annotations
@@ -41,44 +45,50 @@ _WINDOW_PER_WORKER = 4  # chunks in flight per worker: enough to keep each busy,
 # Workers
 
 
-_worker_tokenizer = None
+_worker_tokenizer = _worker_chat = None
 
 
-def _init_worker(tokenizer) -> None:
-  global _worker_tokenizer
+def _init_worker(tokenizer, chat) -> None:
+  global _worker_tokenizer, _worker_chat
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Hugging Face's threads: the processes are the parallelism
-  _worker_tokenizer = tokenizer
+  _worker_tokenizer, _worker_chat = tokenizer, chat
 
 
-def _tokenize(task: tuple[str, sources.Chunk, float, np.dtype], tok=None) -> dict:
-  """One chunk: {part: (tokens, document lengths)}, the train part's held-out documents moved to
-  validation when `fraction` > 0; and the chunk's documents and bytes."""
+def _tokenize(task: tuple[str, sources.Chunk, float, np.dtype], tok=None, chat=None) -> dict:
+  """One chunk: {part: (tokens, document lengths, learned tokens or None)}, the train part's held-out
+  documents moved to validation when `fraction` > 0; and the chunk's documents and bytes."""
   part, chunk, fraction, dtype = task
-  tok = tok or _worker_tokenizer
+  tok, chat = tok or _worker_tokenizer, chat or _worker_chat
   decoded = sources.decode(chunk)
-  texts = [t for t in decoded.texts if t]
+  kept = [n for n, t in enumerate(decoded.texts) if t]
+  texts = [decoded.texts[n] for n in kept]
   to_validation = [part == "validation" or (fraction > 0 and sources.held_out(t, fraction)) for t in texts]
   out = {}
   for name, wanted in (("train", False), ("validation", True)):
-    ids = tokenizers.frame(tok, [t for t, v in zip(texts, to_validation) if v == wanted])
+    chosen = [n for n, v in zip(kept, to_validation) if v == wanted]
+    if decoded.conversations is None:
+      ids, learned = tokenizers.frame(tok, [decoded.texts[n] for n in chosen]), None
+    else:
+      ids, learned = zip(*[chat.tokenize(c.messages, tok, c.learn_from, c.where)
+                           for c in (decoded.conversations[n] for n in chosen)]) if chosen else ((), ())
     lengths = np.fromiter((len(d) for d in ids), np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum()))
-    out[name] = (flat, lengths)
+    out[name] = (flat, lengths, None if learned is None else np.concatenate([np.zeros(0, bool), *learned]))
   out["documents"], out["bytes"] = len(texts), sum(len(t.encode("utf-8", errors="replace")) for t in texts)
   out["invalid"] = decoded.invalid
   return out
 
 
-def _ordered_map(tasks: Iterator, tokenizer, workers: int) -> Iterator[dict]:
+def _ordered_map(tasks: Iterator, tokenizer, workers: int, chat=None) -> Iterator[dict]:
   """_tokenize over the tasks, results in task order, at most a window of tasks in flight. A source of
   fewer chunks than the window is done in this process (no worker start-up for a small corpus)."""
   window = _WINDOW_PER_WORKER * workers
   head = list(itertools.islice(tasks, window))
   if len(head) < window or workers == 1:
-    yield from (_tokenize(task, tokenizer) for task in itertools.chain(head, tasks))
+    yield from (_tokenize(task, tokenizer, chat) for task in itertools.chain(head, tasks))
     return
   # spawn, not fork: the caller may have started jax (threads), which a forked child would inherit broken.
-  with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+  with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer, chat)) as pool:
     pending = collections.deque(pool.apply_async(_tokenize, (task,)) for task in head)
     for task in tasks:
       yield pending.popleft().get()
@@ -92,18 +102,20 @@ def _ordered_map(tasks: Iterator, tokenizer, workers: int) -> Iterator[dict]:
 
 
 class _PartFile:
-  """The two arrays of one part of the shard being written, appended to local temporary files."""
+  """The arrays of one part of the shard being written (tokens, ends; mask when `masked`), appended to
+  local temporary files."""
 
-  def __init__(self, local_dir: str, part: str, shard: int):
-    self.names = {what: shard_file(part, shard, what) for what in ("tokens", "ends")}
+  def __init__(self, local_dir: str, part: str, shard: int, masked: bool):
+    self.names = {what: shard_file(part, shard, what) for what in ("tokens", "ends", "mask")[:2 + masked]}
     self._files = {what: open(os.path.join(local_dir, name + ".tmp"), "wb") for what, name in self.names.items()}
     self._crc = {what: 0 for what in self.names}
     self.tokens = self.documents = 0
 
-  def append(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+  def append(self, flat: np.ndarray, lengths: np.ndarray, learned: np.ndarray | None) -> None:
     ends = (self.tokens + np.cumsum(lengths)).astype("<i8")
-    for what, array in (("tokens", flat), ("ends", ends)):
-      data = array.tobytes()
+    arrays = {"tokens": flat, "ends": ends, "mask": None if learned is None else learned.astype(np.uint8)}
+    for what in self.names:
+      data = arrays[what].tobytes()
       self._files[what].write(data)
       self._crc[what] = zlib.crc32(data, self._crc[what])
     self.tokens += len(flat)
@@ -140,13 +152,17 @@ def _cpu_count() -> int:
 
 
 def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, workers: int,
-            shard_tokens: int) -> dict:
-  """Prepares the source into `directory` (resuming a killed preparation there) and returns its manifest."""
+            shard_tokens: int, chat=None) -> dict:
+  """Prepares the source into `directory` (resuming a killed preparation there) and returns its manifest.
+  `chat` (lm.chat.Chat): the model's, for a chat source."""
   path = epath.Path(directory)
   path.mkdir(parents=True, exist_ok=True)
+  if (src.kind == "chat") != (chat is not None):
+    raise ValueError(f"{sources.key(src)}: a chat source is prepared with a Chat, another kind without")
   manifest = read_manifest(directory) or {
       "format": FORMAT, "identity": identity, "tokenizer": tokenizer.fingerprint,
-      "dtype": tokenizers.token_dtype(tokenizer.vocab_size).name, "shards": [], "complete": False}
+      "dtype": tokenizers.token_dtype(tokenizer.vocab_size).name, "shards": [], "complete": False,
+      **({"mask": True, "chat": chat.fingerprint} if chat is not None else {})}
   if manifest.get("complete"):
     return manifest
   fraction = 0.0 if src.validation else src.validation_fraction
@@ -160,9 +176,9 @@ def prepare(src: SourceConfig, tokenizer, directory: str, *, identity: dict, wor
   progress, shard, invalid = _Progress(manifest), None, collections.Counter()
   with _local_scratch(path) as scratch:
     for n, result in enumerate(_ordered_map(itertools.islice(tasks, done, None), tokenizer,
-                                            workers or _cpu_count()), done):
+                                            workers or _cpu_count(), chat), done):
       invalid.update(result["invalid"])
-      shard = shard or _Shard(scratch, len(manifest["shards"]), n)
+      shard = shard or _Shard(scratch, len(manifest["shards"]), n, bool(manifest.get("mask")))
       shard.append(result)
       if shard.tokens >= shard_tokens:
         _finish_shard(manifest, shard, path, progress)
@@ -197,9 +213,9 @@ def tokens_in(manifest: dict) -> int:
 class _Shard:
   """The shard being written: both parts, and the chunks, documents and bytes of text it holds."""
 
-  def __init__(self, scratch: str, index: int, first_chunk: int):
+  def __init__(self, scratch: str, index: int, first_chunk: int, masked: bool):
     self.scratch, self.index, self.first_chunk = scratch, index, first_chunk
-    self.parts = {part: _PartFile(scratch, part, index) for part in PARTS}
+    self.parts = {part: _PartFile(scratch, part, index, masked) for part in PARTS}
     self.chunks = self.documents = self.bytes = 0
 
   @property

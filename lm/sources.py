@@ -3,6 +3,11 @@
 A source (`config.data.sources.<name>`) is one of
   text_files  files of text, one document per file (empty path: the running Python's standard library)
   jsonl       JSON Lines files (.jsonl, .jsonl.gz, .jsonl.zst), one document per line in `text_field`
+  chat        JSON Lines files as jsonl's, one conversation per line (supervised fine-tuning): either
+              {"messages": [{"role", "content"}, ...]} (Hugging Face chat datasets) or {"prompt", "completion"}
+              (two strings: a user and an assistant message; or two lists of messages, TRL's conversational
+              prompt-completion, whose completion alone is learned); tokenized with the model's chat
+              template by `lm.chat.Chat.tokenize` when prepared, the assistant's tokens marked as learned
   parquet     Parquet files, one document per row in the column `text_field`
   text        large text files cut into documents by `separator` (empty: one or more blank lines)
   tfds        a registered TFDS dataset, read split by split (`path` is its name, `text_field` its feature)
@@ -10,7 +15,8 @@ Paths are comma-separated globs, local or on a remote file system etils.epath kn
 
 Each source has two parts: `train`, and `validation` when `validation` names files (or a TFDS split).
 Without it, the validation documents are a `validation_fraction` of the train part's documents, chosen by
-a hash of their text (`held_out`): deterministic, independent of order and of the other documents.
+a hash of their text (`held_out`; a chat source's: of its line): deterministic, independent of order and
+of the other documents.
 
 The main process only reads bytes: a source yields chunks (a few hundred documents' worth of raw input),
 and `decode(chunk)` turns one into texts in a worker process (JSON parsing, file reads, decoding). Input
@@ -59,6 +65,7 @@ class Chunk:
   payload: object  # text_files: paths; jsonl: (path, whole lines as bytes); others: texts
   field: str = ""
   where: str = ""  # for error messages: the config key of the source
+  line: int = 1  # jsonl and chat: the line of its file where the payload starts, for error messages
   invalid: dict = dataclasses.field(default_factory=dict)  # texts: {path: bytes not UTF-8} of files read
 
 
@@ -176,7 +183,7 @@ def check(src: SourceConfig) -> None:
 
 def chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
   """The raw input of the part, chunk after chunk, at most max_documents documents in all."""
-  reader = {"text_files": _text_file_chunks, "jsonl": _jsonl_chunks, "parquet": _parquet_chunks,
+  reader = {"text_files": _text_file_chunks, "jsonl": _jsonl_chunks, "chat": _jsonl_chunks, "parquet": _parquet_chunks,
             "text": _text_chunks, "tfds": _tfds_chunks}[src.kind]
   return reader(src, part)
 
@@ -202,11 +209,12 @@ def _open(path: str):
 
 def _jsonl_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
   """Blocks of about CHUNK_BYTES of whole lines: the workers split and parse them, so that the main
-  process does little more than read (a line at a time in Python would cost it a tenth of a core)."""
+  process does little more than read (a line at a time in Python would cost it a tenth of a core). A
+  chat source's chunks are these too, of its kind."""
   left = src.max_documents or None
   for path in files(src, part):
     with _reading(key(src), path), _open(path) as f:
-      tail = b""
+      tail, line = b"", 1
       while block := f.read(CHUNK_BYTES):
         block = tail + block
         cut = block.rfind(b"\n") + 1
@@ -214,11 +222,13 @@ def _jsonl_chunks(src: SourceConfig, part: str) -> Iterator[Chunk]:
         if block:
           if left is not None:
             block, left = _first_lines(block, left)
-          yield Chunk("jsonl", (path, block), src.text_field, key(src))
+          yield Chunk(src.kind, (path, block), src.text_field, key(src), line=line)
+          line += block.count(b"\n")
           if left == 0:
             return
       if tail.strip():
-        yield Chunk("jsonl", (path, _first_lines(tail, left)[0] if left else tail), src.text_field, key(src))
+        yield Chunk(src.kind, (path, _first_lines(tail, left)[0] if left else tail), src.text_field, key(src),
+                    line=line)
 
 
 def _first_lines(block: bytes, count: int) -> tuple[bytes, int]:
@@ -427,13 +437,26 @@ def describe_invalid(invalid: dict[str, int]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Decoded:
-  texts: list[str]
+  texts: list[str]  # a chat source's: its lines (what `held_out` hashes)
   invalid: dict[str, int]  # {path: its bytes that are not UTF-8} of the files that had any
+  conversations: list[Conversation] | None = None  # a chat source's, one per text
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """A line of a chat source: its messages, the index of the first one learned, and where it is."""
+  messages: list[dict]
+  learn_from: int
+  where: str
 
 
 def documents(chunk: Chunk) -> list[str]:
-  """The texts of a chunk, in order; ConfigError naming the source when its input is not as declared."""
-  return decode(chunk).texts
+  """The texts of a chunk, in order (a conversation's: its messages' contents, one per line);
+  ConfigError naming the source when its input is not as declared."""
+  decoded = decode(chunk)
+  if decoded.conversations is None:
+    return decoded.texts
+  return ["\n".join(m["content"] for m in c.messages) for c in decoded.conversations]
 
 
 def decode(chunk: Chunk) -> Decoded:
@@ -451,21 +474,57 @@ def decode(chunk: Chunk) -> Decoded:
       texts.append(text)
     return Decoded(texts, {path: n for path, n in invalid.items() if n})
   path, block = chunk.payload
-  lines, invalid = _counted(lambda: [line.decode("utf-8", errors=_COUNT_INVALID)
-                                     for line in block.split(b"\n") if line.strip()])
+  numbered, invalid = _counted(lambda: [(n, line.decode("utf-8", errors=_COUNT_INVALID))
+                                        for n, line in enumerate(block.split(b"\n"), chunk.line) if line.strip()])
   _check_text(chunk.where, path, len(block), block.count(0) if b"\0" in block else 0, invalid)
-  return Decoded(_json_texts(chunk, path, lines), {path: invalid} if invalid else {})
+  invalid = {path: invalid} if invalid else {}
+  if chunk.kind == "chat":
+    conversations = [_conversation(_json_line(chunk, path, line), f"{chunk.where}: {path} line {n}")
+                     for n, line in numbered]
+    return Decoded([line for _, line in numbered], invalid, conversations)
+  return Decoded(_json_texts(chunk, path, [line for _, line in numbered]), invalid)
+
+
+def _json_line(chunk: Chunk, path: str, line: str):
+  try:
+    return json.loads(line)
+  except ValueError as e:
+    raise ConfigError(f"{chunk.where}: {path} has a line that is not JSON ({e}): "
+                      f"{line[:80]!r}. Fix or remove the file.") from e
+
+
+CHAT_FORMATS = ('{"messages": [{"role": ..., "content": ...}, ...]}, or {"prompt": ..., "completion": ...} (two '
+                'strings, or two lists of messages)')
+
+
+def _conversation(record, where: str) -> Conversation:
+  """A chat line's conversation; ConfigError naming the file and line when it is neither format."""
+  from lm import chat  # here: only chat sources need it
+
+  if isinstance(record, dict) and "messages" in record:
+    messages, learn_from = record["messages"], 0
+  elif isinstance(record, dict) and "prompt" in record and "completion" in record:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+      prompt, completion = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+      raise ConfigError(f"{where}: prompt and completion are two strings or two lists of messages, not a "
+                        f"{type(prompt).__name__} and a {type(completion).__name__}.")
+    messages, learn_from = prompt + completion, len(prompt)
+  else:
+    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ConfigError(f"{where} is not a conversation (it has {fields}); a chat source's line is {CHAT_FORMATS}.")
+  chat.check_messages(messages, where)
+  if not any(m["role"] == "assistant" for m in messages[learn_from:]):
+    raise ConfigError(f"{where}: the conversation has no assistant message to learn: {json.dumps(messages)[:200]}")
+  return Conversation(messages, learn_from, where)
 
 
 def _json_texts(chunk: Chunk, path: str, lines: list[str]) -> list[str]:
   """The `chunk.field` of each JSON line."""
   texts = []
   for line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError as e:
-      raise ConfigError(f"{chunk.where}: {path} has a line that is not JSON ({e}): "
-                        f"{line[:80]!r}. Fix or remove the file.") from e
+    record = _json_line(chunk, path, line)
     if not isinstance(record, dict) or chunk.field not in record:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
       raise ConfigError(f"{chunk.where}.text_field = {chunk.field!r}: a record of {path} has no such field; "

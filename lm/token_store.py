@@ -3,8 +3,9 @@
 One directory per source: manifest.json, and per shard and part (train, validation) two raw little-endian
 arrays, Megatron's .bin/.idx layout: `<part>-<shard>.tokens` (the documents' ids one after the other, in
 the smallest unsigned type that holds the vocabulary) and `<part>-<shard>.ends` (int64: where each
-document ends in the shard). Why raw arrays and not ArrayRecord: a training row is an arbitrary slice of
-the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
+document ends in the shard); a chat source's (supervised fine-tuning: the manifest's "mask" is true) also
+`<part>-<shard>.mask` (uint8, one per token: 1 where the token is learned, an assistant's). Why raw arrays
+and not ArrayRecord: a training row is an arbitrary slice of the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
 memory-mapped (or read by range from gs://) without parsing, and the preparation appends to it as it
 tokenizes, holding nothing. Segment ids and positions are derived from the ends when a row is read
 (`lm.data`). Written by `lm.prepare`; no jax here, so that its worker processes stay small.
@@ -35,7 +36,7 @@ def is_remote(path) -> bool:
 
 
 def shard_file(part: str, shard: int, what: str) -> str:
-  """`what`: tokens or ends."""
+  """`what`: tokens, ends or mask."""
   return f"{part}-{shard:05d}.{what}"
 
 
@@ -89,6 +90,7 @@ class TokenStore:
   def __init__(self, directory: str, part: str, manifest: dict):
     self.directory, self.part = epath.Path(directory), part
     self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    self.masked = bool(manifest.get("mask", False))  # a chat source's: each token learned or not
     shards = [(s["index"], s[part]) for s in manifest["shards"] if s[part]["tokens"] > 0]
     self._shards = [index for index, _ in shards]
     self._sizes = [(entry["tokens"], entry["documents"]) for _, entry in shards]
@@ -101,8 +103,11 @@ class TokenStore:
 
   def _files(self, k: int) -> list[tuple[epath.Path, np.dtype, int]]:
     tokens, documents = self._sizes[k]
-    return [(self.directory / shard_file(self.part, self._shards[k], "tokens"), self.dtype, tokens),
-            (self.directory / shard_file(self.part, self._shards[k], "ends"), np.dtype("<i8"), documents)]
+    files = [(self.directory / shard_file(self.part, self._shards[k], "tokens"), self.dtype, tokens),
+             (self.directory / shard_file(self.part, self._shards[k], "ends"), np.dtype("<i8"), documents)]
+    if self.masked:
+      files.append((self.directory / shard_file(self.part, self._shards[k], "mask"), np.dtype(np.uint8), tokens))
+    return files
 
   def check_files(self) -> None:
     """Every local shard file is there with its size (a stat each, no data read). Remote ones are checked
@@ -117,47 +122,59 @@ class TokenStore:
     return f"prepared {self.part} data of {self.directory.name}"
 
   def _shard(self, k: int):
-    """The shard's (tokens, ends), opened on first use; the least recently used closed past a bound. The
-    first time in a process, each file read whole here is checked against its CRC-32 of the manifest: a
-    local shard's tokens (a memory map; 0.12 s per 128M uint16 tokens here) and every shard's document
-    ends. A remote shard's tokens are read by ranges, not whole: `scripts/prepare_data.py --verify` checks
-    those."""
+    """The shard's (tokens, ends, mask or None), opened on first use; the least recently used closed past
+    a bound. The first time in a process, each file read whole here is checked against its CRC-32 of the
+    manifest: a local shard's tokens and mask (memory maps; 0.12 s per 128M uint16 tokens here) and every
+    shard's document ends. A remote shard's tokens and mask are read by ranges, not whole:
+    `scripts/prepare_data.py --verify` checks those."""
     if k not in self._arrays:
-      (tokens, dtype, count), (ends, ends_dtype, documents) = self._files(k)
-      arrays = (open_array(tokens, dtype, count, self._what),
-                open_array(ends, ends_dtype, documents, self._what, searched=True))
+      files = self._files(k)
+      arrays = [open_array(path, dtype, count, self._what, searched=what == "ends")
+                for (path, dtype, count), what in zip(files, ("tokens", "ends", "mask"))]
       if k not in self._verified:
-        checked = [("ends", ends, arrays[1])]
-        if not is_remote(tokens):
-          checked.append(("tokens", tokens, arrays[0]))
-        for what, path, array in checked:
+        for (path, _, _), what, array in zip(files, ("tokens", "ends", "mask"), arrays):
           expected = self._crcs[k].get(what)
-          if expected is not None and zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) != expected:
+          if (what == "ends" or not is_remote(path)) and expected is not None and (
+              zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) != expected):
             raise ConfigError(f"{self._what}: {path} does not match the CRC-32 its preparation recorded: the "
                               "prepared data is corrupt. Run scripts/prepare_data.py with the same config and "
                               "--repair: it keeps the shards before the damaged one and prepares the rest again.")
         self._verified.add(k)
-      self._arrays[k] = arrays
+      self._arrays[k] = (*arrays, None) if len(arrays) == 2 else tuple(arrays)
       if len(self._arrays) > _OPEN_SHARDS:
         self._arrays.popitem(last=False)
     self._arrays.move_to_end(k)
     return self._arrays[k]
 
+  def _ranges(self, start: int, stop: int):
+    """(shard arrays, shard start, lo, hi) of each shard that tokens [start, stop) of the stream cross."""
+    k = int(np.searchsorted(self._starts, start, side="right")) - 1
+    while k < len(self._shards) and self._starts[k] < stop:
+      arrays, shard_start = self._shard(k), int(self._starts[k])
+      yield arrays, shard_start, max(start - shard_start, 0), min(stop - shard_start, len(arrays[0]))
+      k += 1
+
   def read(self, start: int, stop: int) -> tuple[np.ndarray, list[int]]:
     """Tokens [start, stop) of the stream, and the offsets (from start) where a document starts inside."""
     pieces, boundaries = [], []
-    k = int(np.searchsorted(self._starts, start, side="right")) - 1
-    while start + sum(len(p) for p in pieces) < stop:
-      tokens, ends = self._shard(k)
-      shard_start = int(self._starts[k])
-      lo, hi = max(start - shard_start, 0), min(stop - shard_start, len(tokens))
+    for (tokens, ends, _), shard_start, lo, hi in self._ranges(start, stop):
       if shard_start > start:  # shards hold whole documents: the shard's first token starts one
         boundaries.append(shard_start - start)
       inside = ends[int(np.searchsorted(ends, lo, side="right")):int(np.searchsorted(ends, hi, side="left"))]
       boundaries.extend(int(e) + shard_start - start for e in inside)
       pieces.append(np.asarray(tokens[lo:hi]))
-      k += 1
     return np.concatenate(pieces), boundaries
+
+  def read_mask(self, start: int, stop: int) -> np.ndarray:
+    """Which tokens [start, stop) of the stream are learned (bool); a store without a mask: all."""
+    if not self.masked:
+      return np.ones(stop - start, bool)
+    return np.concatenate([np.asarray(mask[lo:hi]) != 0 for (_, _, mask), _, lo, hi in self._ranges(start, stop)])
+
+  def document_ends(self) -> np.ndarray:
+    """Where each document ends in the stream (int64 [num_documents]), all shards' ends read."""
+    ends = [self._shard(k)[1] + self._starts[k] for k in range(len(self._shards))]
+    return np.concatenate(ends).astype(np.int64) if ends else np.zeros([0], np.int64)
 
 
 def read_manifest(directory: str) -> dict | None:

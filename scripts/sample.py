@@ -13,7 +13,9 @@ max_seq_len tokens (said in the output). A LoRA run's checkpoint is read onto it
 The prompt (--prompt, or --prompt_file) is framed as the tokenizer frames an input: the ids of
 transformers' `tokenizer(prompt)`. With --chat it is the user's message of a conversation (after --system's
 message) rendered with the model's chat template, ending with the assistant's header: the ids of
-`apply_chat_template(messages, add_generation_prompt=True)`, and the reply alone is printed. Generation
+`apply_chat_template(messages, add_generation_prompt=True)`, and the reply alone is printed. A model without
+a template (the byte tokenizer, a tokenizer the run trained) gets lm/chat.py's plain one ("role: content"
+lines, then "assistant: "), the one its chat sources were fine-tuned on, and stops at the end of document. Generation
 stops at any end id of the model's generation_config.json or its tokenizer's end of document;
 --show_special writes the special tokens instead of dropping them.
 """

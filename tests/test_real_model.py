@@ -140,10 +140,9 @@ def test_chat_template_ids_are_those_of_apply_chat_template(reference, tokenizer
     assert chat.stop_ids == (tok.token_id("<|im_end|>"),) == (2,)
 
 
-def test_chat_without_a_template_or_with_bad_messages_says_so():
-  no_template = lm_chat.Chat(None, {}, (), "ckpt/base")
-  with pytest.raises(lm_chat.ConfigError, match=r"ckpt/base has no chat template .*\(no --chat\)"):
-    no_template.render(lm_chat.messages("Hi"))
+def test_chat_without_a_template_is_plain_and_bad_messages_are_refused():
+  no_template = lm_chat.Chat(None, {}, (), "ckpt/base")  # the plain template of lm/chat.py
+  assert no_template.render(lm_chat.messages("Hi", system="Be brief.")) == "system: Be brief.\nuser: Hi\nassistant: "
   chat = lm_chat.Chat(QWEN_TEMPLATE, {}, (), "ckpt/qwen")
   with pytest.raises(lm_chat.ConfigError, match='message 0 is .*"role": one of system, user, assistant'):
     chat.render([{"role": "narrator", "content": "x"}])
