@@ -144,11 +144,14 @@ def pack_greedily(lengths: np.ndarray, seq_len: int) -> np.ndarray:
 class PackedSequences:
   """Rows held in memory (synthetic data, tests)."""
 
-  masked = False
-
   tokens: np.ndarray  # int32 [num_sequences, seq_len]
   segment_ids: np.ndarray  # int32 [N, L]; 0 = padding, 1, 2, ... = document pieces within the row
   positions: np.ndarray  # int32 [N, L]; position within its segment, from 0
+  mask: np.ndarray | None = None  # bool [N, L]: MASK, SFT's rows (synthetic ones: scripts/benchmark.py)
+
+  @property
+  def masked(self) -> bool:
+    return self.mask is not None
 
   @property
   def seq_len(self) -> int:
@@ -158,7 +161,8 @@ class PackedSequences:
     return self.tokens.shape[0]
 
   def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: np.asarray(getattr(self, name)[indices], np.int32) for name in ARRAYS}
+    out = {name: np.asarray(getattr(self, name)[indices], np.int32) for name in ARRAYS}
+    return out if self.mask is None else {**out, MASK: self.mask[indices]}
 
 
 def pack(stream: np.ndarray, document_starts: np.ndarray, seq_len: int) -> PackedSequences:

@@ -45,11 +45,15 @@ class Runtime:
     dummy_BxL = jnp.zeros((self.plan.data_parallel, self.plan.seq_len), jnp.int32)
     return self.model.init(rng, dummy_BxL, dummy_BxL + 1, dummy_BxL)["params"]
 
-  def abstract_step_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of one optimizer step as the train step takes it, [k, rows, seq_len]."""
+  def abstract_step_batch(self, masked: bool | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one optimizer step as the train step takes it, [k, rows, seq_len]: with a chat
+    source (SFT; or `masked`), its loss mask too."""
     shape = (self.plan.accumulation_steps, self.plan.micro_rows, self.plan.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.step_batch_sharding(self.mesh))
-            for k in data.ARRAYS}
+    placed = sharding.step_batch_sharding(self.mesh)
+    if masked is None:
+      masked = any(s.kind == "chat" and s.weight > 0 for s in self.config.data.sources)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.bool_ if k == data.MASK else jnp.int32, sharding=placed)
+            for k in data.ARRAYS + ((data.MASK,) if masked else ())}
 
 
 def setup(config: Config, devices=None) -> Runtime:

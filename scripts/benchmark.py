@@ -70,6 +70,7 @@ class Variant:
   dtype: str  # compute dtype
   accumulation: int  # micro-batches per optimizer step; the micro-batch shrinks to keep the global batch
   global_fraction: int = 1  # 4: a quarter of the global batch, to time one accumulation micro-step alone
+  sft: bool = False  # SFT's rows: the loss on the answers only (a mask), else pre-training's
 
 
 # Per dtype: the minimal reference, the project at accumulation 1 and 4 (same global batch), and one
@@ -80,10 +81,11 @@ VARIANTS = tuple(v for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")
     Variant(f"project_{short}_accum4", "project", dtype, 4),
     Variant(f"project_{short}_accum1_quarter", "project", dtype, 1, global_fraction=4),
     Variant(f"hostloop_{short}_accum4", "hostloop", dtype, 4),
+    Variant(f"project_{short}_sft", "project", dtype, 1, sft=True),
 ))
 # About 5 minutes for bench_60m on 2 idle cores: the accumulation comparison in float32 only.
 DEFAULT = ("minimal_f32", "project_f32_accum1", "project_f32_accum4", "project_f32_accum1_quarter",
-           "hostloop_f32_accum4", "minimal_bf16", "project_bf16_accum1")
+           "hostloop_f32_accum4", "project_f32_sft", "minimal_bf16", "project_bf16_accum1")
 
 
 def variant_config(config: Config, variant: Variant) -> Config:
@@ -99,13 +101,20 @@ def variant_config(config: Config, variant: Variant) -> Config:
                              train=train_cfg)
 
 
-def synthetic_sequences(config: Config, rows: int, seed: int = 0) -> data.PackedSequences:
-  """Uniform random tokens in documents of random length, packed as the real data is."""
+def synthetic_sequences(config: Config, rows: int, seed: int = 0, sft: bool = False) -> data.PackedSequences:
+  """Uniform random tokens in documents of random length, packed as the real data is. `sft`: each
+  document a conversation whose second half is the answer, the loss on it alone (SFT's mask)."""
   rng = np.random.default_rng(seed)
   stream = rng.integers(3, config.model.vocab_size, rows * config.train.seq_len, dtype=np.int32)
   starts = np.flatnonzero(rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS)
   stream[starts] = BOS_ID
-  return data.pack(stream, starts, config.train.seq_len)
+  packed = data.pack(stream, starts, config.train.seq_len)
+  if not sft:
+    return packed
+  length = np.diff(np.append(np.flatnonzero(packed.positions.ravel() == 0), packed.positions.size))
+  answer = (packed.positions.ravel() >= np.repeat(length // 2, length)).reshape(packed.positions.shape)
+  learned = np.concatenate([answer[:, 1:], np.zeros_like(answer[:, :1])], axis=1)  # of the targets
+  return dataclasses.replace(packed, mask=data.loss_mask(packed.segment_ids) & learned)
 
 
 class PeakRss:
@@ -140,8 +149,8 @@ def _stub_eval(params, batch):
   return {"sequence_loss": np.zeros(rows, np.float32), "sequence_tokens": np.zeros(rows, np.int32)}
 
 
-def run_project(config: Config, steps: int, warmup: int, workdir: str,
-                peak: float) -> tuple[dict, Callable[[], None]]:
+def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: float,
+                sft: bool = False) -> tuple[dict, Callable[[], None]]:
   """lm.train's loop on synthetic data, and a replay of its compiled program. The step times are those
   the loop's StepTimer logs to metrics.jsonl."""
   # +1: the loop times a step from the end of the one before, so the first step is never timed.
@@ -151,14 +160,15 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str,
                           save_interval_steps=max(1 + warmup + steps // 2, 1))
   config = dataclasses.replace(config, train=t)
   rt = runtime.setup(config)
-  sequences = synthetic_sequences(config, 4 * rt.plan.global_sequences)
+  sequences = synthetic_sequences(config, 4 * rt.plan.global_sequences, sft=sft)
   batches = data.TrainBatches({"synthetic": sequences}, t.seed, rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
     state = fns.create_state()
     start = time.perf_counter()
     # Compiled ahead of time, so that the compile time is measured apart and no step carries it.
-    compiled = fns.step_fn.lower(fns.abstract_state, rt.abstract_step_batch()).compile()
+    abstract_batch = rt.abstract_step_batch(masked=sft)
+    compiled = fns.step_fn.lower(fns.abstract_state, abstract_batch).compile()
     compile_seconds = time.perf_counter() - start
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
     kind = next_token.NextToken(rt, batches, _stub_eval, data.EvalBatches([sequences], rt.plan.micro_rows,
@@ -321,7 +331,8 @@ def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dic
     result, replay = run_host_loop(cfg, steps, warmup)
   else:
     with tempfile.TemporaryDirectory() as workdir:
-      result, replay = run_project(cfg, steps, warmup, workdir, peak[variant.dtype] / len(jax.devices()))
+      result, replay = run_project(cfg, steps, warmup, workdir, peak[variant.dtype] / len(jax.devices()),
+                                   sft=variant.sft)
   t = cfg.train
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices()) * t.seq_len
   median = float(np.median(result["step_times"]))
@@ -368,6 +379,8 @@ def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str 
       out[f"accum4_over_accum1_{short}{suffix}"] = time_of["accum4"] / time_of["accum1"]
     if {"accum4", "quarter"} <= set(time_of):
       out[f"accum4_over_4_quarter_steps_{short}{suffix}"] = time_of["accum4"] / (4 * time_of["quarter"])
+    if f"project_{short}_sft" in results and key in results[f"project_{short}_sft"] and "accum1" in time_of:
+      out[f"sft_over_pretraining_{short}{suffix}"] = results[f"project_{short}_sft"][key] / time_of["accum1"]
     if {"accum4", "hostloop"} <= set(time_of):
       out[f"accum4_over_hostloop_accum4_{short}{suffix}"] = time_of["accum4"] / time_of["hostloop"]
   return out

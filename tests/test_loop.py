@@ -16,21 +16,32 @@ from lm import checkpoint, console, metrics, runtime, train
 from lm.config import ConfigError, from_config_dict
 from tests.helpers import apply_overrides
 from tests.test_faults import _complete, _logged, _wait
+from tests.test_sft import chat_task  # noqa: F401
 from tests.test_train import MAIN_ENV, ROOT, TINY, corpus, main_command, run_main  # noqa: F401
 
 GRPO = ["--config.grpo.enabled=True", "--config.grpo.max_operand=9", "--config.grpo.max_completion_tokens=4",
         "--config.grpo.eval_prompts=8", "--config.grpo.rewards=lm.rewards.exact_answer,tests.test_grpo._parity_reward"]
-KINDS = {"pretraining": [], "grpo": GRPO}
+KINDS = ("pretraining", "sft", "grpo")
 
 
-def _config(tmp_path, corpus_dir, kind: str, *flags):
-  c = apply_overrides(default.get_config(), TINY + KINDS[kind] + list(flags))
-  c.mesh.data, c.mesh.fsdp = 2, 1
-  c.data.data_dir = str(tmp_path / "data")
-  c.data.sources.main.path = f"{corpus_dir}/*.py"
-  c.data.sources.main.validation = f"{corpus_dir}/bisect.py"
-  c.train.peak_flops_per_device = 1e9
-  return from_config_dict(c)
+def kind_flags(kind: str, chat_dir) -> list[str]:
+  """The flags that make the tiny run of tests/test_train.py one of the kinds (SFT: test_sft's chat task)."""
+  return {"pretraining": [], "grpo": GRPO,
+          "sft": ["--config.data.sources.main.kind=chat", f"--config.data.sources.main.path={chat_dir}/train.jsonl",
+                  f"--config.data.sources.main.validation={chat_dir}/val.jsonl"]}[kind]
+
+
+@pytest.fixture
+def configure(tmp_path, corpus, chat_task):
+  def config(kind: str, *flags):
+    c = apply_overrides(default.get_config(), TINY + [f"--config.data.sources.main.path={corpus}/*.py",
+                                                      f"--config.data.sources.main.validation={corpus}/bisect.py",
+                                                      *kind_flags(kind, chat_task[0]), *flags])
+    c.mesh.data, c.mesh.fsdp = 2, 1
+    c.data.data_dir = str(tmp_path / "data")
+    c.train.peak_flops_per_device = 1e9
+    return from_config_dict(c)
+  return config
 
 
 @pytest.fixture
@@ -41,7 +52,7 @@ def warnings(caplog):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_kind_fetches_late_profiles_and_warns_of_another_batch_on_resume(kind, tmp_path, corpus, monkeypatch,
+def test_each_kind_fetches_late_profiles_and_warns_of_another_batch_on_resume(kind, tmp_path, configure, monkeypatch,
                                                                                warnings):
   events = []
   made, recorded = train.make_kind, train._record
@@ -56,7 +67,7 @@ def test_each_kind_fetches_late_profiles_and_warns_of_another_batch_on_resume(ki
   monkeypatch.setattr(train, "_record", lambda run, logger, step, *rest: (events.append(("record", step)),
                                                                           recorded(run, logger, step, *rest)))
   workdir = str(tmp_path / "run")
-  config = _config(tmp_path, corpus, kind, "--config.train.num_train_steps=4", "--config.train.save_interval_steps=4",
+  config = configure(kind, "--config.train.num_train_steps=4", "--config.train.save_interval_steps=4",
                    "--config.train.eval_interval_steps=4", "--config.train.profile_steps=2:3")
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   # Step s's figures are fetched once step s + 1 is dispatched; the last step's before its eval and save.
@@ -69,22 +80,26 @@ def test_each_kind_fetches_late_profiles_and_warns_of_another_batch_on_resume(ki
   saved = checkpoint.saved_config(checkpoint.reader(os.path.join(workdir, "checkpoints")), 4)
   assert saved["global_batch_sequences"] == 8
   events.clear()
-  more = _config(tmp_path, corpus, kind, "--config.train.num_train_steps=5", "--config.train.save_interval_steps=5",
+  more = configure(kind, "--config.train.num_train_steps=5", "--config.train.save_interval_steps=5",
                  "--config.train.eval_interval_steps=5", "--config.train.micro_batch_size=4")
   train.train_and_evaluate(more, workdir, devices=jax.devices()[:2])
   assert "written with a global batch of 8 sequences, this run has 16" in warnings.text
   assert events == [("batch", 5), ("record", 5)]
 
 
-def test_num_epochs_sets_the_steps_of_next_token_training_and_is_refused_by_grpo(tmp_path, corpus):
-  epoch = _config(tmp_path, corpus, "pretraining", "--config.train.num_train_steps=0", "--config.train.num_epochs=1",
-                  "--config.train.save_interval_steps=1000", "--config.train.eval_interval_steps=1000",
-                  "--config.train.log_interval_steps=1000", "--config.train.seq_len=32", "--config.train.micro_batch_size=16",
-                  "--config.train.gradient_accumulation_steps=8")
+@pytest.mark.parametrize("kind", ["pretraining", "sft"])
+def test_num_epochs_sets_the_steps_of_next_token_training(kind, tmp_path, configure):
+  epoch = configure(kind, "--config.train.num_train_steps=0", "--config.train.num_epochs=1",
+                    "--config.train.save_interval_steps=1000", "--config.train.eval_interval_steps=1000",
+                    "--config.train.log_interval_steps=1000", "--config.train.micro_batch_size=16",
+                    "--config.train.gradient_accumulation_steps=8")
   last = train.train_and_evaluate(epoch, str(tmp_path / "epoch"), devices=jax.devices()[:2])
   steps_per_epoch = train.make_kind(runtime.setup(epoch, jax.devices()[:2])).steps_per_epoch
   assert last["step"] == steps_per_epoch > 0
-  grpo = _config(tmp_path, corpus, "grpo", "--config.train.num_train_steps=0", "--config.train.num_epochs=1")
+
+
+def test_num_epochs_is_refused_by_grpo(tmp_path, configure):
+  grpo = configure("grpo", "--config.train.num_train_steps=0", "--config.train.num_epochs=1")
   with pytest.raises(ConfigError, match="a GRPO task's prompts have no epochs"):
     train.train_and_evaluate(grpo, str(tmp_path / "grpo"), devices=jax.devices()[:2])
   assert not os.path.exists(tmp_path / "grpo" / "checkpoints" / "1")
@@ -94,11 +109,11 @@ STEPS = ["--config.train.num_train_steps=6", "--config.train.save_interval_steps
          "--config.train.eval_interval_steps=6"]
 
 
-@pytest.mark.parametrize("kind", [pytest.param("pretraining", marks=pytest.mark.slow), "grpo"])
-def test_a_kill_9_resumes_bit_identical_in_each_kind(kind, tmp_path, corpus):
+@pytest.mark.parametrize("kind", [pytest.param("pretraining", marks=pytest.mark.slow), "sft", "grpo"])
+def test_a_kill_9_resumes_bit_identical_in_each_kind(kind, tmp_path, corpus, chat_task):
   """The loop's checkpoints hold what each kind needs: killed between saves, the resumed run logs the very
   figures of a run that was never stopped (GRPO: the same prompts, samples, rewards and updates)."""
-  flags = [*KINDS[kind], *STEPS]
+  flags = [*kind_flags(kind, chat_task[0]), *STEPS]
   straight = run_main(tmp_path / "straight", tmp_path / "data", corpus, *flags)
   assert straight.returncode == 0, straight.stderr[-2000:]
   expected = metrics.read_jsonl(str(tmp_path / "straight"))

@@ -15,7 +15,7 @@ from lm import chat as lm_chat, corpus, data, prepare, sources, token_store
 from lm import tokenizer as tokenizers
 from lm.config import ConfigError
 from lm.model import Decoder
-from lm.train_step import sequence_losses
+from lm.train_step import token_losses
 from tests.helpers import tiny_model
 from tests.test_data import data_config
 from tests.test_real_model import QWEN_TEMPLATE
@@ -240,7 +240,9 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tmp_path):
   model = Decoder(tiny_model(vocab_size=BYTES.vocab_size, max_seq_len=seq_len))
   zeros = jnp.zeros((1, seq_len), jnp.int32)
   params = nn.unbox(model.init(jax.random.key(0), zeros, zeros + 1, zeros)["params"])
-  losses = jax.jit(lambda b: sequence_losses(model, params, b))
+  def losses(b):
+    figures = jax.jit(lambda b: token_losses(model, params, b))(b)
+    return figures["sequence_loss"], figures["sequence_tokens"]
   per_segment = [losses({**batch, "mask": batch["mask"] & (batch["segment_ids"] == s)})  # one conversation a row
                  for s in range(1, int(batch["segment_ids"].max()) + 1)]
   together = [(float(per_segment[s][0][n]), int(per_segment[s][1][n])) for n in range(len(packed))
