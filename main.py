@@ -71,7 +71,7 @@ def main(argv):
     if launch is not None:
       distributed.initialize(launch, _TIMEOUT.value)
     console.setup(is_main=jax.process_index() == 0)
-    from lm import evaluate, train
+    from lm.training import evaluate, train
 
     console.logger.info("Determinism: %s", determinism)
     if launch is not None:

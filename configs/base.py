@@ -39,9 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | save_dots (keep weight matmul outputs, recompute the rest)
   c.model.scan_layers = True  # one compiled layer body instead of num_layers copies
   # Attention kernel: auto (splash on TPU, cudnn on GPU in bfloat16, else xla) | xla | splash (TPU flash
-  # attention) | cudnn (GPU flash attention). See lm/attention.py.
+  # attention) | cudnn (GPU flash attention). See lm/model/attention.py.
   c.model.attention = "auto"
-  # LoRA (lm/lora.py): adapters of this rank on the projections named in lora_targets, the rest frozen;
+  # LoRA (lm/model/lora.py): adapters of this rank on the projections named in lora_targets, the rest frozen;
   # 0 = train every parameter. The adapters' output is scaled by lora_alpha / lora_rank.
   c.model.lora_rank = 0
   c.model.lora_alpha = 16.0
@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
 
-  # GRPO (lm/grpo.py): reinforcement learning from a verifiable reward instead of next-token training. Each
+  # GRPO (lm/training/grpo.py): reinforcement learning from a verifiable reward instead of next-token training. Each
   # optimizer step samples num_generations completions of each of its prompts (global batch sequences /
   # num_generations prompts), rewards them, normalises the rewards within each prompt's group, and takes
   # the clipped policy-gradient step with a KL penalty to the reference (the starting) model.
@@ -122,10 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.epsilon = 0.2  # clip of the probability ratio
   c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len)
   c.grpo.temperature = 1.0  # sampling temperature of the completions
-  c.grpo.task = "lm.rewards.arithmetic"  # prompts and answers: module.function(seed, split, indices, cfg)
+  c.grpo.task = "lm.training.rewards.arithmetic"  # prompts and answers: module.function(seed, split, indices, cfg)
   c.grpo.max_operand = 99  # the arithmetic task's operands: 0 to max_operand
-  c.grpo.dataset = ""  # lm.rewards.jsonl_problems' file: JSON Lines of {"prompt": ..., "answer": ...}
-  c.grpo.rewards = "lm.rewards.exact_answer,lm.rewards.answer_format"  # summed; module.function each
+  c.grpo.dataset = ""  # lm.training.rewards.jsonl_problems' file: JSON Lines of {"prompt": ..., "answer": ...}
+  c.grpo.rewards = "lm.training.rewards.exact_answer,lm.training.rewards.answer_format"  # summed; module.function each
   c.grpo.eval_prompts = 64  # held-out prompts scored (greedy) at every eval
 
   return c

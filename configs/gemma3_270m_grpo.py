@@ -1,4 +1,4 @@
-"""GRPO on gemma3_270m: LoRA adapters trained to add two numbers, rewarded by the exact answer (lm/rewards.py).
+"""GRPO on gemma3_270m: LoRA adapters trained to add two numbers, rewarded by the exact answer (lm/training/rewards.py).
 
   python scripts/convert_hf.py import --hf_dir=gemma-3-270m --out=ckpt/gemma3_270m
   python main.py --config=configs/gemma3_270m_grpo.py --workdir=runs/gemma3_270m_grpo \

@@ -13,9 +13,7 @@ import typing
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A configuration that cannot work; the message names the key and a fix."""
+from lm.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +152,14 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # differ between the run that wrote parameters and one that starts from them.
 MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention",
                       "lora_rank", "lora_alpha", "lora_targets")
+# Keys added after checkpoints were first written, with the value those checkpoints had.
+ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "model.local_layers_per_global": 0,
+              "model.rope_local_theta": 10000.0, "model.qk_norm": False, "model.post_norms": False,
+              "model.norm_unit_offset": False, "model.mlp_activation": "silu", "model.embed_scale": False,
+              "model.query_scale_dim": 0, "model.lora_rank": 0, "model.lora_alpha": 16.0,
+              "model.lora_targets": "q,k,v,o,gate,up,down"}
+
+
 # Float settings of a model agree within this relative tolerance: a Hugging Face config.json written from
 # float32 holds norm_eps = 9.999999747378752e-06 where a config says 1e-5.
 SETTING_RTOL = 1e-6
@@ -172,13 +178,13 @@ def same_setting(a, b) -> bool:
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/attention.py
+ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm/model/attention.py
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("sentencepiece", "huggingface", "byte")
 SOURCE_KINDS = ("text_files", "jsonl", "chat", "parquet", "text", "tfds")
 EVAL_SPLITS = ("validation", "train")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # lm/lora.py
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # lm/model/lora.py
 # Token ids and positions are int32 in the model (prepared tokens take 2 bytes up to 65,536 ids, 4 above).
 MAX_INT32 = 2**31 - 1
 # Source keys that only some kinds read: {key: (the kinds that read it, its default in configs/base.py's
@@ -431,7 +437,7 @@ def validate_grpo(g: GRPOConfig) -> None:
                                 "completions of a prompt to differ (sampling, not greedy decoding).")
   _positive("grpo", g, "num_iterations", "max_completion_tokens", "max_operand", "eval_prompts")
   _require(bool(g.rewards.strip()), "config.grpo.rewards is empty; name at least one reward function "
-                                    "(module.function, comma-separated), e.g. lm.rewards.exact_answer.")
+                                    "(module.function, comma-separated), e.g. lm.training.rewards.exact_answer.")
 
 
 def to_dict(config: Config) -> dict:

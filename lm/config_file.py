@@ -16,7 +16,7 @@ import types
 
 import ml_collections
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 _EXAMPLE = "--config=configs/default.py"
 

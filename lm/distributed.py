@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Mapping
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 # The variables JAX's SLURM detection reads; `srun` sets them all, a batch script alone does not.
 _SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")

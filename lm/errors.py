@@ -1,6 +1,9 @@
-"""Errors that end a run with a message for the user rather than a traceback (no jax import here)."""
+"""Errors that end a run with a message for the user rather than a traceback (no jax import here): the one
+place each is defined and imported from."""
 
-from lm.config import ConfigError  # noqa: F401  (re-exported: the two errors main.py reports)
+
+class ConfigError(ValueError):
+  """A configuration that cannot work; the message names the key and a fix."""
 
 
 class TrainingError(RuntimeError):

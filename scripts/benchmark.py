@@ -6,7 +6,7 @@ Measures the float32 and bfloat16 matmul peak of the machine (a 4096 x 4096 matm
 variant (float32 / bfloat16 compute; accumulation 1 / 4 at the same global batch; the minimal step) for
 --warmup + --steps optimizer steps, and prints one JSON line: per variant the median step time, tokens/s,
 MFU against the measured peak of its dtype, compile time and peak resident memory, and the ratios that
-show the framework's cost. The project path is `lm.train.loop` itself: the AOT-compiled sharded step
+show the framework's cost. The project path is `lm.training.train.loop` itself: the AOT-compiled sharded step
 (one program per optimizer step, MultiSteps inside), the delayed metrics fetch, per-step logging, and an
 asynchronous orbax save in the middle of the timed steps. Only the eval function is a stub (eval time is
 not step time anyway). The host-loop path is the previous design, kept as a reference: k programs per
@@ -42,10 +42,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from lm import checkpoint, config_file, data, metrics, next_token, runtime, sharding, train, train_step  # noqa: E402
+from lm import config_file  # noqa: E402
+from lm.checkpoints import checkpoint  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
-from lm.model import Decoder  # noqa: E402
-from lm.optimizer import make_optimizer  # noqa: E402
+from lm.data import batching  # noqa: E402
+from lm.model import sharding  # noqa: E402
+from lm.model.decoder import Decoder  # noqa: E402
+from lm.training import flop_count, metrics, next_token, runtime, train, train_step  # noqa: E402
+from lm.training.optimizer import make_optimizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed optimizer steps per variant.")
@@ -66,7 +70,7 @@ MEAN_DOCUMENT_TOKENS = 600  # synthetic documents: a typical mix of whole and sp
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  path: str  # "project" (lm.train's loop), "minimal" (a plain jax.jit step) or "hostloop" (k programs)
+  path: str  # "project" (lm.training.train's loop), "minimal" (a plain jax.jit step) or "hostloop" (k programs)
   dtype: str  # compute dtype
   accumulation: int  # micro-batches per optimizer step; the micro-batch shrinks to keep the global batch
   global_fraction: int = 1  # 4: a quarter of the global batch, to time one accumulation micro-step alone
@@ -101,20 +105,20 @@ def variant_config(config: Config, variant: Variant) -> Config:
                              train=train_cfg)
 
 
-def synthetic_sequences(config: Config, rows: int, seed: int = 0, sft: bool = False) -> data.PackedSequences:
+def synthetic_sequences(config: Config, rows: int, seed: int = 0, sft: bool = False) -> batching.PackedSequences:
   """Uniform random tokens in documents of random length, packed as the real data is. `sft`: each
   document a conversation whose second half is the answer, the loss on it alone (SFT's mask)."""
   rng = np.random.default_rng(seed)
   stream = rng.integers(3, config.model.vocab_size, rows * config.train.seq_len, dtype=np.int32)
   starts = np.flatnonzero(rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS)
   stream[starts] = BOS_ID
-  packed = data.pack(stream, starts, config.train.seq_len)
+  packed = batching.pack(stream, starts, config.train.seq_len)
   if not sft:
     return packed
   length = np.diff(np.append(np.flatnonzero(packed.positions.ravel() == 0), packed.positions.size))
   answer = (packed.positions.ravel() >= np.repeat(length // 2, length)).reshape(packed.positions.shape)
   learned = np.concatenate([answer[:, 1:], np.zeros_like(answer[:, :1])], axis=1)  # of the targets
-  return dataclasses.replace(packed, mask=data.loss_mask(packed.segment_ids) & learned)
+  return dataclasses.replace(packed, mask=batching.loss_mask(packed.segment_ids) & learned)
 
 
 class PeakRss:
@@ -151,7 +155,7 @@ def _stub_eval(params, batch):
 
 def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: float,
                 sft: bool = False) -> tuple[dict, Callable[[], None]]:
-  """lm.train's loop on synthetic data, and a replay of its compiled program. The step times are those
+  """lm.training.train's loop on synthetic data, and a replay of its compiled program. The step times are those
   the loop's StepTimer logs to metrics.jsonl."""
   # +1: the loop times a step from the end of the one before, so the first step is never timed.
   num_steps = 1 + warmup + steps
@@ -161,7 +165,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
   config = dataclasses.replace(config, train=t)
   rt = runtime.setup(config)
   sequences = synthetic_sequences(config, 4 * rt.plan.global_sequences, sft=sft)
-  batches = data.TrainBatches({"synthetic": sequences}, t.seed, rt.plan.global_sequences)
+  batches = batching.TrainBatches({"synthetic": sequences}, t.seed, rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
     state = fns.create_state()
@@ -170,10 +174,10 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
     abstract_batch = rt.abstract_step_batch(masked=sft)
     compiled = fns.step_fn.lower(fns.abstract_state, abstract_batch).compile()
     compile_seconds = time.perf_counter() - start
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t)
-    kind = next_token.NextToken(rt, batches, _stub_eval, data.EvalBatches([sequences], rt.plan.micro_rows,
+    checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), t)
+    kind = next_token.NextToken(rt, batches, _stub_eval, batching.EvalBatches([sequences], rt.plan.micro_rows,
                                                                           rt.plan.micro_rows), lines=[])
-    run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, kind=kind, manager=manager,
+    run = train.Run(config=config, workdir=workdir, rt=rt, step_fn=compiled, kind=kind, checkpoints=checkpoints,
                     num_train_steps=num_steps, peak_flops_per_device=peak,
                     tensorboard=importlib.util.find_spec("clu") is not None)
     train.loop(run, state)
@@ -187,7 +191,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
 def _project_replay(create_state, compiled, global_batch: dict, rt: runtime.Runtime) -> Callable[[], None]:
   """One optimizer step of the compiled program alone, its input already on the device: no host work.
   The state is made at the first call, so that it does not weigh on the memory of the variants after."""
-  batch = sharding.put_step_batch(data.micro_batches(global_batch, rt.plan), rt.mesh)
+  batch = sharding.put_step_batch(batching.micro_batches(global_batch, rt.plan), rt.mesh)
   holder = [None]
 
   def replay():
@@ -224,7 +228,7 @@ def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callab
   per optimizer step and fetches the step's figures at its end (each step timed to its end)."""
   rt = runtime.setup(config)
   t = config.train
-  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
+  batches = batching.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
                               rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     tx = make_optimizer(t, warmup + steps + 1)
@@ -233,9 +237,9 @@ def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callab
     state = fns.create_state()
 
     def on_device(global_batch):
-      micro = data.micro_batches(global_batch, rt.plan)
+      micro = batching.micro_batches(global_batch, rt.plan)
       return ([sharding.put_batch({k: v[i] for k, v in micro.items()}, rt.mesh) for i in range(len(micro["tokens"]))],
-              np.float32(1.0 / max(data.loss_mask(global_batch["segment_ids"]).sum(), 1)))
+              np.float32(1.0 / max(batching.loss_mask(global_batch["segment_ids"]).sum(), 1)))
 
     def programs(state, micro_batches, scale):
       for i, micro in enumerate(micro_batches):
@@ -279,8 +283,8 @@ def minimal_step(config: Config):
 
   def loss_fn(params, batch):
     logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, data.targets(batch["tokens"]))
-    mask_BxL = data.loss_mask(batch["segment_ids"])
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batching.targets(batch["tokens"]))
+    mask_BxL = batching.loss_mask(batch["segment_ids"])
     return jnp.sum(ce_BxL * mask_BxL) / jnp.maximum(jnp.sum(mask_BxL), 1)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -296,7 +300,7 @@ def run_minimal(config: Config, steps: int, warmup: int) -> tuple[dict, Callable
   """The minimal step on the first device, on the project's global batch; each step timed to its end."""
   t = config.train
   global_sequences = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices())
-  batches = data.TrainBatches({"synthetic": synthetic_sequences(config, 4 * global_sequences)}, t.seed,
+  batches = batching.TrainBatches({"synthetic": synthetic_sequences(config, 4 * global_sequences)}, t.seed,
                              global_sequences)
   init, step = minimal_step(config)
   params, opt_state = init(jax.random.key(t.seed), batches.get(0))
@@ -336,13 +340,13 @@ def measure(config: Config, variant: Variant, steps: int, warmup: int, peak: dic
   t = cfg.train
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices()) * t.seq_len
   median = float(np.median(result["step_times"]))
-  flops = metrics.flops_per_token(cfg.model, t.seq_len).train * tokens
+  flops = flop_count.flops_per_token(cfg.model, t.seq_len).train * tokens
   return {"name": variant.name, "path": variant.path, "dtype": variant.dtype,
           "micro_batch_size": t.micro_batch_size, "accumulation_steps": t.gradient_accumulation_steps,
           "tokens_per_step": tokens, "step_time_median": median, "step_time_min": min(result["step_times"]),
           "step_times": result["step_times"], "tokens_per_sec": tokens / median,
           # Against the whole machine's peak: simulated CPU devices share its cores.
-          "mfu": metrics.mfu(flops, median, 1, peak[variant.dtype]),
+          "mfu": flop_count.mfu(flops, median, 1, peak[variant.dtype]),
           "compile_seconds": result["compile_seconds"], "peak_rss_mb": rss.megabytes(),
           "rss_before_mb": rss_before,
           "xla_temp_mb": result["xla_temp_mb"]}, replay
@@ -396,7 +400,7 @@ def main(argv):
     raise app.UsageError(f"unknown variants {unknown}; known: {[v.name for v in VARIANTS]}")
   dtypes = {v.dtype for v in VARIANTS if v.name in names}
   # The peak of the whole machine: one matmul uses every core, whatever the simulated device count.
-  measure_peak = lambda: {d: metrics.measure_matmul_peak(jnp.dtype(d), _PEAK_SIZE.value, repeats=3)
+  measure_peak = lambda: {d: flop_count.measure_matmul_peak(jnp.dtype(d), _PEAK_SIZE.value, repeats=3)
                           for d in sorted(dtypes)}
   peak = measure_peak()
   load_before = os.getloadavg()[0]

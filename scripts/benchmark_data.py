@@ -5,14 +5,14 @@
 For each size, writes once (deterministically, offline) a corpus of about that many MB of text: JSON Lines
 files of documents of 100 to 5,000 characters, three quarters pseudo-English prose and a quarter code-like
 text. A SentencePiece tokenizer (--vocab_size, or 8192 when the sample cannot support that many pieces)
-is trained once by lm.corpus on the first --tokenizer_sample_mb of the smallest corpus; --tokenizers may
+is trained once by lm.data.corpus on the first --tokenizer_sample_mb of the smallest corpus; --tokenizers may
 add the byte tokenizer. Then, per size and tokenizer, each in a process of its own:
-  * the preparation (lm.corpus.prepare_all into a fresh data_dir), once per --workers value: tokens/s;
+  * the preparation (lm.data.corpus.prepare_all into a fresh data_dir), once per --workers value: tokens/s;
     the peak resident memory of the main process and of the largest worker (getrusage), and the peak of
     the whole process tree (sum of PSS, sampled every 0.2 s); the CPU seconds of the main process and
     of the workers; bytes on disk per token; whether the shards are bitwise the same for every number
     of workers;
-  * a fresh process that opens the prepared data and reads the first train batch (lm.corpus.prepare_all,
+  * a fresh process that opens the prepared data and reads the first train batch (lm.data.corpus.prepare_all,
     train_batches(...).get(0)): seconds from launching the process to the batch, and the parts of it.
     It should not grow with the corpus. The shards were just written, so they are in the page cache.
 Prints two tables at the end (--output also writes the figures as JSON). Logs of every process:
@@ -224,10 +224,10 @@ def _peaks() -> dict:
 
 
 def _child_tokenizer(args: dict) -> dict:
-  """Trains the SentencePiece model (lm.corpus: the first sample_bytes of the corpus), 8192 pieces if the
+  """Trains the SentencePiece model (lm.data.corpus: the first sample_bytes of the corpus), 8192 pieces if the
   sample cannot support vocab_size."""
-  from lm import corpus
-  from lm.config import ConfigError
+  from lm.data import corpus
+  from lm.errors import ConfigError
 
   started, vocab = time.time(), args["vocab_size"]
   try:
@@ -248,7 +248,7 @@ def _child_prepare(args: dict) -> dict:
   memory = _TreeMemory()
   memory.start()
   from etils import epath
-  from lm import corpus
+  from lm.data import corpus
 
   cfg, rss_imported = _config(args), _rss_now_mb()
   started = time.time()
@@ -268,7 +268,7 @@ def _child_prepare(args: dict) -> dict:
 
 def _child_first_batch(args: dict) -> dict:
   """A fresh process: open the prepared data, read the first train batch."""
-  from lm import corpus
+  from lm.data import corpus
 
   imported, cfg = time.time(), _config(args)
   _, prepared = corpus.prepare_all(cfg.data, cfg.model.vocab_size)

@@ -30,9 +30,11 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   import jax  # after absl has parsed the flags
-  from lm import corpus, data, grpo, runtime, sharding
+  from lm.data import batching, corpus
+  from lm.training import grpo, runtime
+  from lm.model import sharding
   from lm.config import from_config_dict
-  from lm.optimizer import make_optimizer
+  from lm.training.optimizer import make_optimizer
 
   config = from_config_dict(_CONFIG.value)
   rt = runtime.setup(config)
@@ -49,7 +51,7 @@ def main(argv):
     out = sampler.rollout(state, reference, step)
     started = time.perf_counter()
     with sharding.activate(rt.mesh):
-      state, figures = fns.step_fn(state, sharding.put_step_batch(data.micro_batches(out.batch, rt.plan), rt.mesh))
+      state, figures = fns.step_fn(state, sharding.put_step_batch(batching.micro_batches(out.batch, rt.plan), rt.mesh))
       jax.block_until_ready(figures)
     if step:  # the first step compiles
       times["rollout"].append(out.seconds)

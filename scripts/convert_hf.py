@@ -13,7 +13,7 @@ language model) directory -> parameters that `train.init_from` names (an orbax `
 the config's shapes, and config.json's settings against its switches. Without it, the model is read from
 config.json and the run settings come from configs/base.py.
 
-import --gguf reads a LLaMA-architecture GGUF file (lm/gguf_file.py): its tensors dequantized to float32
+import --gguf reads a LLaMA-architecture GGUF file (lm/tools/gguf_file.py): its tensors dequantized to float32
 (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; other types are refused, naming them), llama.cpp's q/k row
 permutation undone, the model from its `llama.*` metadata, and its tokenizer written as the tokenizer.json,
 tokenizer_config.json, chat_template.jinja and generation_config.json that transformers builds from it.
@@ -65,9 +65,13 @@ import orbax.checkpoint as ocp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from configs import base  # noqa: E402
-from lm import checkpoint, gguf_file, hf, lora  # noqa: E402
-from lm.config import MODEL_RUN_SETTINGS, ConfigError, ModelConfig, from_config_dict, same_setting  # noqa: E402
-from lm.model import Decoder  # noqa: E402
+from lm import storage  # noqa: E402
+from lm.checkpoints import checkpoint, param_files  # noqa: E402
+from lm.config import MODEL_RUN_SETTINGS, ModelConfig, from_config_dict, same_setting  # noqa: E402
+from lm.errors import ConfigError  # noqa: E402
+from lm.model import lora  # noqa: E402
+from lm.model.decoder import Decoder  # noqa: E402
+from lm.tools import gguf_file, hf  # noqa: E402
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The tokenizer files of a Hugging Face directory. None is a weight file (config.json, model*.safetensors*,
@@ -93,7 +97,7 @@ def abstract_params(cfg: ModelConfig) -> dict:
 
 def check_out(out: str, what: str) -> None:
   """ConfigError when a local --out is (or lies under) a file: it is the directory `what` is written into."""
-  if "://" in out:
+  if storage.is_remote(out):
     return
   path = existing = os.path.abspath(os.path.expanduser(out))
   while not os.path.exists(existing):
@@ -155,7 +159,7 @@ def import_tensors(family: str, hf_config: dict, tensors, out: str, config_path:
     if differences:
       raise hf.HFError(f"{source}: the tensors fit {config_path}, but {described_by} describes another model: "
                        f"{'; '.join(differences)}.")
-  checkpoint.save_params(out, params, dataclasses.asdict(cfg), source=os.path.abspath(source))
+  param_files.save_params(out, params, dataclasses.asdict(cfg), source=os.path.abspath(source))
   return cfg
 
 
@@ -178,7 +182,7 @@ def copy_tokenizer_files(sources: dict[str, epath.Path], out: str) -> list[str]:
     target = epath.Path(out) / name
     if not source.is_file():
       continue
-    local = "://" not in os.fspath(source) and "://" not in os.fspath(target)
+    local = not storage.is_remote(source) and not storage.is_remote(target)
     if not (local and target.exists() and os.path.samefile(source, target)):  # exporting into its own dir
       target.write_bytes(source.read_bytes())
     copied.append(name)
@@ -237,7 +241,7 @@ def export_gguf(path: str, out: str, step: int | None = None, dtype: str = "floa
 
 def exported_params(path: str, step: int | None) -> tuple[dict, ModelConfig]:
   """(numpy parameters, model) of an import or a run's checkpoint; a LoRA run's adapters folded in."""
-  params, model = checkpoint.load_params_on_host(path, step, adapters=True)
+  params, model = param_files.load_params_on_host(path, step, adapters=True)
   defaults = from_config_dict(base.get_config()).model
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   cfg = dataclasses.replace(defaults, **{k: v for k, v in model.items() if k in known})
@@ -251,7 +255,7 @@ def lora_base(cfg: ModelConfig, run: dict) -> dict:
   """On the host, the weights a LoRA run adapted: its train.init_from's, else its seed's initialisation."""
   init_from = run["train"]["init_from"]
   if init_from:
-    return checkpoint.load_params_on_host(init_from)[0]
+    return param_files.load_params_on_host(init_from)[0]
   tokens = np.zeros((1, 1), np.int32)
   cfg = dataclasses.replace(cfg, attention="xla")  # the run's may be a TPU kernel; the parameters are the same
   params = nn.unbox(Decoder(cfg).init(jax.random.key(run["train"]["seed"]), tokens, tokens + 1, tokens)["params"])
@@ -263,7 +267,7 @@ def export_tokenizer_sources(path: str, step: int | None) -> tuple[dict[str, epa
   `path`. A run's: the one its config's data.tokenizer_path names, which it trained with; the files in
   `path` only when that path does not exist here. An import's: the files in `path`, which import copied.
   Never files of both: those of two tokenizers would mix."""
-  directory = epath.Path(checkpoint.absolute(path))
+  directory = epath.Path(storage.absolute(path))
   beside = {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
   data = run_config(path, step).get("data")
   if data is None:  # an import's parameters
@@ -288,8 +292,8 @@ def export_tokenizer_sources(path: str, step: int | None) -> tuple[dict[str, epa
 def run_config(path: str, step: int | None) -> dict:
   """The config a run saved with its checkpoint `step` (default the newest) in `path`; {} for an import's
   parameters, which have none."""
-  path = checkpoint.absolute(path)
-  if (epath.Path(path) / checkpoint.MODEL_FILE).exists():
+  path = storage.absolute(path)
+  if (epath.Path(path) / param_files.MODEL_FILE).exists():
     return {}
   manager = checkpoint.reader(path)
   step = manager.latest_step() if step is None else step

@@ -3,7 +3,7 @@
   python scripts/corrupt_checkpoint.py --checkpoint_dir=runs/default/checkpoints [--step=200] [--flips=40]
 
 Each trial flips one bit at a random position of a random file of the step (files drawn by size, so the
-array data takes most flips), runs the verification a restore runs (`lm.checkpoint.verify`: every file
+array data takes most flips), runs the verification a restore runs (`lm.checkpoints.checkpoint.verify`: every file
 against the step's checksums.json), and flips the bit back. Prints every trial and then
 `corruptions: N tried, D detected, A accepted`; exits 1 when any flip was accepted. The step is left as it
 was (each flip is undone, also on Ctrl-C).
@@ -17,7 +17,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lm import integrity  # noqa: E402
+from lm.checkpoints import integrity  # noqa: E402
 
 _DIR = flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint directory (<workdir>/checkpoints).")
 _STEP = flags.DEFINE_integer("step", None, "The step to corrupt; the newest by default.")

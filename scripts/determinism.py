@@ -18,7 +18,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lm import metrics  # noqa: E402  (after the path set-up; does not start jax devices)
+from lm.training import metrics  # noqa: E402
 
 SPLITS = [(64, 1, 1), (16, 4, 1), (8, 1, 8), (2, 4, 8), (1, 8, 8)]
 MODEL = ["--config.model.d_model=128", "--config.model.num_layers=2", "--config.model.num_heads=4",
@@ -47,7 +47,7 @@ def run_split(split, workdir: str, steps: int, learning_rate: float | None) -> N
 
 def final_params(workdir: str, step: int):
   import jax
-  from lm import checkpoint
+  from lm.checkpoints import checkpoint
   state = checkpoint.restore_on_one_device(os.path.join(os.path.abspath(workdir), "checkpoints",
                                                         str(step), "state"))
   return jax.tree.leaves(state["params"])

@@ -24,7 +24,7 @@ fi
 # The project itself, editable, built with the locked setuptools (no download).
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 
-# libtpu beside the environment, loaded only by lm/topology.py: installed into .venv, every `import jax` on
+# libtpu beside the environment, loaded only by lm/tools/topology.py: installed into .venv, every `import jax` on
 # a machine without a TPU would print libtpu's start-up errors. Its wheels exist for Linux x86_64 alone;
 # there a failure is an install failure, elsewhere the TPU plan and its tests are skipped, saying why.
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then

@@ -5,9 +5,9 @@
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --device_kind=h100
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --memory_table=16,24,40,80,141
 
-The train step of `lm.runtime.train_functions` (one optimizer step: every micro-batch and the update) is
+The train step of `lm.training.runtime.train_functions` (one optimizer step: every micro-batch and the update) is
 compiled for the mesh of a TPU slice with --topology: XLA:TPU's own compile (libtpu, no TPU needed; see
-lm/topology.py), whose memory, FLOPs, bytes accessed and collectives are the chips'; a roofline step time
+lm/tools/topology.py), whose memory, FLOPs, bytes accessed and collectives are the chips'; a roofline step time
 (FLOPs at the chip's peak against bytes at its HBM bandwidth) is printed beside the one at --mfu. Without
 --topology (GPUs) it is compiled for --devices simulated CPU devices (a -1 mesh axis resolves against
 them), an estimate. Printed per device: parameter, optimizer-state and
@@ -57,14 +57,18 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from lm import config_file, hlo, metrics, runtime, sharding, topology  # noqa: E402
-from lm.model import param_count  # noqa: E402
-from lm.config import Config, ConfigError, from_config_dict  # noqa: E402
-from lm.optimizer import make_optimizer  # noqa: E402
+from lm import config_file
+from lm.tools import hlo, topology
+from lm.training import flop_count, runtime
+from lm.model import sharding  # noqa: E402
+from lm.model.decoder import param_count  # noqa: E402
+from lm.config import Config, from_config_dict  # noqa: E402
+from lm.errors import ConfigError
+from lm.training.optimizer import make_optimizer  # noqa: E402
 
 GB = 1e9  # decimal, as vendors quote memory; conservative against the GiB devices have
 
-# --device_kind: (a device_kind that lm.metrics.PEAK_FLOPS knows, memory per device in GB)
+# --device_kind: (a device_kind that lm.training.flop_count.PEAK_FLOPS knows, memory per device in GB)
 DEVICE_KINDS = {
     "v4": ("TPU v4", 32), "v5e": ("TPU v5e", 16), "v5p": ("TPU v5p", 95), "v6e": ("TPU v6e", 32),
     "a100_40": ("A100", 40), "a100_80": ("A100", 80), "h100": ("H100", 80), "h200": ("H200", 141),
@@ -185,7 +189,7 @@ def make_target(topology_name: str, num_slices: int, num_devices: int, device_ki
                   memory_gb or chip.hbm_bytes / GB, chip.peak_flops, chip.hbm_bandwidth)
   name, device_memory = DEVICE_KINDS[device_kind]
   return Target(jax.devices()[:num_devices], f"{num_devices} x {device_kind}", memory_gb or device_memory,
-                metrics.spec_peak_flops(name))
+                flop_count.spec_peak_flops(name))
 
 
 def lower_step(config: Config, devices: list):
@@ -231,23 +235,23 @@ def estimate(config: Config, devices: list) -> Estimate:
                   compile_seconds=time.perf_counter() - start)
 
 
-def flops_of(est: Estimate, devices: list) -> metrics.StepFlops:
+def flops_of(est: Estimate, devices: list) -> flop_count.StepFlops:
   """Model FLOPs (analytic), hardware FLOPs and bytes accessed (XLA, every layer and micro-batch: see
-  metrics.hardware_cost_per_device)."""
+  flop_count.hardware_cost_per_device)."""
   data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
   compile_variant = lambda cfg: est.compiled if cfg == est.config and est.compiled else compile_step(cfg, devices)
-  flops = metrics.step_flops(est.config, len(devices), data_parallel, compile_variant)
+  flops = flop_count.step_flops(est.config, len(devices), data_parallel, compile_variant)
   if est.attention == "splash":  # a custom call: XLA counts none of the kernel's work
     flops = dataclasses.replace(flops, hardware=flops.hardware + flops.attention)
   return flops
 
 
-def model_flops(est: Estimate) -> metrics.StepFlops:
+def model_flops(est: Estimate) -> flop_count.StepFlops:
   """The analytic FLOPs alone (no compiles); hardware 0 = not counted."""
   t = est.config.train
   dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len
-  return metrics.StepFlops(model=float(metrics.flops_per_token(est.config.model, t.seq_len).train * tokens),
+  return flop_count.StepFlops(model=float(flop_count.flops_per_token(est.config.model, t.seq_len).train * tokens),
                            hardware=0.0)
 
 
@@ -343,7 +347,7 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
   ]
 
 
-def describe_speed(flops: metrics.StepFlops, est: Estimate, target: Target, mfu: float) -> list[str]:
+def describe_speed(flops: flop_count.StepFlops, est: Estimate, target: Target, mfu: float) -> list[str]:
   t = est.config.train
   dp = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len

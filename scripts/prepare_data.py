@@ -37,7 +37,7 @@ flags.mark_flags_as_required(["config"])
 
 @dataclasses.dataclass
 class _Result:
-  prepared: object  # lm.corpus.Prepared
+  prepared: object  # lm.data.corpus.Prepared
   new_tokens: int  # tokens tokenized by this run (0: it was prepared already)
   seconds: float  # of all the sources' preparation
   was_complete: bool
@@ -55,8 +55,8 @@ def _show_preparation_logs() -> None:
 
 
 def _prepare(config: Config) -> list[_Result]:
-  """lm.corpus.prepare_all, with what each source held before (for the report)."""
-  from lm import corpus, prepare, token_store  # here: lm.corpus imports jax (a second or two)
+  """lm.data.corpus.prepare_all, with what each source held before (for the report)."""
+  from lm.data import corpus, prepare, token_store  # here: lm.data.corpus imports jax (a second or two)
 
   data = config.data
   started = time.time()
@@ -80,7 +80,7 @@ def _disk_bytes(directory: str) -> int:
 
 
 def _report(results: list[_Result]) -> None:
-  from lm import prepare
+  from lm.data import prepare
 
   for r in results:
     p = r.prepared
@@ -97,7 +97,7 @@ def _report(results: list[_Result]) -> None:
 
 def _verify(results: list[_Result]) -> list[str]:
   """The shard files of every source whose CRC-32 differs from the manifest's (or that are missing)."""
-  from lm import token_store
+  from lm.data import token_store
 
   bad = []
   for r in results:

@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lm.metrics import read_jsonl  # noqa: E402
+from lm.training.metrics import read_jsonl  # noqa: E402
 
 # "train loss 6.30 at step 10 and 5.11 at step 100, eval loss 5.36 at step 50 and 5.02 at step 100"
 QUOTE = re.compile(r"(train|eval) loss (\d+\.\d+) at step (\d+) and (\d+\.\d+) at step (\d+)")

@@ -14,7 +14,7 @@ The prompt (--prompt, or --prompt_file) is framed as the tokenizer frames an inp
 transformers' `tokenizer(prompt)`. With --chat it is the user's message of a conversation (after --system's
 message) rendered with the model's chat template, ending with the assistant's header: the ids of
 `apply_chat_template(messages, add_generation_prompt=True)`, and the reply alone is printed. A model without
-a template (the byte tokenizer, a tokenizer the run trained) gets lm/chat.py's plain one ("role: content"
+a template (the byte tokenizer, a tokenizer the run trained) gets lm/data/chat.py's plain one ("role: content"
 lines, then "assistant: "), the one its chat sources were fine-tuned on, and stops at the end of document. Generation
 stops at any end id of the model's generation_config.json or its tokenizer's end of document;
 --show_special writes the special tokens instead of dropping them.
@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import chat as lm_chat, config_file, console, tokenizer as tokenizers
+from lm import config_file, console
 from lm.config import from_config_dict
+from lm.data import chat as lm_chat, tokenizer as tokenizers
 from lm.errors import ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file.", lock_config=True)
@@ -103,8 +104,10 @@ def main(argv):
   import jax  # after absl has parsed the flags (XLA_FLAGS may be set by the caller)
   import numpy as np
 
-  from lm import corpus, evaluate, sampling
-  from lm.model import Decoder
+  from lm.data import corpus
+  from lm.training import evaluate
+  from lm.model import sampling
+  from lm.model.decoder import Decoder
 
   try:
     config = from_config_dict(_CONFIG.value)

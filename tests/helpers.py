@@ -54,7 +54,7 @@ LIBTPU_PLATFORM = platform.system() == "Linux" and platform.machine() == "x86_64
 def needs_libtpu(test):
   """XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here:
   the test as it is where libtpu is installed; failing where it should be and is not; skipped elsewhere."""
-  from lm.topology import library_path  # noqa: PLC0415 (lm.topology imports no jax)
+  from lm.tools.topology import library_path  # noqa: PLC0415 (lm.tools.topology imports no jax)
   if library_path() is not None:
     return test
   if not LIBTPU_PLATFORM:

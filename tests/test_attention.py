@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention
-from lm.config import ConfigError
-from lm.model import Decoder
+from lm.errors import ConfigError
+from lm.model import attention
+from lm.model.decoder import Decoder
 from tests.helpers import tiny_model
 
 B, L, N, K, H = 2, 256, 4, 2, 32  # grouped-query: 2 query heads per key/value head

@@ -8,7 +8,8 @@ import ml_collections
 import pytest
 
 from configs import base
-from lm.config import Config, ConfigError, from_config_dict
+from lm.config import Config, from_config_dict
+from lm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -52,7 +53,7 @@ def test_an_import_is_a_config_of_its_model_tokenizer_and_weights(tmp_path):
 
 
 def test_model_floats_agree_within_a_relative_tolerance():
-  from lm.checkpoint import check_same_model
+  from lm.checkpoints.param_files import check_same_model
   from lm.config import same_setting
 
   assert same_setting(1e-5, 9.999999747378752e-06) and not same_setting(1e-5, 1.1e-5)

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoint, hf
-from lm.config import ConfigError
-from lm.model import Decoder
+from lm.checkpoints import checkpoint, param_files
+from lm.errors import ConfigError
+from lm.model.decoder import Decoder
+from lm.tools import hf
 from tests.helpers import FAST_COMPILE, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ def reference(tmp_path_factory):
   for i, (name, overrides) in enumerate(OURS.items()):
     cfg = ours_config(overrides)
     params = random_params(cfg, seed=100 + i)
-    checkpoint.save_params(str(root / f"{name}_params"), params, dataclasses.asdict(cfg), source="test")
+    param_files.save_params(str(root / f"{name}_params"), params, dataclasses.asdict(cfg), source="test")
     # Small shards: transformers must also find every tensor through the index.
     convert.export_hf(str(root / f"{name}_params"), str(root / name), max_shard_bytes=100_000)
     ours[name] = (cfg, params)
@@ -146,7 +147,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_imported_model_gives_the_logits_of_transformers(reference, name, tmp_path):
   cfg = convert.import_hf(str(reference["root"] / name), str(tmp_path / "imported"))
-  params, saved_model = checkpoint.load_params_on_host(str(tmp_path / "imported"))
+  params, saved_model = param_files.load_params_on_host(str(tmp_path / "imported"))
   assert saved_model == dataclasses.asdict(cfg)
   theirs = np.load(reference["root"] / f"{name}.npy")
   error = relative_error(forward(cfg, params, reference["tokens"]), theirs)
@@ -168,7 +169,7 @@ def test_export_then_import_gives_identical_weights(reference, name, tmp_path):
   cfg, params = reference["ours"][name]
   imported = convert.import_hf(str(reference["root"] / name), str(tmp_path / "back"))
   assert imported == dataclasses.replace(cfg, init_std=imported.init_std, scan_layers=True)
-  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  back, _ = param_files.load_params_on_host(str(tmp_path / "back"))
   if not cfg.scan_layers:  # the import scans; unstack to compare with the unscanned original
     back = {**{k: v for k, v in back.items() if k != "layers"},
             **{f"layers_{i}": jax.tree.map(lambda x: x[i], back["layers"]) for i in range(cfg.num_layers)}}
@@ -195,7 +196,7 @@ def test_bfloat16_export_in_shards_imports_as_the_rounded_weights(reference, tmp
   assert len(set(index["weight_map"].values())) > 1
   assert hf.read_tensors(str(tmp_path / "hf"))["model.embed_tokens.weight"].dtype == jnp.bfloat16
   convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
-  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  back, _ = param_files.load_params_on_host(str(tmp_path / "back"))
   rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
   jax.tree.map(np.testing.assert_array_equal, back, rounded)
 
@@ -251,11 +252,11 @@ def test_settings_that_do_not_match_the_config_are_named(reference, tmp_path, ca
 
 def test_restoring_parameters_of_other_shapes_names_the_tensor(tmp_path):
   small = ours_config(OURS["ours_llama"])
-  checkpoint.save_params(str(tmp_path / "small"), random_params(small, 0), dataclasses.asdict(small), source="test")
+  param_files.save_params(str(tmp_path / "small"), random_params(small, 0), dataclasses.asdict(small), source="test")
   wider = dataclasses.replace(small, mlp_dim=128)
   with pytest.raises(ConfigError, match=r"tensor layers/mlp/down_proj has shape \(3, 96, 64\) there, "
                                         r"\(3, 128, 64\) in this config"):
-    checkpoint.restore_params(str(tmp_path / "small"), convert.abstract_params(wider))
+    param_files.restore_params(str(tmp_path / "small"), convert.abstract_params(wider))
 
 
 def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
@@ -290,8 +291,8 @@ def test_main_trains_further_from_an_imported_checkpoint(reference, tmp_path):
   assert f"Initialised from:     {tmp_path / 'imported'}" in run.stderr
   assert f"huggingface 300 ({tmp_path / 'imported' / 'tokenizer.json'}; input framing none, separator <|endoftext|>)" in run.stderr
   assert f"step {steps}/{steps} | loss" in run.stderr
-  imported, _ = checkpoint.load_params_on_host(str(tmp_path / "imported"))
-  trained, model = checkpoint.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
+  imported, _ = param_files.load_params_on_host(str(tmp_path / "imported"))
+  trained, model = param_files.load_params_on_host(str(tmp_path / "run" / "checkpoints"))
   assert model["name"] == "qwen3" and jax.tree.structure(trained) == jax.tree.structure(imported)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(imported)))
   # An AdamW step moves each parameter by about the learning rate; a fresh initialisation is ~0.02-1 away.
@@ -333,13 +334,13 @@ def small_qwen3(tmp_path):
   """(config, parameters, their save_params directory, a Hugging Face directory of them without tokenizer)."""
   cfg = ours_config(OURS["ours_qwen3_unscanned"])
   params = random_params(cfg, seed=7)
-  checkpoint.save_params(str(tmp_path / "params"), params, dataclasses.asdict(cfg), source="test")
+  param_files.save_params(str(tmp_path / "params"), params, dataclasses.asdict(cfg), source="test")
   convert.export_hf(str(tmp_path / "params"), str(tmp_path / "hf"))
   return cfg, params, tmp_path / "params", tmp_path / "hf"
 
 
 def test_import_copies_the_tokenizer_and_prints_its_overrides(small_qwen3, tmp_path, capsys):
-  from lm import tokenizer
+  from lm.data import tokenizer
 
   _, params, _, hf_dir = small_qwen3
   eos = write_hf_tokenizer(hf_dir)
@@ -355,7 +356,7 @@ def test_import_copies_the_tokenizer_and_prints_its_overrides(small_qwen3, tmp_p
     assert (tok.eos_id, tokenizer.encode_input(tok, "ab"), tok.vocab_size) == (eos, tok.encode("ab"), 300)
     assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
   # The weights are the ones exported, untouched by the copy.
-  back, _ = checkpoint.load_params_on_host(str(out))
+  back, _ = param_files.load_params_on_host(str(out))
   back = {**{k: v for k, v in back.items() if k != "layers"},
           **{f"layers_{i}": jax.tree.map(lambda x: x[i], back["layers"]) for i in range(3)}}
   jax.tree.map(np.testing.assert_array_equal, back, params)
@@ -397,10 +398,10 @@ def test_export_of_a_run_writes_the_tokenizer_its_config_names(small_qwen3, tmp_
   config = to_dict(from_config_dict(base.get_config()))
   config["model"] = dataclasses.asdict(cfg)
   config["data"].update(tokenizer=kind, tokenizer_path=named)
-  params, _ = checkpoint.load_params_on_host(str(params_dir))
-  manager = checkpoint.make_manager(str(tmp_path / "run"), from_config_dict(base.get_config()).train)
-  checkpoint.save(manager, 5, {"params": params}, config)
-  checkpoint.finish_saves(manager)
+  params, _ = param_files.load_params_on_host(str(params_dir))
+  saver = checkpoint.Checkpoints(str(tmp_path / "run"), from_config_dict(base.get_config()).train)
+  saver.save(5, {"params": params}, config)
+  saver.finish()
   assert convert.main(["export", f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'hf_run'}"]) == 0
   written = {"huggingface": {name: name for name in TOKENIZER_FILES}, "sentencepiece": {"tokenizer.model": "spm.model"},
              "byte": {}}[kind]
@@ -420,10 +421,10 @@ def _a_run(small_qwen3, workdir):
   cfg, _, params_dir, _ = small_qwen3
   config = to_dict(from_config_dict(base.get_config()))
   config["model"] = dataclasses.asdict(cfg)
-  params, _ = checkpoint.load_params_on_host(str(params_dir))
-  manager = checkpoint.make_manager(str(workdir / "checkpoints"), from_config_dict(base.get_config()).train)
-  checkpoint.save(manager, 5, {"params": params}, config)
-  checkpoint.finish_saves(manager)
+  params, _ = param_files.load_params_on_host(str(params_dir))
+  saver = checkpoint.Checkpoints(str(workdir / "checkpoints"), from_config_dict(base.get_config()).train)
+  saver.save(5, {"params": params}, config)
+  saver.finish()
   (workdir / "metrics.jsonl").write_text("")
   return workdir
 
@@ -447,7 +448,7 @@ def test_reading_a_step_logs_no_missing_metadata_warning(small_qwen3, tmp_path, 
   parameters (export, eval, sample.py), which users took for damage: it is expected there."""
   workdir = _a_run(small_qwen3, tmp_path / "run")
   caplog.set_level("WARNING")
-  checkpoint.load_params_on_host(str(workdir / "checkpoints"))
+  param_files.load_params_on_host(str(workdir / "checkpoints"))
   assert "Metadata file does not exist" not in caplog.text
   from absl import logging
   logging.warning("Metadata file does not exist: %s", "elsewhere/_CHECKPOINT_METADATA")  # others still pass

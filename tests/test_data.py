@@ -1,4 +1,4 @@
-"""Tests for lm/tokenizer.py, lm/sources.py, lm/prepare.py, lm/corpus.py and lm/data.py on tiny corpora
+"""Tests for lm/data/tokenizer.py, lm/data/sources.py, lm/data/prepare.py, lm/data/corpus.py and lm/data/batching.py on tiny corpora
 written into tmp dirs."""
 
 import dataclasses
@@ -19,10 +19,8 @@ import sentencepiece as spm
 
 from configs import base
 from lm import config as config_lib
-from lm import corpus as lm_corpus
-from lm import data, prepare, sources, token_store
-from lm import tokenizer as tokenizers
-from lm.config import ConfigError
+from lm.data import batching, corpus as lm_corpus, prepare, sources, token_store, tokenizer as tokenizers
+from lm.errors import ConfigError
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 CORPUS_MODULES = ("bisect.py", "colorsys.py", "fnmatch.py", "keyword.py", "shlex.py", "textwrap.py",
@@ -419,11 +417,11 @@ def test_rows_derive_segments_from_document_boundaries(tmp_path):
   stream, boundaries = store.read(0, store.num_tokens)
   ends = np.cumsum([len(d.encode()) + 2 for d in texts_of(prepared["main"].source) if not sources.held_out(d, 0.02)])
   assert boundaries == ends[:-1].tolist()  # every document start but the first, across shard borders
-  rows = data.StoredSequences(store, SEQ_LEN)
-  packed = data.pack(stream, np.concatenate([[0], ends[:-1]]), SEQ_LEN)
+  rows = batching.StoredSequences(store, SEQ_LEN)
+  packed = batching.pack(stream, np.concatenate([[0], ends[:-1]]), SEQ_LEN)
   assert len(rows) == len(packed) == store.num_tokens // SEQ_LEN
   read = rows.rows(np.arange(len(rows)))
-  for name in data.ARRAYS:
+  for name in batching.ARRAYS:
     np.testing.assert_array_equal(read[name], getattr(packed, name))
   # Segments start at column 0 and wherever a bos (1) starts a document; positions count from each start.
   starts = read["positions"] == 0
@@ -448,7 +446,7 @@ def test_a_train_part_that_is_empty_or_shorter_than_a_sequence_says_so(tmp_path)
 
 
 def test_pack_small_example():
-  packed = data.pack(np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2]), np.array([0, 4, 7]), 4)
+  packed = batching.pack(np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 11, 2]), np.array([0, 4, 7]), 4)
   np.testing.assert_array_equal(packed.tokens, [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 11]])
   np.testing.assert_array_equal(packed.segment_ids, [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1]])
   np.testing.assert_array_equal(packed.positions, [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]])
@@ -587,42 +585,42 @@ def test_prepared_data_lands_in_the_configured_remote_directory(tmp_path, monkey
   mocks["copy"] = lambda fn, src, dst, **k: fn(local(src), local(dst), **k)
   with testing.mock_epath(**mocks):
     _, prepared = lm_corpus.prepare_all(cfg, 259)
-    rows = data.StoredSequences(prepared["main"].stores["train"], SEQ_LEN).rows(np.array([0, 3]))
+    rows = batching.StoredSequences(prepared["main"].stores["train"], SEQ_LEN).rows(np.array([0, 3]))
   assert prepared["main"].directory.startswith("gs://bucket/prepared_data/prepared/main-")
   written = bucket / prepared["main"].directory.removeprefix("gs://bucket/")
   assert sorted(os.listdir(written)) == ["manifest.json", "train-00000.ends", "train-00000.tokens",
                                          "validation-00000.ends", "validation-00000.tokens"]
   assert not os.path.exists("gs:") and not os.path.exists(tmp_path / "gs:")
   local_copy = lm_corpus.prepare_all(dataclasses.replace(cfg, data_dir=str(tmp_path / "d")), 259)[1]["main"]
-  np.testing.assert_array_equal(rows["tokens"], data.StoredSequences(local_copy.stores["train"], SEQ_LEN).rows(
+  np.testing.assert_array_equal(rows["tokens"], batching.StoredSequences(local_copy.stores["train"], SEQ_LEN).rows(
       np.array([0, 3]))["tokens"])
 
 
 # --- batches ---------------------------------------------------------------------------------------
 
 
-def synthetic(num_rows: int, seq_len: int = 3, first: int = 0) -> data.PackedSequences:
+def synthetic(num_rows: int, seq_len: int = 3, first: int = 0) -> batching.PackedSequences:
   """Row i holds the value first + i everywhere, so a batch shows which rows it took."""
   rows = np.repeat(np.arange(first, first + num_rows, dtype=np.int32)[:, None], seq_len, axis=1)
   positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), rows.shape)
-  return data.PackedSequences(tokens=rows, segment_ids=np.ones_like(rows), positions=positions)
+  return batching.PackedSequences(tokens=rows, segment_ids=np.ones_like(rows), positions=positions)
 
 
 def test_train_batches_are_a_function_of_seed_and_step():
   packed = {"main": synthetic(12)}
-  a, b = data.TrainBatches(packed, seed=3, global_batch_size=4), data.TrainBatches(packed, 3, 4)
+  a, b = batching.TrainBatches(packed, seed=3, global_batch_size=4), batching.TrainBatches(packed, 3, 4)
   for step in (0, 7, 1000):
-    for key in data.ARRAYS:
+    for key in batching.ARRAYS:
       np.testing.assert_array_equal(a.get(step)[key], b.get(step)[key])
   np.testing.assert_array_equal(a.get(7)["tokens"][:, 0], a.indices(7))
-  other = data.TrainBatches(packed, seed=4, global_batch_size=4)
+  other = batching.TrainBatches(packed, seed=4, global_batch_size=4)
   first_epoch = lambda batches: np.concatenate([batches.indices(s) for s in range(3)])
   assert (first_epoch(a) != first_epoch(other)).any()
 
 
 def test_train_batches_row_slices():
   for sources_ in ({"main": synthetic(20)}, {"a": synthetic(20), "b": synthetic(9, first=100)}):
-    batches = data.TrainBatches(sources_, seed=0, global_batch_size=8)
+    batches = batching.TrainBatches(sources_, seed=0, global_batch_size=8)
     full = batches.get(5)
     # Slices, and the scattered positions a process holds when the hosts split an axis other than data.
     for rows in (slice(0, 4), slice(4, 8), slice(2, 3), np.array([0, 1, 4, 5]), np.array([7])):
@@ -633,7 +631,7 @@ def test_train_batches_row_slices():
 
 
 def test_train_batches_cover_each_epoch_and_reshuffle():
-  batches = data.TrainBatches({"main": synthetic(12)}, seed=0, global_batch_size=4)
+  batches = batching.TrainBatches({"main": synthetic(12)}, seed=0, global_batch_size=4)
   assert batches.steps_per_epoch == 3
   epochs = [np.concatenate([batches.indices(e * 3 + s) for s in range(3)]) for e in range(3)]
   for order in epochs:
@@ -644,13 +642,13 @@ def test_train_batches_cover_each_epoch_and_reshuffle():
 
 def test_train_batches_larger_than_split():
   with pytest.raises(ConfigError, match="main 5 sequences.*global batch of 8.*micro_batch_size"):
-    data.TrainBatches({"main": synthetic(5)}, seed=0, global_batch_size=8)
+    batching.TrainBatches({"main": synthetic(5)}, seed=0, global_batch_size=8)
 
 
 def test_mixture_proportions_match_the_weights():
   mixture = {"web": synthetic(1000), "code": synthetic(300, first=10_000), "books": synthetic(50, first=20_000)}
   weights = {"web": 0.6, "code": 0.3, "books": 0.1}
-  batches = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
+  batches = batching.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
   drawn = np.concatenate([batches.get(s)["tokens"][:, 0] for s in range(400)])  # 9,600 rows
   share = {"web": np.mean(drawn < 10_000), "code": np.mean((drawn >= 10_000) & (drawn < 20_000)),
            "books": np.mean(drawn >= 20_000)}
@@ -659,14 +657,14 @@ def test_mixture_proportions_match_the_weights():
   # Each source runs through its own rows before repeating any: the 50 books rows in the first ~500 draws.
   books = drawn[drawn >= 20_000]
   np.testing.assert_array_equal(np.sort(books[:50]), np.arange(20_000, 20_050))
-  again = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
+  again = batching.TrainBatches(mixture, seed=0, global_batch_size=24, weights=weights)
   np.testing.assert_array_equal(again.get(399)["tokens"], batches.get(399)["tokens"])
-  assert (data.TrainBatches(mixture, seed=1, global_batch_size=24, weights=weights).get(0)["tokens"]
+  assert (batching.TrainBatches(mixture, seed=1, global_batch_size=24, weights=weights).get(0)["tokens"]
           != batches.get(0)["tokens"]).any()
-  zero = data.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 0.0})
+  zero = batching.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 0.0})
   assert not (np.concatenate([zero.get(s)["tokens"][:, 0] for s in range(50)]) >= 20_000).any()
   with pytest.raises(ConfigError, match=r"the weights of \['books'\] are below 1/2,048 of the total"):
-    data.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 1e-4})
+    batching.TrainBatches(mixture, seed=0, global_batch_size=24, weights={**weights, "books": 1e-4})
 
 
 def test_mixture_weights_are_checked():
@@ -678,22 +676,22 @@ def test_mixture_weights_are_checked():
 
 def test_eval_batches_whole_split_or_a_seeded_sample():
   parts = [synthetic(7), synthetic(4, first=100)]
-  whole = data.EvalBatches(parts, 0, 3)
+  whole = batching.EvalBatches(parts, 0, 3)
   assert len(whole) == 4 and whole.describe() == "all 11 sequences"
   rows = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in whole])
   np.testing.assert_array_equal(rows[:, 0], [0, 1, 2, 3, 4, 5, 6, 100, 101, 102, 103])
   last = whole[3]
   assert last["tokens"].shape == (3, 3) and (last["segment_ids"][2:] == 0).all() and (last["positions"][2:] == 0).all()
-  sample = data.EvalBatches(parts, 5, 2)
+  sample = batching.EvalBatches(parts, 5, 2)
   assert sample.describe() == "a seeded random sample of 5 of the 11 sequences" and len(sample) == 3
   picked = np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)] for b in sample])[:, 0]
   assert len(set(picked.tolist())) == 5 and list(picked) == sorted(picked)
   np.testing.assert_array_equal(picked, np.concatenate([b["tokens"][b["segment_ids"].any(axis=1)]
-                                                        for b in data.EvalBatches(parts, 5, 4)])[:, 0])
+                                                        for b in batching.EvalBatches(parts, 5, 4)])[:, 0])
   for rows in (np.array([0, 1]), np.array([1]), slice(1, 2)):  # a process's rows of a padded batch
-    for name in data.ARRAYS:
+    for name in batching.ARRAYS:
       np.testing.assert_array_equal(whole.get(3, rows)[name], whole[3][name][rows])
-  assert data.EvalBatches(parts, 64, 2).num_sequences == 11
+  assert batching.EvalBatches(parts, 64, 2).num_sequences == 11
 
 
 def test_targets_and_loss_mask_numpy_and_jax():
@@ -702,8 +700,8 @@ def test_targets_and_loss_mask_numpy_and_jax():
   tokens = np.array([[1, 5, 6, 1, 7, 0, 0]], np.int32)
   segment_ids = np.array([[1, 1, 1, 2, 2, 0, 0]], np.int32)
   expected_mask = [[True, True, False, True, False, False, False]]
-  np.testing.assert_array_equal(data.targets(tokens), [[5, 6, 1, 7, 0, 0, 0]])
-  np.testing.assert_array_equal(data.loss_mask(segment_ids), expected_mask)
-  np.testing.assert_array_equal(np.asarray(data.targets(jnp.asarray(tokens))), [[5, 6, 1, 7, 0, 0, 0]])
-  np.testing.assert_array_equal(np.asarray(data.loss_mask(jnp.asarray(segment_ids))), expected_mask)
-  assert data.loss_mask(segment_ids).dtype == bool
+  np.testing.assert_array_equal(batching.targets(tokens), [[5, 6, 1, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(batching.loss_mask(segment_ids), expected_mask)
+  np.testing.assert_array_equal(np.asarray(batching.targets(jnp.asarray(tokens))), [[5, 6, 1, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(batching.loss_mask(jnp.asarray(segment_ids))), expected_mask)
+  assert batching.loss_mask(segment_ids).dtype == bool

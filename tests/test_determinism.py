@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, metrics, sharding
-from lm.data import BatchPlan, micro_batches
-from lm.train import train_and_evaluate
+from lm.checkpoints import checkpoint
+from lm.data.batching import BatchPlan, micro_batches
+from lm.model import sharding
+from lm.training import metrics
+from lm.training.train import train_and_evaluate
 from tests.helpers import base_config, mesh_config
 from tests.test_train import corpus  # noqa: F401 (a fixture)
 

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from lm import distributed, metrics
-from lm.config import ConfigError, from_config_dict
-from lm.train import train_and_evaluate
+from lm import distributed
+from lm.config import from_config_dict
+from lm.errors import ConfigError
+from lm.training import metrics
+from lm.training.train import train_and_evaluate
 from tests.test_faults import _complete, _config, _wait
 from tests.helpers import FAST_COMPILE
 from tests.test_train import MAIN_ENV, ROOT, corpus, main_command  # noqa: F401 (corpus: a fixture)

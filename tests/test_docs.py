@@ -17,7 +17,7 @@ GUIDE = os.path.join(ROOT, "docs", "gradient_accumulation.md")
 SECTIONS = ("model", "data", "train", "mesh", "grpo")
 
 # `section.key` anywhere in the text, also inside `--config.section.key=...`. Not mentions: a path such as
-# lm/train.py (the slash), a module path such as lm.train.evaluate (the dot), a bare file name such as
+# lm/training/train.py (the slash), a module path such as lm.training.train.evaluate (the dot), a bare file name such as
 # train.py (the key "py").
 MENTION = re.compile(r"(?:(?<=config\.)|(?<![\w/.]))(model|data|train|mesh|grpo)\.([A-Za-z_]\w*)")
 # A table row of the reference: | `section.key` | type | `default` | allowed | what it does |
@@ -127,12 +127,12 @@ def test_the_check_fails_on_drift():
           "## train\n| `train.seed` | int | `0` | any | y |\n")
   assert drift(good, declared) == ([], [])
   assert drift(good.replace("`train.seed`", "`train.seeds`"), declared) == (["train.seed"], ["train.seeds"])
-  assert drift(good + "Set --config.train.sede=1 (see lm/train.py, train.py, lm.train.run).", declared) == (
+  assert drift(good + "Set --config.train.sede=1 (see lm/training/train.py, train.py, lm.training.train.run).", declared) == (
       [], ["train.sede"])
 
 
 def test_the_guide_explains_the_lines_the_run_prints():
-  from lm.data import BatchPlan  # imports jax: only this test pays for it
+  from lm.data.batching import BatchPlan  # imports jax: only this test pays for it
 
   with open(GUIDE) as f:
     guide = f.read()

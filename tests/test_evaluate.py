@@ -12,10 +12,13 @@ import time
 import jax
 import pytest
 
-from lm import checkpoint, console, evaluate, metrics, runtime, sharding
-from lm.config import Config, ConfigError, from_config_dict, to_dict
-from lm.errors import TrainingError
-from lm.optimizer import make_optimizer
+from lm import console
+from lm.checkpoints import checkpoint
+from lm.config import Config, from_config_dict, to_dict
+from lm.errors import ConfigError, TrainingError
+from lm.model import sharding
+from lm.training import evaluate, metrics, runtime
+from lm.training.optimizer import make_optimizer
 from tests.helpers import apply_overrides
 from tests.test_train import MAIN_ENV, ROOT, main_command
 
@@ -85,9 +88,9 @@ def test_eval_on_eight_devices_of_a_checkpoint_written_on_one(trained, tmp_path)
     params = evaluate.ParamsSource(str(root / "run" / "checkpoints"), rt.abstract_params,
                                    to_dict(one)).at(12)
     state = fns.create_state().replace(params=params)
-    manager = checkpoint.make_manager(str(tmp_path / "one" / "checkpoints"), one.train)
-    checkpoint.save(manager, 12, state, {})
-    manager.wait_until_finished()
+    saver = checkpoint.Checkpoints(str(tmp_path / "one" / "checkpoints"), one.train)
+    saver.save(12, state, {})
+    saver.finish()
   result = evaluate.run(config_of8, str(tmp_path / "one"), devices=jax.devices())[12]
   assert math.isclose(result["loss"], reference["loss"], rel_tol=1e-6)
   assert result["tokens"] == reference["tokens"]

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from lm import metrics, runtime, sharding
-from lm.optimizer import make_optimizer
+from lm.model import sharding
+from lm.training import flop_count, runtime
+from lm.training.optimizer import make_optimizer
 from tests.helpers import base_config
 
 SEQ_LEN = 128
@@ -49,8 +50,8 @@ def plain():
 def test_analytic_flops_match_xla_without_remat(plain):
   cfg, compiled = plain
   tokens = cfg.train.micro_batch_size * SEQ_LEN
-  per_token = metrics.flops_per_token(cfg.model, SEQ_LEN)
-  xla = metrics.xla_flops(compiled)
+  per_token = flop_count.flops_per_token(cfg.model, SEQ_LEN)
+  xla = flop_count.xla_flops(compiled)
   # XLA multiplies the whole attention square, masked half included: add that half to compare like
   # with like. What remains is elementwise work (norms, rotary, softmax, AdamW) that XLA counts too.
   executed = (per_token.train + 3 * per_token.attention_scores) * tokens
@@ -61,10 +62,10 @@ def test_analytic_flops_match_xla_without_remat(plain):
 def test_sharded_step_counts_one_device_share(plain):
   cfg, compiled = plain
   sharded = compile_step(cfg, num_devices=8)  # 8 rows on each of 8 devices
-  assert metrics.xla_flops(sharded) == pytest.approx(metrics.xla_flops(compiled), rel=0.01)
-  flops = metrics.step_flops(cfg, num_devices=8, data_parallel=8, compile_variant=variants(8))
-  assert flops.hardware == pytest.approx(8 * metrics.xla_flops(compiled), rel=0.01)
-  assert flops.model == metrics.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
+  assert flop_count.xla_flops(sharded) == pytest.approx(flop_count.xla_flops(compiled), rel=0.01)
+  flops = flop_count.step_flops(cfg, num_devices=8, data_parallel=8, compile_variant=variants(8))
+  assert flops.hardware == pytest.approx(8 * flop_count.xla_flops(compiled), rel=0.01)
+  assert flops.model == flop_count.flops_per_token(cfg.model, SEQ_LEN).train * 64 * SEQ_LEN
 
 
 # 8: data parallel, so the step accumulates locally; 1 under -m slow.
@@ -73,10 +74,10 @@ def test_accumulation_counts_every_micro_batch_and_one_update(num_devices):
   # One sequence per micro-batch, so that the optimizer (about 10 FLOPs per parameter, once per step)
   # is a visible part of a micro-step's 6 x 128 FLOPs per parameter.
   single, accumulating = config(rows=1), config(rows=1, accumulation=4)
-  one = metrics.step_flops(single, num_devices, num_devices, variants(num_devices))
-  four = metrics.step_flops(accumulating, num_devices, num_devices, variants(num_devices))
+  one = flop_count.step_flops(single, num_devices, num_devices, variants(num_devices))
+  four = flop_count.step_flops(accumulating, num_devices, num_devices, variants(num_devices))
   # XLA counts the scan over the micro-batches once: the program alone undercounts.
-  assert metrics.xla_flops(compile_step(accumulating, num_devices)) * num_devices < 0.8 * four.hardware
+  assert flop_count.xla_flops(compile_step(accumulating, num_devices)) * num_devices < 0.8 * four.hardware
   # 4 gradients and 1 update: less than 4 whole single-micro-batch steps, by 3 optimizer updates.
   update = (4 * one.hardware - four.hardware) / num_devices  # every replica runs the whole update
   params = sum(np.prod(x.shape) for x in jax.tree.leaves(runtime.setup(single, jax.devices()[:1]).abstract_params))
@@ -88,19 +89,19 @@ def test_accumulation_counts_every_micro_batch_and_one_update(num_devices):
 def test_scanned_layers_are_extrapolated_from_unrolled_ones():
   scanned = config(num_layers=3, scan_layers=True)  # unrolled, 2 layers of it is the `plain` step
   compiled = compile_step(scanned)
-  three = metrics.xla_flops(compile_step(dataclasses.replace(scanned, model=dataclasses.replace(
+  three = flop_count.xla_flops(compile_step(dataclasses.replace(scanned, model=dataclasses.replace(
       scanned.model, scan_layers=False))))
   # XLA counts the scan's body once: the scanned step alone misses two of the three layers.
-  assert metrics.xla_flops(compiled) < 0.6 * three
-  hardware = metrics.hardware_flops_per_device(scanned, variants())
+  assert flop_count.xla_flops(compiled) < 0.6 * three
+  hardware = flop_count.hardware_flops_per_device(scanned, variants())
   assert hardware == pytest.approx(three, rel=1e-4)
 
 
 def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
   cfg, compiled = plain
   remat = config(remat="full")
-  flops = metrics.step_flops(remat, 1, 1, variants())
-  assert flops.model == metrics.step_flops(cfg, 1, 1, variants()).model
+  flops = flop_count.step_flops(remat, 1, 1, variants())
+  assert flops.model == flop_count.step_flops(cfg, 1, 1, variants()).model
   # The backward pass recomputes most of each layer's forward: the layers are about 2/3 of the FLOPs
   # here, the forward a third of them, minus what the backward does not need again.
   assert 1.15 < flops.hardware / flops.model < 1.35
@@ -112,16 +113,16 @@ def test_remat_recomputation_is_hardware_flops_not_model_flops(plain):
 def test_a_sliding_window_counts_the_keys_it_attends_to(window):
   # The mean over positions of the keys the mask lets each query see, against the closed form. The
   # closed form keeps the full layer's convention (seq_len / 2, not (seq_len + 1) / 2): within half a key.
-  from lm.attention import mask as attention_mask
+  from lm.model.attention import mask as attention_mask
 
   mask = np.asarray(attention_mask(np.ones((1, SEQ_LEN), np.int32), window if window < 500 else 0))
-  assert abs(mask.sum() / SEQ_LEN - metrics.attended_keys(SEQ_LEN, window)) <= 0.5
+  assert abs(mask.sum() / SEQ_LEN - flop_count.attended_keys(SEQ_LEN, window)) <= 0.5
 
 
 def test_sliding_window_layers_count_only_their_window():
   gemma_like = config(num_layers=7, sliding_window=16, local_layers_per_global=5).model  # 6 local, 1 global
   full = config(num_layers=7).model
-  flops, full_flops = metrics.flops_per_token(gemma_like, SEQ_LEN), metrics.flops_per_token(full, SEQ_LEN)
+  flops, full_flops = flop_count.flops_per_token(gemma_like, SEQ_LEN), flop_count.flops_per_token(full, SEQ_LEN)
   per_key = 4 * full.num_heads * full.head_dim  # scores and values, 2 FLOPs per multiply-add
   assert flops.attention_scores == per_key * (SEQ_LEN / 2 + 6 * (16 - 16 * 16 / (2 * SEQ_LEN)))
   assert full_flops.attention_scores == per_key * 7 * SEQ_LEN / 2
@@ -134,7 +135,7 @@ def test_lora_counts_no_weight_gradients_of_the_frozen_base():
   """Under LoRA the base weights' gradients are never computed: a step is 2x their forward, not 3x."""
   cfg = config(lora_rank=8)
   tokens = cfg.train.micro_batch_size * SEQ_LEN
-  per_token = metrics.flops_per_token(cfg.model, SEQ_LEN)
+  per_token = flop_count.flops_per_token(cfg.model, SEQ_LEN)
   assert per_token.frozen and per_token.adapters > 0
   executed = (per_token.train + 3 * per_token.attention_scores) * tokens  # the masked half, as above
-  assert 1.0 <= metrics.xla_flops(compile_step(cfg)) / executed < 1.05
+  assert 1.0 <= flop_count.xla_flops(compile_step(cfg)) / executed < 1.05

@@ -1,4 +1,4 @@
-"""GGUF in and out (lm/gguf_file.py, scripts/convert_hf.py --gguf / --format=gguf) against transformers.
+"""GGUF in and out (lm/tools/gguf_file.py, scripts/convert_hf.py --gguf / --format=gguf) against transformers.
 
 The tests write small random LLaMA GGUF files themselves with llama.cpp's GGUFWriter (every tensor type that
 import reads, a tiny byte-level BPE tokenizer, a chat template), import them, export them again, and compare
@@ -19,8 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lm import checkpoint, gguf_file, hf
-from lm.model import Decoder
+from lm.checkpoints import param_files
+from lm.model.decoder import Decoder
+from lm.tools import gguf_file, hf
 from tests.test_convert_hf import HF_PYTHON, OURS, ROOT, TOLERANCE, convert, ours_config, random_params, relative_error
 
 T = gguf.GGMLQuantizationType
@@ -329,7 +330,7 @@ def test_bad_gguf_ends_in_one_message(tiny, case, tmp_path, capsys):
 
 def test_gguf_export_of_another_family_or_q8_0_as_hugging_face_is_refused(tmp_path, capsys):
   cfg = ours_config(OURS["ours_qwen3_unscanned"])
-  checkpoint.save_params(str(tmp_path / "qwen3"), random_params(cfg, 0), dataclasses.asdict(cfg), source="test")
+  param_files.save_params(str(tmp_path / "qwen3"), random_params(cfg, 0), dataclasses.asdict(cfg), source="test")
   assert convert.main(["export", f"--checkpoint={tmp_path / 'qwen3'}", f"--out={tmp_path / 'q.gguf'}",
                        "--format=gguf"]) == 2
   assert "model.name = 'qwen3': GGUF export writes LLaMA models only" in capsys.readouterr().err
@@ -342,7 +343,7 @@ def test_gguf_export_of_another_family_or_q8_0_as_hugging_face_is_refused(tmp_pa
 def test_gguf_export_without_a_tokenizer_warns(tmp_path, capsys):
   cfg = ours_config(OURS["ours_llama"])
   params = random_params(cfg, 1)
-  checkpoint.save_params(str(tmp_path / "llama"), params, dataclasses.asdict(cfg), source="test")
+  param_files.save_params(str(tmp_path / "llama"), params, dataclasses.asdict(cfg), source="test")
   assert convert.main(["export", f"--checkpoint={tmp_path / 'llama'}", f"--out={tmp_path / 'l.gguf'}",
                        "--format=gguf"]) == 0
   assert "no tokenizer.json to export: the GGUF file has no tokenizer" in capsys.readouterr().err
@@ -350,7 +351,7 @@ def test_gguf_export_without_a_tokenizer_warns(tmp_path, capsys):
   assert not any(k.startswith("tokenizer.") for k in fields)
   assert convert.main(["import", f"--gguf={tmp_path / 'l.gguf'}", f"--out={tmp_path / 'back'}"]) == 0
   assert "has no tokenizer" in capsys.readouterr().err
-  back, _ = checkpoint.load_params_on_host(str(tmp_path / "back"))
+  back, _ = param_files.load_params_on_host(str(tmp_path / "back"))
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 

@@ -11,8 +11,11 @@ import pytest
 from flax import traverse_util
 
 from configs import default
-from lm import checkpoint, grpo, lora, metrics, rewards, train, train_step
-from lm.config import ConfigError, from_config_dict
+from lm.checkpoints import checkpoint
+from lm.config import from_config_dict
+from lm.errors import ConfigError
+from lm.model import lora
+from lm.training import grpo, metrics, rewards, train, train_step
 from tests.helpers import apply_overrides, needs_libtpu
 from tests.test_plan import tpu_config
 from tests.test_train import TINY
@@ -81,7 +84,7 @@ def _bad_reward(completions, answers):
 
 @pytest.mark.parametrize("change,message", [
     ({"grpo.num_generations": 1}, "config.grpo.num_generations = 1: GRPO normalises each completion's reward"),
-    ({"grpo.rewards": "lm.rewards.no_such"}, "config.grpo.rewards: 'lm.rewards.no_such' cannot be imported"),
+    ({"grpo.rewards": "lm.training.rewards.no_such"}, "config.grpo.rewards: 'lm.training.rewards.no_such' cannot be imported"),
     ({"grpo.rewards": "tests.test_grpo._bad_reward"}, "tests.test_grpo._bad_reward returned (1,) values for 2"),
     ({"grpo.max_completion_tokens": 60}, "The prompts (5 tokens) + config.grpo.max_completion_tokens = 60 are "
                                          "longer than config.train.seq_len = 64"),
@@ -102,7 +105,7 @@ def _parity_reward(completions, answers):
 
 @pytest.mark.slow  # ~45 s: two LoRA GRPO runs (the default suite has the full-parameter one of the test below)
 def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_path):
-  config = from_config_dict(_config(tmp_path, **{"grpo.rewards": "lm.rewards.exact_answer,tests.test_grpo._parity_reward"}))
+  config = from_config_dict(_config(tmp_path, **{"grpo.rewards": "lm.training.rewards.exact_answer,tests.test_grpo._parity_reward"}))
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   logged = metrics.read_jsonl(workdir)
@@ -134,7 +137,7 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
   the exact-answer reward alone (30 steps, 8 prompts x 8 generations) must raise the greedy exact match on
   128 held-out problems by 0.08 or more (measured here: 0 -> 0.17 on 64 of them), mostly by ending the
   answer, and shorten the completions."""
-  from lm.train import train_and_evaluate
+  from lm.training.train import train_and_evaluate
   grpo_cfg = from_config_dict(default.get_config()).grpo
   problems = [p + a for p, a in zip(*rewards.arithmetic(0, "train", range(2000), dataclasses.replace(grpo_cfg, max_operand=9)))]
   corpus = tmp_path / "problems.txt"
@@ -158,7 +161,7 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
               save_interval_steps=30, eval_interval_steps=30, log_interval_steps=10,
               init_from=str(tmp_path / "sft" / "checkpoints"))
   rl.grpo.enabled, rl.grpo.num_generations, rl.grpo.max_completion_tokens = True, 8, 4
-  rl.grpo.rewards, rl.grpo.eval_prompts = "lm.rewards.exact_answer", 128
+  rl.grpo.rewards, rl.grpo.eval_prompts = "lm.training.rewards.exact_answer", 128
   train.train_and_evaluate(from_config_dict(rl), str(tmp_path / "grpo"), devices=jax.devices()[:1])
   evals = metrics.read_jsonl(str(tmp_path / "grpo"), "eval")
   before, after = evals[0]["reward/exact_answer"], evals[30]["reward/exact_answer"]
@@ -188,8 +191,10 @@ def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_sp
   policy loss through the train step, LoRA) and the log-probability pass of the rollout, as Sampler runs it."""
   import functools
   import jax.numpy as jnp
-  from lm import runtime, sharding, topology
-  from lm.optimizer import make_optimizer
+  from lm.training import runtime
+  from lm.model import sharding
+  from lm.tools import topology
+  from lm.training.optimizer import make_optimizer
   config = tpu_config()
   config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=4),
                                grpo=dataclasses.replace(config.grpo, enabled=True))

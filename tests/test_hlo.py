@@ -1,7 +1,7 @@
-"""lm/hlo.py on the shapes of XLA:TPU's optimized HLO: loops without known_trip_count, collectives inside
+"""lm/tools/hlo.py on the shapes of XLA:TPU's optimized HLO: loops without known_trip_count, collectives inside
 asynchronous collective fusions (one collective named twice under one channel id)."""
 
-from lm import hlo
+from lm.tools import hlo
 
 TPU_STYLE = """HloModule jit_train_step
 

@@ -6,8 +6,10 @@ import sys
 
 from tests.test_train import ROOT
 
-CORE = ("lm.model", "lm.train_step", "lm.sharding", "lm.optimizer", "lm.checkpoint", "lm.data", "lm.runtime",
-        "lm.metrics", "lm.hlo", "lm.tokenizer", "lm.sources", "lm.prepare", "lm.corpus")
+CORE = ("lm.model.decoder", "lm.training.train_step", "lm.model.sharding", "lm.training.optimizer",
+        "lm.checkpoints.checkpoint", "lm.checkpoints.param_files", "lm.checkpoints.resume", "lm.data.batching",
+        "lm.training.runtime", "lm.training.metrics", "lm.training.flop_count", "lm.tools.hlo",
+        "lm.data.tokenizer", "lm.data.sources", "lm.data.prepare", "lm.data.corpus")
 HEAVY = ("tensorflow", "tensorflow_datasets", "clu")
 
 
@@ -23,4 +25,4 @@ def test_core_imports_neither_tensorflow_nor_tfds_nor_clu():
 
 
 def test_the_check_can_fail():
-  assert "clu" in _loaded_after_import(["lm.wandb_writer"])
+  assert "clu" in _loaded_after_import(["lm.training.wandb_writer"])

@@ -1,4 +1,4 @@
-"""One loop for every kind of training (`lm.train`): each kind gets each of its features by construction.
+"""One loop for every kind of training (`lm.training.train`): each kind gets each of its features by construction.
 Checked per kind: the step's figures are fetched one step late, the profiler traces the steps named, the
 saved run description carries the batch that fixes the data order (and a resume with another batch says
 so), config.train.num_epochs, and a kill -9 resumes bit for bit."""
@@ -12,15 +12,18 @@ import jax
 import pytest
 
 from configs import default
-from lm import checkpoint, console, metrics, runtime, train
-from lm.config import ConfigError, from_config_dict
+from lm import console
+from lm.checkpoints import checkpoint
+from lm.config import from_config_dict
+from lm.errors import ConfigError
+from lm.training import metrics, runtime, train
 from tests.helpers import apply_overrides
 from tests.test_faults import _complete, _logged, _wait
 from tests.test_sft import chat_task  # noqa: F401
 from tests.test_train import MAIN_ENV, ROOT, TINY, corpus, main_command, run_main  # noqa: F401
 
 GRPO = ["--config.grpo.enabled=True", "--config.grpo.max_operand=9", "--config.grpo.max_completion_tokens=4",
-        "--config.grpo.eval_prompts=8", "--config.grpo.rewards=lm.rewards.exact_answer,tests.test_grpo._parity_reward"]
+        "--config.grpo.eval_prompts=8", "--config.grpo.rewards=lm.training.rewards.exact_answer,tests.test_grpo._parity_reward"]
 KINDS = ("pretraining", "sft", "grpo")
 
 

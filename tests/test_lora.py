@@ -11,10 +11,13 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from lm import checkpoint, evaluate, lora, metrics
-from lm.config import ConfigError, from_config_dict, to_dict
-from lm.model import Decoder
-from lm.train import train_and_evaluate
+from lm.checkpoints import checkpoint, param_files
+from lm.config import from_config_dict, to_dict
+from lm.errors import ConfigError
+from lm.model import lora
+from lm.model.decoder import Decoder
+from lm.training import evaluate, metrics
+from lm.training.train import train_and_evaluate
 from tests.helpers import tiny_model
 from tests.test_convert_hf import convert, forward, relative_error
 from tests.test_faults import _config
@@ -72,7 +75,7 @@ def _base(tmp_path, config) -> str:
   """Parameters of the config's model without adapters (a random one, as a stand-in for an import)."""
   cfg = dataclasses.replace(config.model, lora_rank=0)
   params = jax.device_get(_init(cfg, jnp.zeros((1, 8), jnp.int32)))
-  checkpoint.save_params(str(tmp_path / "base"), params, to_dict(config)["model"] | {"lora_rank": 0}, "test")
+  param_files.save_params(str(tmp_path / "base"), params, to_dict(config)["model"] | {"lora_rank": 0}, "test")
   return str(tmp_path / "base")
 
 
@@ -102,9 +105,9 @@ def test_a_lora_run_trains_and_saves_the_adapters_alone_and_reads_back_on_its_ba
   out = tmp_path / "hf"
   assert convert.main(["export", f"--checkpoint={workdir}/checkpoints", f"--out={out}"]) == 0
   convert.import_hf(str(out), str(tmp_path / "merged"))
-  merged, _ = checkpoint.load_params_on_host(str(tmp_path / "merged"))
-  adapters, _ = checkpoint.load_params_on_host(f"{workdir}/checkpoints", adapters=True)
-  base, _ = checkpoint.load_params_on_host(config.train.init_from)
+  merged, _ = param_files.load_params_on_host(str(tmp_path / "merged"))
+  adapters, _ = param_files.load_params_on_host(f"{workdir}/checkpoints", adapters=True)
+  base, _ = param_files.load_params_on_host(config.train.init_from)
   tokens = _tokens()
   adapted = forward(config.model, lora.merge(base, adapters), tokens)
   assert relative_error(forward(dataclasses.replace(config.model, lora_rank=0), merged, tokens), adapted) < 1e-5
@@ -122,4 +125,4 @@ def test_a_lora_run_trains_and_saves_the_adapters_alone_and_reads_back_on_its_ba
                                         "names '': adapters mean nothing on other weights"):
     evaluate.run(other_base, workdir)  # eval or sample.py without the run's --config.train.init_from
   with pytest.raises(ConfigError, match="holds LoRA adapters, not a model's weights"):
-    checkpoint.load_params_on_host(f"{workdir}/checkpoints")
+    param_files.load_params_on_host(f"{workdir}/checkpoints")

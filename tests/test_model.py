@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from configs import gemma3_1b, gemma3_270m, gemma3_4b, llama_1_36b, qwen3_1_8b
 from lm.config import from_config_dict
-from lm.model import Decoder, layer_pattern, param_count
+from lm.model.decoder import Decoder, layer_pattern, param_count
 from tests.helpers import tiny_model
 
 B, L = 2, 16

@@ -13,11 +13,13 @@ import ml_collections
 import pytest
 
 from configs import base
-from lm import console, profiler
-from lm.config import ConfigError, from_config_dict, profile_step_range
+from lm import console
+from lm.config import from_config_dict, profile_step_range
+from lm.errors import ConfigError
+from lm.training import profiler
 from tests.test_train import corpus, run_main  # noqa: F401
 
-# The execution of the jitted train step (`jax.jit(functools.partial(train_step, ...))` in lm/runtime.py)
+# The execution of the jitted train step (`jax.jit(functools.partial(train_step, ...))` in lm/training/runtime.py)
 # on the host, once per call: the trace viewer's "CommonPjRtLoadedExecutable::Execute (jit_train_step)";
 # each device's share of it carries a "[device] " prefix.
 EXECUTE = re.compile(r"^\w+::Execute \(jit_train_step\)$")

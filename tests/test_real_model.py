@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import chat as lm_chat, corpus, tokenizer as tokenizers
+from lm.data import chat as lm_chat, corpus, tokenizer as tokenizers
 from tests.helpers import base_config
 from tests.test_convert_hf import HF_PYTHON, ROOT, relative_error
 
@@ -141,7 +141,7 @@ def test_chat_template_ids_are_those_of_apply_chat_template(reference, tokenizer
 
 
 def test_chat_without_a_template_is_plain_and_bad_messages_are_refused():
-  no_template = lm_chat.Chat(None, {}, (), "ckpt/base")  # the plain template of lm/chat.py
+  no_template = lm_chat.Chat(None, {}, (), "ckpt/base")  # the plain template of lm/data/chat.py
   assert no_template.render(lm_chat.messages("Hi", system="Be brief.")) == "system: Be brief.\nuser: Hi\nassistant: "
   chat = lm_chat.Chat(QWEN_TEMPLATE, {}, (), "ckpt/qwen")
   with pytest.raises(lm_chat.ConfigError, match='message 0 is .*"role": one of system, user, assistant'):
@@ -160,12 +160,12 @@ def test_sample_chats_with_a_tiny_import_through_its_template(tokenizer_dirs, tm
   the special tokens, --prompt_file reads the prompt; flags that do not go together are refused."""
   import shutil
 
-  from lm import checkpoint
+  from lm.checkpoints import param_files
   from tests.test_convert_hf import ours_config, random_params
 
   cfg = ours_config(dict(name="llama", vocab_size=768, num_heads=4, num_kv_heads=2, head_dim=16))
   imported = tmp_path / "tiny"
-  checkpoint.save_params(str(imported), random_params(cfg, seed=0), dataclasses.asdict(cfg), source="test")
+  param_files.save_params(str(imported), random_params(cfg, seed=0), dataclasses.asdict(cfg), source="test")
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(tokenizer_dirs["qwen3"] / name, imported / name)
   (tmp_path / "prompt.txt").write_text("Hi there")
@@ -192,10 +192,11 @@ NEW_TOKENS = 30
 @pytest.mark.slow
 def test_smollm2_imported_samples_the_tokens_of_transformers(tmp_path):
   from scripts import convert_hf
-  from lm import evaluate, sampling
+  from lm.training import evaluate
+  from lm.model import sampling
   from lm.config import from_config_dict
   from lm.config_file import load
-  from lm.model import Decoder
+  from lm.model.decoder import Decoder
 
   hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
   model = {"dir": GGUF_DIR, "gguf": GGUF, "save": str(hf_dir), "prompts": PROMPTS, "new_tokens": NEW_TOKENS}

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.model import Decoder, KVCache
-from lm.sampling import SamplingConfig, generate, generate_sliding, next_token
+from lm.model.decoder import Decoder, KVCache
+from lm.model.sampling import SamplingConfig, generate, generate_sliding, next_token
 from tests.helpers import tiny_model
 
 

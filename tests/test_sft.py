@@ -1,4 +1,4 @@
-"""Supervised fine-tuning end to end: a chat source through the one loop (`lm.train` with the next-token
+"""Supervised fine-tuning end to end: a chat source through the one loop (`lm.training.train` with the next-token
 kind), the loss on the assistant's tokens alone, and sampling with the template it was trained on."""
 
 import json
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from lm import corpus, data, metrics, runtime, sharding, train
 from lm.config import from_config_dict
-from lm.train_step import token_logprobs, token_losses
+from lm.data import batching, corpus
+from lm.model import sharding
+from lm.training import metrics, runtime, train
+from lm.training.train_step import token_logprobs, token_losses
 from tests.helpers import FAST_COMPILE, apply_overrides
 from tests.test_train import ROOT, TINY
 
@@ -87,10 +89,10 @@ def test_only_the_assistant_targets_are_scored(chat_task):
     params = sharding.strip_boxes(jax.jit(rt.init_params)(rt.rng))
     figures = jax.device_get(token_losses(rt.model, params, batch))
     logp = np.asarray(token_logprobs(rt.model, params, batch))
-  mask = batch[data.MASK]
+  mask = batch[batching.MASK]
   assert mask.sum() and not (mask & (batch["segment_ids"] == 0)).any()
   np.testing.assert_allclose(figures["sequence_loss"], -np.where(mask, logp, 0).sum(-1), rtol=1e-6)
   assert figures["sequence_tokens"].tolist() == mask.sum(-1).tolist()
   # Each conversation: the targets of "user: abc\nassistant: " are unscored, "ABC\n" and the end are scored.
-  learned = data.targets(batch["tokens"])[mask]
+  learned = batching.targets(batch["tokens"])[mask]
   assert set(learned.tolist()) <= {ord(c) + 3 for c in LETTERS.upper() + "\n"} | {2}

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lm import chat as lm_chat, corpus, data, prepare, sources, token_store
-from lm import tokenizer as tokenizers
-from lm.config import ConfigError
-from lm.model import Decoder
-from lm.train_step import token_losses
+from lm.data import batching, chat as lm_chat, corpus, prepare, sources, token_store, tokenizer as tokenizers
+from lm.errors import ConfigError
+from lm.model.decoder import Decoder
+from lm.training.train_step import token_losses
 from tests.helpers import tiny_model
 from tests.test_data import data_config
 from tests.test_real_model import QWEN_TEMPLATE
@@ -134,7 +133,7 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, line, message):
 def test_rows_pack_whole_conversations_and_count_the_truncated(tmp_path, seq_len):
   cfg, lines = chat_source(tmp_path)
   _, prepared = corpus.prepare_all(cfg, BYTES.vocab_size)
-  rows = data.ConversationSequences(prepared["main"].stores["train"], seq_len)
+  rows = batching.ConversationSequences(prepared["main"].stores["train"], seq_len)
   batch = rows.rows(np.arange(len(rows)))
   seen = []
   for n in range(len(rows)):
@@ -158,10 +157,10 @@ def test_rows_pack_whole_conversations_and_count_the_truncated(tmp_path, seq_len
 
 
 def test_greedy_packing_and_its_time_for_a_million_conversations():
-  assert data.pack_greedily(np.array([3, 4, 2, 5, 1, 6]), 8).tolist() == [0, 2, 5, 6]  # 3+4 | 2+5+1 | 6
+  assert batching.pack_greedily(np.array([3, 4, 2, 5, 1, 6]), 8).tolist() == [0, 2, 5, 6]  # 3+4 | 2+5+1 | 6
   lengths = np.random.default_rng(0).integers(1, 2048, 1_000_000)
   start = time.perf_counter()
-  first = data.pack_greedily(lengths, 2048)
+  first = batching.pack_greedily(lengths, 2048)
   seconds = time.perf_counter() - start
   print(f"pack_greedily: 1M conversations into {len(first) - 1:,} rows in {seconds:.2f} s")
   assert seconds < 5
@@ -180,8 +179,8 @@ def test_a_mixture_with_a_chat_source_masks_every_batch_and_one_without_masks_no
   batch = batches.get(0)
   assert batch["mask"].dtype == bool and set(source.tolist()) == {0, 1}
   is_text = source == 1
-  np.testing.assert_array_equal(batch["mask"][is_text], data.loss_mask(batch["segment_ids"][is_text]))
-  assert (batch["mask"][~is_text].sum(axis=1) < data.loss_mask(batch["segment_ids"][~is_text]).sum(axis=1)).all()
+  np.testing.assert_array_equal(batch["mask"][is_text], batching.loss_mask(batch["segment_ids"][is_text]))
+  assert (batch["mask"][~is_text].sum(axis=1) < batching.loss_mask(batch["segment_ids"][~is_text]).sum(axis=1)).all()
   evals = corpus.eval_batches(mixed, prepared, 32, 64)
   last = evals[len(evals) - 1]
   padding = np.arange(64) >= evals.num_sequences - (len(evals) - 1) * 64
@@ -213,7 +212,7 @@ def test_the_prepared_directory_changes_with_the_chat_template(tmp_path):
 def test_smollm2_template_prompt_ids_are_what_sampling_feeds_and_the_span_ends_the_turn(tmp_path):
   import gguf
 
-  from lm import gguf_file
+  from lm.tools import gguf_file
 
   reader = gguf.GGUFReader(SMOLLM2)
   fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -235,7 +234,7 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tmp_path):
   cfg, lines = chat_source(tmp_path, count=12)
   _, prepared = corpus.prepare_all(cfg, BYTES.vocab_size)
   seq_len = 160  # every conversation whole
-  packed = data.ConversationSequences(prepared["main"].stores["train"], seq_len)
+  packed = batching.ConversationSequences(prepared["main"].stores["train"], seq_len)
   batch = packed.rows(np.arange(len(packed)))
   model = Decoder(tiny_model(vocab_size=BYTES.vocab_size, max_seq_len=seq_len))
   zeros = jnp.zeros((1, seq_len), jnp.int32)

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm import sharding
-from lm.config import ConfigError
+from lm.errors import ConfigError
+from lm.model import sharding
 from tests.helpers import mesh_config
 
 

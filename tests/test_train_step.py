@@ -10,10 +10,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-from lm import data, sharding
-from lm.model import Decoder
-from lm.optimizer import grad_norm, make_optimizer, record_grad_norm, skipped_updates
-from lm.train_step import TrainState, gradient, train_step
+from lm.data import batching
+from lm.model import sharding
+from lm.model.decoder import Decoder
+from lm.training.optimizer import grad_norm, make_optimizer, record_grad_norm, skipped_updates
+from lm.training.train_step import TrainState, gradient, train_step
 from tests.helpers import base_config, mesh_config, tiny_model
 
 L = 16
@@ -70,12 +71,12 @@ def _run(model, k, batch, steps=1, per_micro_mean=False):
   """
   tx = make_optimizer(_train_cfg(k), 10)
   state = _init(model, tx)
-  scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
+  scale = np.float32(1.0 / batching.loss_mask(batch["segment_ids"]).sum())
   losses = []
   if per_micro_mean:
     micro_step = jax.jit(functools.partial(multisteps_micro_step, model=model, tx=tx))
     for m_batch in (dict(zip(batch, v)) for v in zip(*micro_batches(batch, k).values())):
-      state, _ = micro_step(state, m_batch, np.float32(1.0 / (k * data.loss_mask(m_batch["segment_ids"]).sum())))
+      state, _ = micro_step(state, m_batch, np.float32(1.0 / (k * batching.loss_mask(m_batch["segment_ids"]).sum())))
     return state, None
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, accumulation_steps=k))
   for _ in range(steps):
@@ -157,7 +158,7 @@ def test_sharded_equals_unsharded():
   state = state.replace(params=jax.device_put(state.params, param_sharding))
   with sharding.activate(mesh):
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, accumulation_steps=2))
-    scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
+    scale = np.float32(1.0 / batching.loss_mask(batch["segment_ids"]).sum())
     state, m = step(state, sharding.put_step_batch(micro_batches(batch, 2), mesh))
     total = float(m["sequence_loss"].sum())
   assert state.params["layers"]["mlp"]["gate_proj"].sharding.spec == jax.sharding.PartitionSpec(
@@ -185,7 +186,7 @@ def test_train_step_is_bitwise_the_multisteps_micro_steps(k, skip_nonfinite):
   micro_step = jax.jit(functools.partial(multisteps_micro_step, model=model, tx=tx))
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, accumulation_steps=k))
   batch = _batch(2 * k)
-  scale = np.float32(1.0 / data.loss_mask(batch["segment_ids"]).sum())
+  scale = np.float32(1.0 / batching.loss_mask(batch["segment_ids"]).sum())
   micro = micro_batches(batch, k)
   reference = state = _init(model, tx)
   for _ in range(2):  # two optimizer steps: the accumulator must restart the same way too
@@ -213,7 +214,7 @@ def _record_gradient() -> optax.GradientTransformation:
 def _sharded_steps(k: int, local_axis, mesh_sizes: dict, steps: int = 3, record: bool = False):
   """`steps` optimizer steps of the one-program step on a mesh, and the compiled program's collectives.
   record: plain SGD whose state is the summed gradient it was given."""
-  from lm import hlo
+  from lm.tools import hlo
   cfg = tiny_model()
   model = Decoder(cfg)
   tx = make_optimizer(_train_cfg(k), 10)

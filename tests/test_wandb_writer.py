@@ -1,4 +1,4 @@
-"""lm/wandb_writer.py in wandb's offline mode: no network, no account. The logged values are read back from
+"""lm/training/wandb_writer.py in wandb's offline mode: no network, no account. The logged values are read back from
 the run's `.wandb` file (offline runs write no `wandb-summary.json`)."""
 
 import ast
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import wandb  # the test extra installs it: a missing one is an install failure, not a skip
 
-from lm import wandb_writer
+from lm.training import wandb_writer
 
-MODULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lm", "wandb_writer.py")
+MODULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lm", "training", "wandb_writer.py")
 
 
 @pytest.fixture

@@ -1,0 +1,317 @@
+"""GRPO (Shao et al., 2024): `main.py` with config.grpo.enabled trains a policy on verifiable rewards, a kind
+of training for the loop (`lm.training.train`, which does the rest: state, checkpoints, figures, eval, preemption).
+
+Each optimizer step:
+1. takes its prompts (global batch sequences / num_generations of them, fixed by the seed and the step),
+2. samples num_generations completions of each with the KV-cache sampler (`lm.model.sampling.generate`),
+3. rewards each completion (the config's reward functions, summed) and normalises the rewards within each
+   prompt's group: advantage = (reward - group mean) / (group std + 1e-4),
+4. takes num_iterations optimizer steps (1 by default, as TRL and Tunix) on those completions, each on the
+   clipped policy-gradient loss with a KL penalty to the reference model,
+   per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta KL, where ratio is
+   the policy's probability of the token over the sampling policy's and KL the k3 estimator
+   exp(ref - logp) - (ref - logp) - 1 (TRL's and Tunix's). The loss is the mean over every completion token
+   of the step, summed over micro-batches and devices exactly as pre-training sums its tokens
+   (`lm.training.train_step.train_step` with this module's `policy_losses`).
+
+The reference model is the one the run starts from: with LoRA the base alone (the adapters at zero: no
+copy of the weights), else a copy of the starting parameters. With one update per batch of completions the
+ratio is 1 up to the rounding between the sampling and the update programs; from the second of
+num_iterations updates on, the policy has moved from the sampling one and the clip bounds the step.
+
+Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s prompt_lengths_B) and
+packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import console
+from lm.checkpoints import param_files
+from lm.config import Config, GRPOConfig
+from lm.data import batching, corpus
+from lm.errors import ConfigError, TrainingError
+from lm.model import lora, sampling, sharding
+from lm.model.decoder import Decoder
+from lm.training import runtime
+from lm.training.train_step import token_logprobs
+
+
+def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float) -> dict:
+  """Per completion: the clipped policy-gradient loss with the KL penalty summed over its tokens, their
+  count, the KL sum and the number of tokens whose objective was clipped. Log-probabilities are those of
+  the sampling distribution (logits / temperature), as TRL's."""
+  logp_BxL = token_logprobs(model, params, batch, temperature)
+  mask_BxL = batch["mask"]
+  ratio_BxL = jnp.exp(logp_BxL - batch["old_logprobs"])
+  advantage_Bx1 = batch["advantages"][:, None]
+  unclipped, clipped = ratio_BxL * advantage_Bx1, jnp.clip(ratio_BxL, 1 - epsilon, 1 + epsilon) * advantage_Bx1
+  log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
+  kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
+  per_token_BxL = -jnp.minimum(unclipped, clipped) + beta * kl_BxL
+
+  def total(x_BxL):
+    return jnp.sum(jnp.where(mask_BxL, x_BxL, 0), axis=-1)
+  return {"sequence_loss": total(per_token_BxL), "sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
+          "sequence_kl": total(kl_BxL), "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
+
+
+def load_function(name: str, key: str) -> Callable:
+  """`module.function` of config.grpo.<key>, imported; a clear error when it cannot be."""
+  module, _, attribute = name.strip().rpartition(".")
+  try:
+    function = getattr(importlib.import_module(module), attribute)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ConfigError(f"config.grpo.{key}: {name!r} cannot be imported ({type(e).__name__}: {e}). Name a "
+                      "function as module.function, importable from the working directory (e.g. "
+                      "lm.training.rewards.exact_answer).") from e
+  if not callable(function):
+    raise ConfigError(f"config.grpo.{key}: {name!r} is not a function.")
+  return function
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Prompts, answers and rewards of a GRPO run, as token ids."""
+  cfg: GRPOConfig
+  seed: int
+  tokenizer: object
+  problems: Callable  # (seed, split, indices, cfg) -> (prompts, answers)
+  rewards: dict[str, Callable]  # name -> reward(completions, answers)
+
+  def prompts(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(prompt tokens [len(indices), longest] int32, framed as the tokenizer frames an input (its BOS or
+    post-processor), left-padded with 0, their lengths, answers)."""
+    texts, answers = self.problems(self.seed, split, indices, self.cfg)
+    ids = self.tokenizer.encode_batch(texts, framed=True)
+    lengths = np.asarray([len(i) for i in ids], np.int32)
+    if not lengths.min():
+      raise TrainingError(f"config.grpo.task = {self.cfg.task!r} gave an empty prompt (no tokens, and the tokenizer "
+                          "adds none): a completion needs a prompt to follow.")
+    padded = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, i in zip(padded, ids):
+      row[len(row) - len(i):] = i
+    return padded, lengths, answers
+
+  def score(self, completions: list[str], answers: list[str]) -> dict[str, np.ndarray]:
+    """Each reward function's rewards, checked: one finite float per completion."""
+    scores = {}
+    for name, reward in self.rewards.items():
+      try:
+        values = np.asarray(reward(completions, answers), np.float64)
+      except (TypeError, ValueError) as e:
+        raise TrainingError(f"config.grpo.rewards: {name} did not return numbers ({e}).") from e
+      if values.shape != (len(completions),) or not np.all(np.isfinite(values)):
+        raise TrainingError(f"config.grpo.rewards: {name} returned {values.shape} values for "
+                            f"{len(completions)} completions (or a non-finite one); a reward function returns one "
+                            "finite float per completion.")
+      scores[name] = values
+    return scores
+
+
+def make_task(config: Config, tokenizer) -> Task:
+  """The config's task and rewards, imported and tried on two problems (errors at startup, not mid-run)."""
+  g = config.grpo
+  task = Task(g, config.train.seed, tokenizer, load_function(g.task, "task"),
+              {name.strip(): load_function(name, "rewards") for name in g.rewards.split(",") if name.strip()})
+  prompts, _, answers = task.prompts("train", [0, 1])
+  try:
+    task.score(answers, answers)
+  except TrainingError as e:
+    raise ConfigError(str(e)) from e
+  if prompts.shape[1] + g.max_completion_tokens > config.train.seq_len:
+    raise ConfigError(f"The prompts ({prompts.shape[1]} tokens) + config.grpo.max_completion_tokens = "
+                      f"{g.max_completion_tokens} are longer than config.train.seq_len = {config.train.seq_len}: "
+                      "raise train.seq_len or lower max_completion_tokens. (Checked on the task's first prompts; a "
+                      "longer one later stops the run.)")
+  return task
+
+
+def completions_of(new_BxT: np.ndarray, stop_ids: tuple[int, ...]) -> tuple[list[list[int]], np.ndarray]:
+  """(each row's completion: its tokens up to and with its first stop id, their count)."""
+  rows = []
+  for row in new_BxT.tolist():
+    end = next((i for i, token in enumerate(row) if token in stop_ids), None)
+    rows.append(row if end is None else row[:end + 1])
+  return rows, np.asarray([len(r) for r in rows])
+
+
+def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
+  """(reward - its group's mean) / (the group's standard deviation + 1e-4), groups of `group` rows."""
+  by_group = rewards.reshape(-1, group)
+  return ((by_group - by_group.mean(1, keepdims=True)) / (by_group.std(1, keepdims=True) + 1e-4)).reshape(-1)
+
+
+def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[list[int]],
+             seq_len: int) -> dict[str, np.ndarray]:
+  """Rows prompt (its last lengths_B[b] tokens: without the left padding) + completion, padded to seq_len;
+  `mask` marks the positions whose target is a completion token (the loss and its token count)."""
+  B, width = prompts_BxP.shape
+  tokens = np.zeros((B, seq_len), np.int32)
+  mask = np.zeros((B, seq_len), np.bool_)
+  segment_ids = np.zeros((B, seq_len), np.int32)
+  for i, (P, completion) in enumerate(zip(lengths_B, completions)):
+    n = len(completion)
+    if P + n > seq_len:
+      raise TrainingError(f"A prompt of {P} tokens + its completion of {n} is longer than config.train.seq_len "
+                          f"= {seq_len}: raise train.seq_len or lower config.grpo.max_completion_tokens.")
+    tokens[i, :P], tokens[i, P:P + n] = prompts_BxP[i, width - P:], completion
+    segment_ids[i, :P + n] = 1
+    mask[i, P - 1:P - 1 + n] = True
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy()
+  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """One step's completions: the step's batch (rows prompt + completion, advantages, log-probabilities of
+  the sampling policy and the reference) and what the log reports of them."""
+  batch: dict[str, np.ndarray]
+  rewards: dict[str, np.ndarray]  # per reward function, per row
+  lengths: np.ndarray  # completion tokens per row
+  seconds: float
+
+
+class Sampler:
+  """Completions of the step's prompts (and greedy ones of held-out prompts) with the KV cache."""
+
+  def __init__(self, rt: runtime.Runtime, task: Task):
+    self.rt, self.task, self.g = rt, task, rt.config.grpo
+    tokenizer = task.tokenizer
+    self.stop_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    self.num_ids = tokenizer.vocab_size if tokenizer.vocab_size < rt.config.model.vocab_size else 0
+    rows = sharding.batch_sharding(rt.mesh)
+    self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),
+                             in_shardings=(rt.param_sharding, rows), out_shardings=rows)
+
+  def _generate(self, params, prompts_BxP, lengths_B, rng,
+                temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
+    with jax.set_mesh(self.rt.mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
+      new_BxT = np.asarray(sampling.generate(
+          params, prompts_BxP, rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
+          sampling=sampling.SamplingConfig(temperature=temperature), stop_ids=self.stop_ids, num_ids=self.num_ids,
+          prompt_lengths_B=lengths_B))
+    completions, lengths = completions_of(new_BxT, self.stop_ids)
+    texts = [self.task.tokenizer.decode([t for t in c if t not in self.stop_ids]) for c in completions]
+    return completions, texts, lengths
+
+  def rollout(self, state, reference, step: int) -> Rollout:
+    """The completions of rollout `step` (from 0; the optimizer step / num_iterations): its prompts depend
+    on the seed and the step, the sampling on the seed, the step and the policy."""
+    started, plan, group = time.perf_counter(), self.rt.plan, self.g.num_generations
+    count = plan.global_sequences // group
+    prompts, prompt_lengths, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
+    prompts_BxP, prompt_lengths_B = np.repeat(prompts, group, axis=0), np.repeat(prompt_lengths, group)
+    answers = [a for a in answers for _ in range(group)]
+    params = state.model_params
+    rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
+    completions, texts, lengths = self._generate(params, prompts_BxP, prompt_lengths_B, rng, self.g.temperature)
+    rewards = self.task.score(texts, answers)
+    batch = assemble(prompts_BxP, prompt_lengths_B, completions, plan.seq_len)
+    batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
+    if reference is None:  # LoRA: the reference is the base, the adapters at zero
+      reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
+    with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
+      for name, weights in (("old_logprobs", params), ("ref_logprobs", reference)):
+        batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
+                                      for micro in _micro(batch, plan.micro_rows)])
+    return Rollout(batch, rewards, lengths, time.perf_counter() - started)
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Mean rewards of greedy completions of the held-out prompts."""
+    prompts, prompt_lengths, answers = self.task.prompts("eval", range(self.g.eval_prompts))
+    _, texts, lengths = self._generate(state.model_params, prompts, prompt_lengths, jax.random.key(0), 0.0)
+    rewards = self.task.score(texts, answers)
+    return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(lengths.mean()),
+            **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}}
+
+
+def _micro(batch: dict[str, np.ndarray], rows: int):
+  """The micro-batches of the token arrays of a step's rows, in order."""
+  keys = ("tokens", "segment_ids", "positions")
+  for start in range(0, len(batch["tokens"]), rows):
+    yield {k: batch[k][start:start + rows] for k in keys}
+
+
+class GRPO:
+  """GRPO as a kind of training for the loop (`lm.training.train`): rollouts as its batches, the policy loss, the
+  rewards of greedy completions of held-out prompts as its eval."""
+  steps_per_epoch = None  # a task's prompts have no epochs: config.train.num_train_steps counts the steps
+  evaluate_first = True  # the rewards of the model the run starts from
+
+  def __init__(self, rt: runtime.Runtime, sampler: Sampler):
+    g = rt.config.grpo
+    self.rt, self.sampler, self.g = rt, sampler, g
+    self.losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
+    self.reference = None  # the KL's reference: the starting parameters (None with LoRA: the base alone)
+    self._rollout: Rollout | None = None
+
+  def describe(self) -> list[tuple[str, str]]:
+    g, plan = self.g, self.rt.plan
+    return [("Mode", f"GRPO: {plan.global_sequences // g.num_generations} prompts x {g.num_generations} "
+                     f"generations = {plan.global_sequences} completions per optimizer step, at most "
+                     f"{g.max_completion_tokens} tokens each, temperature {g.temperature:g}; beta {g.beta:g}, "
+                     f"epsilon {g.epsilon:g}, {g.num_iterations} update(s) per batch of completions"),
+            ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy")]
+
+  def start(self, fns: runtime.TrainFunctions, state, resumed: bool) -> None:
+    """Keeps the parameters the run started from, a copy of their own (with LoRA, the base is the state's)."""
+    t = self.rt.config.train
+    if fns.lora:
+      self.reference = None
+    elif not resumed:
+      self.reference = jax.tree.map(jnp.copy, state.params)
+    else:
+      self.reference = (param_files.restore_params(t.init_from, fns.abstract_base) if t.init_from
+                        else fns.create_state().params)
+
+  def batch(self, step: int, state) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The step's completions (sampled anew every num_iterations steps) as micro-batches, their figures."""
+    iterations = self.g.num_iterations
+    if self._rollout is None or step % iterations == 0:
+      if step % iterations:
+        console.logger.warning("Resumed inside a group of config.grpo.num_iterations = %d steps: the "
+                               "completions of steps %d-%d are sampled again, from the resumed policy.",
+                               iterations, step + 1, (step // iterations + 1) * iterations)
+      self._rollout = self.sampler.rollout(state, self.reference, step // iterations)
+    out = self._rollout
+    total = sum(out.rewards.values())
+    figures = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
+               "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
+               **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in out.rewards.items()}}
+    return batching.micro_batches(out.batch, self.rt.plan), figures
+
+  def figures(self, fetched: dict, tokens: int) -> dict[str, float]:
+    """The KL to the reference and the fraction of clipped tokens, per completion token."""
+    return {"kl": float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1),
+            "clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1)}
+
+  def evaluate(self, state) -> dict[str, float]:
+    return self.sampler.evaluate(state)
+
+
+def make(rt: runtime.Runtime) -> GRPO:
+  """The config's task and sampler, checked against the batch (errors at startup, not mid-run)."""
+  config, g = rt.config, rt.config.grpo
+  if jax.process_count() > 1:
+    raise ConfigError("GRPO runs in one process for now (the sampler decodes on this process's devices); "
+                      "start it on one host.")
+  if rt.plan.global_sequences % g.num_generations:
+    raise ConfigError(f"The global batch of {rt.plan.global_sequences} sequences (micro_batch_size x "
+                      f"accumulation x {rt.plan.data_parallel} data-parallel devices) is not a multiple of "
+                      f"config.grpo.num_generations = {g.num_generations}: each prompt's completions form one "
+                      "group of a step. Change the batch or num_generations.")
+  if not config.train.num_train_steps:
+    raise ConfigError(f"config.train.num_train_steps = 0 with config.train.num_epochs = {config.train.num_epochs}: "
+                      "a GRPO task's prompts have no epochs (it draws as many as the steps ask for). Set "
+                      "config.train.num_train_steps.")
+  return GRPO(rt, Sampler(rt, make_task(config, corpus.load_tokenizer(config.data, config.model.vocab_size))))

@@ -1,0 +1,90 @@
+"""GRPO's prompts and rewards: tasks whose answers can be checked, and reward functions (config.grpo.task,
+config.grpo.rewards name them as `module.function`, so a user's own module plugs in the same way).
+
+A task is `task(seed, split, indices, cfg) -> (prompts, answers)`: the problems at those indices of the
+split ("train" or "eval", disjoint streams), lists of strings, the same for the same arguments; prompts may
+differ in length.
+
+A reward function is `reward(completions, answers) -> sequence of floats`, one per completion: the text
+the model wrote after the prompt (up to its end-of-sequence), and the task's answer of its prompt. The
+rewards of all functions named are added.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import numpy as np
+from etils import epath
+
+from lm.config import GRPOConfig
+from lm.errors import ConfigError
+
+
+_SPLITS = {"train": 0, "eval": 1}
+
+
+def arithmetic(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+  """Additions of two integers in 0..max_operand, written with a fixed width ("07+45="); the answer is the
+  sum ("52"). Problem i of a split depends on (seed, split, i) alone. Needs no network and no dataset."""
+  width = len(str(cfg.max_operand))
+  prompts, answers = [], []
+  for i in indices:
+    a, b = np.random.default_rng([seed, _SPLITS[split], int(i)]).integers(0, cfg.max_operand + 1, 2)
+    prompts.append(f"{a:0{width}d}+{b:0{width}d}=")
+    answers.append(str(a + b))
+  return prompts, answers
+
+
+@functools.cache
+def _problems(path: str) -> tuple[tuple[str, str], ...]:
+  rows = []
+  with epath.Path(path).open() as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        rows.append((str(record["prompt"]), str(record["answer"])))
+      except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"config.grpo.dataset = {path!r}, line {number}: not a JSON object with \"prompt\" "
+                          f"and \"answer\" ({type(e).__name__}: {e}).") from e
+  return tuple(rows)
+
+
+def jsonl_problems(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+  """Problems of a JSON Lines file (config.grpo.dataset, local or gs://), {"prompt": ..., "answer": ...}
+  per line. The first config.grpo.eval_prompts lines are the eval split, the rest the train split, visited
+  in a seeded order reshuffled every pass (problem i of the train split: pass i // n, place i % n)."""
+  if not cfg.dataset:
+    raise ConfigError("config.grpo.task = lm.training.rewards.jsonl_problems needs config.grpo.dataset: a JSON Lines "
+                      "file of {\"prompt\": ..., \"answer\": ...}.")
+  try:
+    rows = _problems(cfg.dataset)
+  except OSError as e:
+    raise ConfigError(f"config.grpo.dataset = {cfg.dataset!r} cannot be read: {e}") from e
+  held, rest = rows[:cfg.eval_prompts], rows[cfg.eval_prompts:]
+  if split == "eval":
+    chosen = [held[int(i) % len(held)] for i in indices]
+  else:
+    if not rest:
+      raise ConfigError(f"config.grpo.dataset = {cfg.dataset!r} has {len(rows)} problems, all of them held "
+                        f"out for eval (config.grpo.eval_prompts = {cfg.eval_prompts}): add problems or "
+                        "lower eval_prompts.")
+    n = len(rest)
+    chosen = [rest[np.random.default_rng([seed, int(i) // n]).permutation(n)[int(i) % n]] for i in indices]
+  return [p for p, _ in chosen], [a for _, a in chosen]
+
+
+def exact_answer(completions: list[str], answers: list[str]) -> list[float]:
+  """1 when the completion is the answer (surrounding white space ignored), else 0."""
+  return [float(c.strip() == a) for c, a in zip(completions, answers)]
+
+
+def answer_format(completions: list[str], answers: list[str]) -> list[float]:
+  """0.1 when the completion is a number alone (the answer's form), whatever its value: a small reward
+  that teaches the format before the answers are right."""
+  del answers
+  return [0.1 * bool(re.fullmatch(r"\s*-?\d+\s*", c)) for c in completions]

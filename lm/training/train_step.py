@@ -1,0 +1,159 @@
+"""Pure functions of the training: the loss, one optimizer step as one program, one eval batch. No I/O.
+
+Loss accounting is token-exact: a micro-batch's loss is the sum of its per-token cross-entropies divided by
+the number of real tokens in the whole optimizer step (counted inside the program), and the micro-batch
+gradients are summed. The gradient applied is therefore that of the global token mean, however the global
+batch is split into micro-batches and devices. Per-sequence loss sums come back so that the host can add
+them in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+from lm.data import batching
+from lm.model import lora, sharding
+from lm.model.decoder import Decoder
+from lm.training.optimizer import grad_norm, skipped_updates
+
+
+class TrainState(struct.PyTreeNode):
+  params: Any  # what the optimizer trains: every parameter, or the LoRA adapters alone
+  opt_state: optax.MultiStepsState
+  frozen: Any = None  # the parameters held fixed (LoRA's base weights): an input of the step, never saved
+
+  @property
+  def model_params(self):
+    """The whole parameter tree the model takes."""
+    return lora.merge(self.frozen, self.params)
+
+  def saved(self) -> dict:
+    """What a checkpoint holds: {"params", "opt_state"} (the layout of every checkpoint so far)."""
+    return {"params": self.params, "opt_state": self.opt_state}
+
+  @property
+  def step(self) -> jax.Array:
+    """Optimizer steps taken."""
+    return self.opt_state.gradient_step
+
+
+def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> jax.Array:
+  """log p(next token) at every position [B, L], float32, of the logits divided by `temperature` (GRPO
+  samples at a temperature and scores its tokens at it, as TRL)."""
+  logits_BxLxV = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return -optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32) / temperature,
+                                                          batching.targets(batch["tokens"]))
+
+
+def token_losses(model: Decoder, params, batch) -> dict:
+  """The language-model loss of a micro-batch, per sequence: the cross-entropy summed over the counted
+  targets (`batching.target_mask`), float32 [B], and their count, int32 [B]. Training's loss and eval's."""
+  mask_BxL = batching.target_mask(batch)
+  ce_BxL = -token_logprobs(model, params, batch)
+  return {"sequence_loss": jnp.sum(jnp.where(mask_BxL, ce_BxL, 0.0), axis=-1),
+          "sequence_tokens": jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)}
+
+
+def loss_scale(batch) -> jax.Array:
+  """1 / (real target tokens of the whole optimizer step), float32: every micro-batch's loss sum is
+  scaled by it, so that the summed gradients are those of the step's token mean. The tokens that count are
+  the batch's `mask` where it has one (GRPO: the completions), else every target of a document."""
+  tokens = jnp.sum(batching.target_mask(batch), dtype=jnp.int32)
+  return 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps, accumulation_steps: int,
+               local_axis: str | None = None, losses: Callable = token_losses):
+  """One optimizer step in one program: the gradients of the k micro-batches, summed, then the update.
+
+  Without `local_axis`, the first k - 1 micro-batches run in a `lax.scan` that adds each gradient to
+  MultiSteps' accumulator by its own rule (`grad + acc`, in the accumulator's dtype), and the last
+  micro-batch's gradient goes to `tx.update` (MultiSteps) entered at its last mini-step, so that
+  MultiSteps itself adds it, runs the inner optimizer on the sum, restarts the accumulator and counts the
+  step: bitwise what k MultiSteps micro-steps give. Entered with a constant mini-step, MultiSteps'
+  selections between "update" and "only accumulate" are constants that XLA folds away: the program does
+  the work of one update, not of k.
+
+  With `local_axis` (the mesh's data axis, when it has several replicas and k > 1), each replica sums the
+  gradients of its own rows of all k micro-batches and the replicas add their sums once (`_local_sum`):
+  one all-reduce per optimizer step instead of one per micro-batch. The additions then come in another
+  order (within float32 rounding of the sum; tests/test_train_step.py), and MultiSteps gets the sum with
+  an empty accumulator.
+
+  Args:
+    batch: tokens, segment_ids, positions, each [k, micro_batch_size x data-parallel devices, seq_len]:
+      the global batch, micro-batch after micro-batch, each micro-batch's rows split over the devices
+      (and whatever else `losses` reads: GRPO's mask, advantages and log-probabilities).
+    losses: (model, params, micro-batch) -> per-sequence figures, among them "sequence_loss" (summed over
+      the counted tokens) and "sequence_tokens"; the language-model loss by default.
+    accumulation_steps: k, as `tx` (MultiSteps) was made with: checked against the batch.
+  Returns:
+    (new state, metrics): per-sequence loss sums and token counts [k x rows] in global row order, the
+    gradient norm and the count of skipped updates.
+  """
+  k = batch["tokens"].shape[0]
+  if k != accumulation_steps:  # MultiSteps would then never reach its update: a silent no-op step
+    raise ValueError(f"the step's batch holds {k} micro-batches, the optimizer accumulates {accumulation_steps}")
+  scale = loss_scale(batch)
+  opt_state = state.opt_state
+  zeros = jax.tree.map(jnp.zeros_like, opt_state.acc_grads)  # constants: XLA adds them for free
+  if local_axis is not None and k > 1:
+    grads, figures = _local_sum(model, losses, state.params, state.frozen, batch, scale, zeros, local_axis)
+    acc_grads = zeros
+  else:
+    if k > 1:
+      acc_grads, head_figures = jax.lax.scan(_accumulate(model, losses, state.params, state.frozen, scale),
+                                             opt_state.acc_grads, jax.tree.map(lambda x: x[:-1], batch))
+    else:  # nothing accumulated: the state's accumulator is not read
+      acc_grads, head_figures = zeros, None
+    grads, figures = gradient(model, state.params, state.frozen, jax.tree.map(lambda x: x[-1], batch), scale,
+                              losses)
+    if head_figures is not None:
+      figures = jax.tree.map(lambda h, f: jnp.concatenate([h.reshape(-1), f]), head_figures, figures)
+  last = opt_state._replace(mini_step=jnp.asarray(k - 1, opt_state.mini_step.dtype), acc_grads=acc_grads)
+  updates, opt_state = tx.update(grads, last, state.params)
+  if k == 1:  # the state's accumulator is zeros, as MultiSteps' restart: passed through, never written
+    opt_state = opt_state._replace(acc_grads=state.opt_state.acc_grads)
+  params = optax.apply_updates(state.params, updates)
+  return (TrainState(params=params, opt_state=opt_state, frozen=state.frozen),
+          {**figures, "grad_norm": grad_norm(opt_state), "skipped_updates": skipped_updates(opt_state)})
+
+
+def _accumulate(model: Decoder, losses: Callable, params, frozen, scale):
+  """The scan body: one micro-batch's gradient added to the accumulator (MultiSteps' rule, its dtype)."""
+  def accumulate(acc, micro_batch):
+    grads, figures = gradient(model, params, frozen, micro_batch, scale, losses)
+    return jax.tree.map(lambda g, a: (g + a).astype(a.dtype), grads, acc), figures
+  return accumulate
+
+
+def _local_sum(model: Decoder, losses: Callable, params, frozen, batch, scale, acc_grads, axis: str):
+  """(sum of the gradients of all micro-batches, per-sequence figures flattened in global row order):
+  each replica along `axis` accumulates the gradients of its rows, then one psum adds the replicas'
+  sums. Manual over `axis` alone: the other mesh axes (fsdp, tensor) stay with the compiler."""
+  def local(params, frozen, batch, scale, acc_grads):
+    with sharding.rules_within(axis):
+      acc_grads, figures = jax.lax.scan(_accumulate(model, losses, params, frozen, scale), acc_grads, batch)
+    return jax.lax.psum(acc_grads, axis), figures
+
+  summed, figures = jax.shard_map(
+      local, in_specs=(P(), P(), P(None, axis), P(), P()), out_specs=(P(), P(None, axis)),
+      axis_names=frozenset({axis}), check_vma=False)(params, frozen, batch, scale, acc_grads)
+  # In the parameters' dtype, as MultiSteps hands the sum of micro-batch gradients to the inner optimizer.
+  return optax.tree.cast_like(summed, params), jax.tree.map(lambda f: f.reshape(-1), figures)
+
+
+def gradient(model: Decoder, params, frozen, batch, scale, losses: Callable = token_losses):
+  """(gradient of the micro-batch's loss sum x `scale` with respect to `params`, the per-sequence figures
+  of `losses`); `frozen` (LoRA's base weights, or None) joins `params` in the model, ungraded."""
+  def loss_fn(params):
+    figures = losses(model, lora.merge(frozen, params), batch)
+    return jnp.sum(figures["sequence_loss"]) * scale, figures
+
+  return jax.grad(loss_fn, has_aux=True)(params)
