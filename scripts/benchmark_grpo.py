@@ -30,10 +30,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   import jax  # after absl has parsed the flags
-  from lm.data import batching, corpus
-  from lm.training import grpo, runtime
-  from lm.model import sharding
   from lm.config import from_config_dict
+  from lm.data import batching, corpus
+  from lm.model import sharding
+  from lm.training import grpo, runtime
   from lm.training.optimizer import make_optimizer
 
   config = from_config_dict(_CONFIG.value)

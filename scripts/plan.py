@@ -57,13 +57,13 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from lm import config_file
-from lm.tools import hlo, topology
-from lm.training import flop_count, runtime
+from lm import config_file  # noqa: E402
+from lm.config import Config, from_config_dict  # noqa: E402
+from lm.errors import ConfigError  # noqa: E402
 from lm.model import sharding  # noqa: E402
 from lm.model.decoder import param_count  # noqa: E402
-from lm.config import Config, from_config_dict  # noqa: E402
-from lm.errors import ConfigError
+from lm.tools import hlo, topology  # noqa: E402
+from lm.training import flop_count, runtime  # noqa: E402
 from lm.training.optimizer import make_optimizer  # noqa: E402
 
 GB = 1e9  # decimal, as vendors quote memory; conservative against the GiB devices have

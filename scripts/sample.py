@@ -105,9 +105,9 @@ def main(argv):
   import numpy as np
 
   from lm.data import corpus
-  from lm.training import evaluate
   from lm.model import sampling
   from lm.model.decoder import Decoder
+  from lm.training import evaluate
 
   try:
     config = from_config_dict(_CONFIG.value)

@@ -64,7 +64,7 @@ def write_files(directory, contents: dict[str, str]):
 
 
 def texts_of(src, part="train"):
-  return [t for chunk in sources.chunks(src, part) for t in sources.documents(chunk)]
+  return [t for chunk in sources.chunks(src, part) for _, t in sources.documents(chunk)]
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------

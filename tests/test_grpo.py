@@ -137,26 +137,25 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
   the exact-answer reward alone (30 steps, 8 prompts x 8 generations) must raise the greedy exact match on
   128 held-out problems by 0.08 or more (measured here: 0 -> 0.17 on 64 of them), mostly by ending the
   answer, and shorten the completions."""
-  from lm.training.train import train_and_evaluate
   grpo_cfg = from_config_dict(default.get_config()).grpo
   problems = [p + a for p, a in zip(*rewards.arithmetic(0, "train", range(2000), dataclasses.replace(grpo_cfg, max_operand=9)))]
   corpus = tmp_path / "problems.txt"
   corpus.write_text("\n\n".join(" ".join(problems[i:i + 4]) for i in range(0, len(problems), 4)))
 
-  def config(**train):
+  def config(**overrides):
     c = apply_overrides(default.get_config(), TINY)
     c.mesh.data, c.mesh.fsdp = 1, 1
     c.data.data_dir = str(tmp_path / "data")
     c.data.sources.main.kind, c.data.sources.main.path = "text", str(corpus)
     c.train.micro_batch_size, c.train.gradient_accumulation_steps, c.train.peak_flops_per_device = 8, 1, 1e9
     c.grpo.max_operand = 9
-    for key, value in train.items():
+    for key, value in overrides.items():
       c.train[key] = value
     return c
 
   sft = config(num_train_steps=100, learning_rate=3e-3, warmup_steps=10, save_interval_steps=100,
                eval_interval_steps=100, log_interval_steps=50)
-  train_and_evaluate(from_config_dict(sft), str(tmp_path / "sft"), devices=jax.devices()[:1])
+  train.train_and_evaluate(from_config_dict(sft), str(tmp_path / "sft"), devices=jax.devices()[:1])
   rl = config(num_train_steps=30, learning_rate=1e-3, warmup_steps=0, schedule="constant", micro_batch_size=64,
               save_interval_steps=30, eval_interval_steps=30, log_interval_steps=10,
               init_from=str(tmp_path / "sft" / "checkpoints"))
@@ -191,9 +190,9 @@ def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_sp
   policy loss through the train step, LoRA) and the log-probability pass of the rollout, as Sampler runs it."""
   import functools
   import jax.numpy as jnp
-  from lm.training import runtime
   from lm.model import sharding
   from lm.tools import topology
+  from lm.training import runtime
   from lm.training.optimizer import make_optimizer
   config = tpu_config()
   config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=4),

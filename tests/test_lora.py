@@ -89,6 +89,9 @@ def test_a_lora_run_trains_and_saves_the_adapters_alone_and_reads_back_on_its_ba
   train_and_evaluate(config, workdir)
   losses = metrics.read_jsonl(workdir)
   assert losses[6]["loss"] < losses[1]["loss"] - 0.1, losses
+  # A run from init_from evaluates the model it starts from first (step 0), then at its eval interval.
+  evals = metrics.read_jsonl(workdir, "eval")
+  assert sorted(evals) == [0, 6] and evals[6]["loss"] < evals[0]["loss"], evals
 
   # The checkpoint: the adapters and their optimizer state, nothing of the base.
   saved = checkpoint.saved_tree(os.path.join(workdir, "checkpoints", "6", "state"))

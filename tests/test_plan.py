@@ -146,9 +146,9 @@ def test_bad_tpu_plans_say_what_to_change(args, message):
 @pytest.mark.parametrize("name", ["llama_1_36b", "qwen3_1_8b", "gemma3_270m", "gemma3_1b", "gemma3_4b"])
 def test_full_size_meshes_span_multi_host_slices_unchanged(name):
   """The hosts of one slice share its interconnect (one granule); several slices split the fsdp axis."""
+  from lm.config import from_config_dict
   from lm.model import sharding
   from lm.tools import topology
-  from lm.config import from_config_dict
   config = from_config_dict(importlib.import_module(f"configs.{name}").get_config())
   for slice_name, slices in (("v5e:2x4", 1), ("v5p:2x2x2", 1), ("v5e:2x4", 2)):
     devices = topology.devices(slice_name, slices)

@@ -192,11 +192,11 @@ NEW_TOKENS = 30
 @pytest.mark.slow
 def test_smollm2_imported_samples_the_tokens_of_transformers(tmp_path):
   from scripts import convert_hf
-  from lm.training import evaluate
-  from lm.model import sampling
   from lm.config import from_config_dict
   from lm.config_file import load
+  from lm.model import sampling
   from lm.model.decoder import Decoder
+  from lm.training import evaluate
 
   hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
   model = {"dir": GGUF_DIR, "gguf": GGUF, "save": str(hf_dir), "prompts": PROMPTS, "new_tokens": NEW_TOKENS}

@@ -88,9 +88,9 @@ class StoredSequences:
 
 
 class ConversationSequences:
-  """A masked store (a chat source's conversations) packed into rows as TRL's packing does: conversations
-  in stream order, each in the current row when it fits, else in a new one (greedy); each its own segment,
-  never cut across rows, the rest of a row padding (segment 0). A conversation longer than seq_len is
+  """A masked store (a chat source's conversations) packed into rows whole, as TRL's packing keeps them (here
+  next-fit in stream order, a layout that depends on the data alone): each conversation in the current row
+  when it fits, else in a new one; each its own segment, never cut across rows, the rest of a row padding (segment 0). A conversation longer than seq_len is
   truncated to its first seq_len tokens (counted). MASK[p]: token p + 1 is learned, in p's conversation."""
 
   masked = True

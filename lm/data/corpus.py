@@ -117,8 +117,8 @@ def _sample(cfg: DataConfig):
     fraction = 0.0 if src.validation else src.validation_fraction
     kept = held = 0
     for chunk in sources.chunks(src, "train"):
-      for text in sources.documents(chunk):
-        if text and fraction and sources.held_out(text, fraction):
+      for key, text in sources.documents(chunk):
+        if text and fraction and sources.held_out(key, fraction):
           held += 1
         elif text:
           kept += 1

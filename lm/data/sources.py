@@ -453,13 +453,15 @@ class Conversation:
   where: str
 
 
-def documents(chunk: Chunk) -> list[str]:
-  """The texts of a chunk, in order (a conversation's: its messages' contents, one per line);
-  ConfigError naming the source when its input is not as declared."""
+def documents(chunk: Chunk) -> list[tuple[str, str]]:
+  """(what `held_out` hashes, the text) of each document of a chunk, in order: a conversation is hashed on
+  its line, as its preparation does, and its text is its messages' contents, one per line. ConfigError
+  naming the source when its input is not as declared."""
   decoded = decode(chunk)
   if decoded.conversations is None:
-    return decoded.texts
-  return ["\n".join(m["content"] for m in c.messages) for c in decoded.conversations]
+    return [(text, text) for text in decoded.texts]
+  return [(line, "\n".join(m["content"] for m in c.messages))
+          for line, c in zip(decoded.texts, decoded.conversations)]
 
 
 def decode(chunk: Chunk) -> Decoded:

@@ -247,6 +247,7 @@ class GRPO:
   rewards of greedy completions of held-out prompts as its eval."""
   steps_per_epoch = None  # a task's prompts have no epochs: config.train.num_train_steps counts the steps
   evaluate_first = True  # the rewards of the model the run starts from
+  on_policy = True  # its completions are sampled from the state
 
   def __init__(self, rt: runtime.Runtime, sampler: Sampler):
     g = rt.config.grpo

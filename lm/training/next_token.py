@@ -30,6 +30,7 @@ class NextToken:
   lines: list[tuple[str, str]]  # the start-up block's lines about the data
   # Eval before the first step of a fresh run: a fine-tuning run's figure of the model it starts from.
   evaluate_first: bool = False
+  on_policy = False  # its rows depend on the seed and the step alone
   losses: Callable = token_losses
 
   def __post_init__(self):

@@ -39,6 +39,7 @@ class Kind(Protocol):
   losses: Callable  # (model, params, micro-batch) -> per-sequence "sequence_loss", "sequence_tokens", ...
   steps_per_epoch: int | None  # None: no epochs (config.train.num_train_steps counts the steps)
   evaluate_first: bool  # eval the starting model before the first step of a fresh run
+  on_policy: bool  # its batch is sampled from the state (GRPO): the previous step is checked before it
 
   def describe(self) -> list[tuple[str, str]]: ...  # its lines of the start-up block
 
@@ -123,14 +124,16 @@ def _train(config: Config, workdir: str, devices, held: lease.Lease) -> dict[str
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_train_steps), losses=kind.losses)
     state, progress = initial_state(rt, fns, checkpoints.manager, latest_step, t.init_from)
-  if latest_step is not None:
-    latest_step = int(state.step)  # an older one when the newest could not be restored
-  kind.start(fns, state, resumed=latest_step is not None)
-  if saved is not None and saved.get("global_batch_sequences") != rt.plan.global_sequences:
+    if latest_step is not None:
+      latest_step = int(state.step)  # an older one when the newest could not be restored
+    kind.start(fns, state, resumed=latest_step is not None)  # may trace the model: under the mesh's rules
+  # Checkpoints from before the batch was saved with them (GRPO's) say nothing of it.
+  saved_batch = (saved or {}).get("global_batch_sequences", rt.plan.global_sequences)
+  if saved_batch != rt.plan.global_sequences:
     console.logger.warning(
         "The checkpoint was written with a global batch of %s sequences, this run has %d (per-device "
         "micro batch x accumulation x %d data-parallel devices): the steps from here on see a different "
-        "data order than the original run would have.", saved.get("global_batch_sequences"),
+        "data order than the original run would have.", saved_batch,
         rt.plan.global_sequences, rt.plan.data_parallel)
   run = Run(config, workdir, rt, fns.step_fn, kind, checkpoints, num_train_steps, peak, progress=progress,
             lease=held)
@@ -197,10 +200,10 @@ def loop(run: Run, state: TrainState) -> dict[str, float]:
                                  progress=run.progress)
   profiled = profiler.steps_to_trace(profile_step_range(t.profile_steps), int(state.step), run.num_train_steps)
   try:
-    if run.kind.evaluate_first and int(state.step) == 0:
-      logger.eval(0, run.kind.evaluate(state))
     with (PreemptionNotice(run.checkpoints.manager) as preemption,
           profiler.StepProfile(profiled, run.workdir, pause=logger.timer.pause) as profile):
+      if run.kind.evaluate_first and int(state.step) == 0:
+        logger.eval(0, run.kind.evaluate(state))
       state = _steps(run, state, logger, preemption, profile)
     run.checkpoints.seal()
     if preemption.interrupted:
@@ -220,6 +223,9 @@ def _steps(run: Run, state: TrainState, logger: metrics.MetricsLogger,
     if run.lease is not None:
       run.lease.check()
     profile.before(done)
+    if run.kind.on_policy and pending is not None:  # no sampling from a step that is not known good
+      _record(run, logger, *pending)
+      pending = None
     rows, host_figures = run.kind.batch(step, state)
     with sharding.activate(rt.mesh):  # a jitted step traces its model under the mesh's rules
       state, figures = run.step_fn(state, sharding.put_step_batch(rows, rt.mesh, rt.plan.micro_rows))

@@ -1,4 +1,5 @@
-"""Pure functions of the training: the loss, one optimizer step as one program, one eval batch. No I/O.
+"""Pure functions of the training: the loss (training's and eval's, `token_losses`), one optimizer step as one
+program. No I/O.
 
 Loss accounting is token-exact: a micro-batch's loss is the sum of its per-token cross-entropies divided by
 the number of real tokens in the whole optimizer step (counted inside the program), and the micro-batch

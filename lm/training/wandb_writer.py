@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from clu.metric_writers import interface
 
 from lm import storage
-from clu.metric_writers import interface
 
 
 def run_id(workdir: str) -> str:
