@@ -64,6 +64,35 @@ def test_jsonl_problems_hold_out_the_first_lines_and_shuffle_the_rest(tmp_path):
     rewards.jsonl_problems(0, "train", [0], dataclasses.replace(cfg, dataset=str(tmp_path / "bad.jsonl")))
 
 
+def test_without_old_log_probabilities_the_ratio_is_the_updates_own_held_constant():
+  """num_iterations 1: the loss and its gradient are those of old log-probabilities computed by a separate
+  pass of the same parameters (what the rollout no longer runs); beta 0: no KL term and no KL figure."""
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from lm import console
+  from lm.model.decoder import Decoder
+  from tests.helpers import tiny_model
+  model = Decoder(tiny_model())
+  rows = grpo.assemble(np.array([[1, 5, 6], [0, 1, 9]], np.int32), np.array([3, 2]), [[7, 8, 2], [4, 2]], 16)
+  rows["advantages"] = np.array([1.0, -1.0], np.float32)
+  params = nn.unbox(model.init(jax.random.key(0), rows["tokens"], rows["segment_ids"], rows["positions"])["params"])
+  old = np.asarray(train_step.token_logprobs(model, params, rows))
+  ref = old - 0.1
+  def loss(p, batch, beta):
+    return jnp.sum(grpo.policy_losses(model, p, batch, beta=beta, epsilon=0.2, temperature=1.0)["sequence_loss"])
+  for beta in (0.0, 0.04):
+    with_ref = {"ref_logprobs": ref} if beta else {}
+    separate = jax.value_and_grad(loss)(params, {**rows, **with_ref, "old_logprobs": old}, beta)
+    own = jax.value_and_grad(loss)(params, {**rows, **with_ref}, beta)
+    np.testing.assert_allclose(own[0], separate[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), own[1], separate[1])
+  figures = grpo.policy_losses(model, params, rows, beta=0.0, epsilon=0.2, temperature=1.0)
+  assert "sequence_kl" not in figures and set(figures) == {"sequence_loss", "sequence_tokens", "sequence_clipped"}
+  line = console.step_line(3, 10, {"loss": 0.1, "loss_ema": 0.2, "learning_rate": 1e-3, "grad_norm": 1.0,
+                                   "reward_mean": 0.25, "completion_length": 7.5}, None)
+  assert "reward 0.250" in line and "length 7.5" in line and "kl" not in line
+
+
 def _config(tmp_path, **changes):
   c = apply_overrides(default.get_config(), TINY)
   c.mesh.data, c.mesh.fsdp = 2, 1
@@ -170,9 +199,10 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_problems(tmp_path):
 
 def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_path):
   """num_iterations 2: steps 1-2 and 3-4 share their completions (the same rewards), the first step of a
-  pair has ratio 1 (nothing clipped), the second has moved (at this learning rate, some tokens clipped)."""
+  pair has ratio 1 (nothing clipped), the second has moved (at this learning rate, some tokens clipped).
+  With beta 0 there is no KL figure (nor reference pass)."""
   c = _config(tmp_path, **{"grpo.rewards": "tests.test_grpo._parity_reward", "grpo.num_iterations": 2,
-                           "train.learning_rate": 3e-2, "train.save_interval_steps": 4})
+                           "train.learning_rate": 3e-2, "train.save_interval_steps": 4, "grpo.beta": 0.0})
   c.model.lora_rank, c.mesh.data = 0, 1
   c.train.micro_batch_size, c.train.gradient_accumulation_steps = 16, 1
   workdir = str(tmp_path / "run")
@@ -182,6 +212,7 @@ def test_num_iterations_reuses_the_completions_and_clips_the_moved_ratio(tmp_pat
   assert logged[1]["reward_mean"] != logged[3]["reward_mean"] or logged[1]["loss"] != logged[3]["loss"]
   assert logged[1]["clip_fraction"] == logged[3]["clip_fraction"] == 0.0
   assert logged[2]["clip_fraction"] > 0 and logged[4]["clip_fraction"] > 0
+  assert not any("kl" in row for row in logged.values())  # beta 0: no KL term, no reference pass
 
 
 @needs_libtpu

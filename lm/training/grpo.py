@@ -15,12 +15,13 @@ Each optimizer step:
    (`lm.training.train_step.train_step` with this module's `policy_losses`).
 
 The reference model is the one the run starts from: with LoRA the base alone (the adapters at zero: no
-copy of the weights), else a copy of the starting parameters. With one update per batch of completions the
-ratio is 1 up to the rounding between the sampling and the update programs; from the second of
-num_iterations updates on, the policy has moved from the sampling one and the clip bounds the step.
+copy of the weights), else a copy of the starting parameters; with beta 0 there is none (no KL term, no
+reference pass). With one update per batch of completions the old log-probabilities are the update's own,
+held constant (the ratio is exactly 1; no forward pass of the sampling policy, as TRL); from the second of
+num_iterations updates on, they are the sampling policy's (a pass per rollout) and the clip bounds the step.
 
-Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s prompt_lengths_B) and
-packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
+Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s
+prompt_lengths_B) and packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
 """
 
 from __future__ import annotations
@@ -48,21 +49,31 @@ from lm.training.train_step import token_logprobs
 
 def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float) -> dict:
   """Per completion: the clipped policy-gradient loss with the KL penalty summed over its tokens, their
-  count, the KL sum and the number of tokens whose objective was clipped. Log-probabilities are those of
-  the sampling distribution (logits / temperature), as TRL's."""
+  count, the KL sum (with beta > 0) and the number of tokens whose objective was clipped. Log-probabilities
+  are those of the sampling distribution (logits / temperature), as TRL's.
+
+  Without `old_logprobs` in the batch (num_iterations 1: the completions were sampled by this very policy)
+  the old log-probabilities are the current ones, held constant: the ratio is exactly 1 and its gradient
+  that of the log-probability, as TRL's detached copy, with no forward pass of its own. Without
+  `ref_logprobs` (beta 0) there is no KL term and no reference pass."""
   logp_BxL = token_logprobs(model, params, batch, temperature)
   mask_BxL = batch["mask"]
-  ratio_BxL = jnp.exp(logp_BxL - batch["old_logprobs"])
+  old_BxL = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp_BxL)
+  ratio_BxL = jnp.exp(logp_BxL - old_BxL)
   advantage_Bx1 = batch["advantages"][:, None]
   unclipped, clipped = ratio_BxL * advantage_Bx1, jnp.clip(ratio_BxL, 1 - epsilon, 1 + epsilon) * advantage_Bx1
-  log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
-  kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
-  per_token_BxL = -jnp.minimum(unclipped, clipped) + beta * kl_BxL
+  per_token_BxL = -jnp.minimum(unclipped, clipped)
 
   def total(x_BxL):
     return jnp.sum(jnp.where(mask_BxL, x_BxL, 0), axis=-1)
-  return {"sequence_loss": total(per_token_BxL), "sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
-          "sequence_kl": total(kl_BxL), "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
+  figures = {"sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
+             "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
+  if "ref_logprobs" in batch:
+    log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
+    kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
+    per_token_BxL = per_token_BxL + beta * kl_BxL
+    figures["sequence_kl"] = total(kl_BxL)
+  return {"sequence_loss": total(per_token_BxL), **figures}
 
 
 def load_function(name: str, key: str) -> Callable:
@@ -218,13 +229,21 @@ class Sampler:
     rewards = self.task.score(texts, answers)
     batch = assemble(prompts_BxP, prompt_lengths_B, completions, plan.seq_len)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
-    if reference is None:  # LoRA: the reference is the base, the adapters at zero
-      reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
-    with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
-      for name, weights in (("old_logprobs", params), ("ref_logprobs", reference)):
+    for name, weights in self._scored_by(state, reference):
+      with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
         batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
                                       for micro in _micro(batch, plan.micro_rows)])
     return Rollout(batch, rewards, lengths, time.perf_counter() - started)
+
+  def _scored_by(self, state, reference) -> list[tuple[str, object]]:
+    """The forward passes a rollout needs besides sampling: the sampling policy's log-probabilities only when
+    they are reused by later updates (num_iterations > 1), the reference's only with a KL term (beta > 0)."""
+    passes = [("old_logprobs", state.model_params)] if self.g.num_iterations > 1 else []
+    if self.g.beta > 0:
+      if reference is None:  # LoRA: the reference is the base, the adapters at zero
+        reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
+      passes.append(("ref_logprobs", reference))
+    return passes
 
   def evaluate(self, state) -> dict[str, float]:
     """Mean rewards of greedy completions of the held-out prompts."""
@@ -267,7 +286,7 @@ class GRPO:
   def start(self, fns: runtime.TrainFunctions, state, resumed: bool) -> None:
     """Keeps the parameters the run started from, a copy of their own (with LoRA, the base is the state's)."""
     t = self.rt.config.train
-    if fns.lora:
+    if fns.lora or self.g.beta == 0:  # the base is the state's; no KL term, no reference
       self.reference = None
     elif not resumed:
       self.reference = jax.tree.map(jnp.copy, state.params)
@@ -292,9 +311,11 @@ class GRPO:
     return batching.micro_batches(out.batch, self.rt.plan), figures
 
   def figures(self, fetched: dict, tokens: int) -> dict[str, float]:
-    """The KL to the reference and the fraction of clipped tokens, per completion token."""
-    return {"kl": float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1),
-            "clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1)}
+    """The KL to the reference (with beta > 0) and the fraction of clipped tokens, per completion token."""
+    figures = {"clip_fraction": float(np.sum(fetched["sequence_clipped"])) / max(tokens, 1)}
+    if "sequence_kl" in fetched:
+      figures["kl"] = float(np.sum(fetched["sequence_kl"], dtype=np.float64)) / max(tokens, 1)
+    return figures
 
   def evaluate(self, state) -> dict[str, float]:
     return self.sampler.evaluate(state)
