@@ -127,6 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.dataset = ""  # lm.training.rewards.jsonl_problems' file: JSON Lines of {"prompt": ..., "answer": ...}
   c.grpo.rewards = "lm.training.rewards.exact_answer,lm.training.rewards.answer_format"  # summed; module.function each
   c.grpo.eval_prompts = 64  # held-out prompts scored (greedy) at every eval
+  c.grpo.chat = False  # each prompt as the user's message, rendered with the model's chat template (instruct models)
+  c.grpo.system_prompt = ""  # with grpo.chat: a system message before each prompt (empty: none)
 
   return c
 

@@ -135,6 +135,8 @@ class GRPOConfig:
   dataset: str
   rewards: str
   eval_prompts: int
+  chat: bool
+  system_prompt: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,40 @@ def test_without_old_log_probabilities_the_ratio_is_the_updates_own_held_constan
   assert "reward 0.250" in line and "length 7.5" in line and "kl" not in line
 
 
+def test_word_problems_never_hold_out_a_trained_problem_and_the_last_number_is_the_answer():
+  cfg = from_config_dict(default.get_config()).grpo
+  train_texts, train_answers = rewards.word_problems(0, "train", range(3000), cfg)
+  eval_texts, _ = rewards.word_problems(0, "eval", range(300), cfg)
+  assert not set(train_texts) & set(eval_texts) and len(set(eval_texts)) > 200
+  assert (train_texts[:5], train_answers[:5]) == rewards.word_problems(0, "train", range(5), cfg)
+  assert train_texts[:5] != rewards.word_problems(1, "train", range(5), cfg)[0]
+  assert all(rewards.held_out_problem(t) for t in eval_texts) and not any(map(rewards.held_out_problem, train_texts))
+  assert rewards.last_number(["5 + 3 = 8, so 8.", "It is 12", "none", "1,024", "-3"], ["8", "13", "1", "1024", "-3"]) == \
+      [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_chat_prompts_are_what_sample_py_feeds_bucketed_and_end_at_the_turn(tmp_path):
+  """config.grpo.chat: each prompt is the user's message in the model's template (here the byte tokenizer's
+  plain one), its ids those of `sample.py --chat`, left-padded to a multiple of PROMPT_BUCKET; the
+  completions end at the chat's stop ids."""
+  from lm.data import chat as lm_chat
+  from lm.data import corpus
+  c = _config(tmp_path, **{"grpo.chat": True, "grpo.system_prompt": "Answer with a number.",
+                           "grpo.task": "lm.training.rewards.word_problems", "train.seq_len": 256,
+                           "model.max_seq_len": 256})
+  config = from_config_dict(c)
+  tokenizer = corpus.load_tokenizer(config.data, config.model.vocab_size)
+  task = grpo.make_task(config, tokenizer)
+  prompts, lengths, _ = task.prompts("train", range(4))
+  texts, _ = rewards.word_problems(config.train.seed, "train", range(4), config.grpo)
+  chat = corpus.load_chat(config.data, tokenizer)
+  for row, n, text in zip(prompts, lengths, texts):
+    ids = tokenizer.encode_special(chat.render(lm_chat.messages(text, "Answer with a number.")))
+    assert row[len(row) - n:].tolist() == ids and not row[:len(row) - n].any()
+  assert prompts.shape[1] % grpo.PROMPT_BUCKET == 0 and prompts.shape[1] >= lengths.max()
+  assert task.stop_ids == chat.stop_ids
+
+
 def _config(tmp_path, **changes):
   c = apply_overrides(default.get_config(), TINY)
   c.mesh.data, c.mesh.fsdp = 2, 1

@@ -40,6 +40,7 @@ from lm import console
 from lm.checkpoints import param_files
 from lm.config import Config, GRPOConfig
 from lm.data import batching, corpus
+from lm.data import chat as lm_chat
 from lm.errors import ConfigError, TrainingError
 from lm.model import lora, sampling, sharding
 from lm.model.decoder import Decoder
@@ -90,6 +91,9 @@ def load_function(name: str, key: str) -> Callable:
   return function
 
 
+PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this: one sampler program per bucket
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """Prompts, answers and rewards of a GRPO run, as token ids."""
@@ -98,17 +102,35 @@ class Task:
   tokenizer: object
   problems: Callable  # (seed, split, indices, cfg) -> (prompts, answers)
   rewards: dict[str, Callable]  # name -> reward(completions, answers)
+  chat: lm_chat.Chat | None = None  # config.grpo.chat: the model's template renders each prompt
+  max_width: int = 0  # prompts are left-padded to a multiple of PROMPT_BUCKET up to this (0: no cap)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Where a completion ends: the chat's end-of-turn ids (and end of document), else the end of document."""
+    if self.chat is not None:
+      return self.chat.stop_ids
+    return () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
 
   def prompts(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(prompt tokens [len(indices), longest] int32, framed as the tokenizer frames an input (its BOS or
-    post-processor), left-padded with 0, their lengths, answers)."""
+    """(prompt tokens [len(indices), width] int32, left-padded with 0, their lengths, answers). A prompt is
+    the user's message rendered with the chat template (config.grpo.chat: the ids of `sample.py --chat`),
+    else framed as the tokenizer frames an input (its BOS or post-processor). The width is the longest
+    prompt's rounded up to a multiple of PROMPT_BUCKET, so that the sampler compiles once per bucket, not
+    once per prompt length."""
     texts, answers = self.problems(self.seed, split, indices, self.cfg)
-    ids = self.tokenizer.encode_batch(texts, framed=True)
+    if self.chat is None:
+      ids = self.tokenizer.encode_batch(texts, framed=True)
+    else:
+      system = self.cfg.system_prompt or None
+      ids = [self.tokenizer.encode_special(self.chat.render(lm_chat.messages(t, system))) for t in texts]
     lengths = np.asarray([len(i) for i in ids], np.int32)
     if not lengths.min():
       raise TrainingError(f"config.grpo.task = {self.cfg.task!r} gave an empty prompt (no tokens, and the tokenizer "
                           "adds none): a completion needs a prompt to follow.")
-    padded = np.zeros((len(ids), lengths.max()), np.int32)
+    longest = int(lengths.max())
+    width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    padded = np.zeros((len(ids), max(min(width, self.max_width or width), longest)), np.int32)
     for row, i in zip(padded, ids):
       row[len(row) - len(i):] = i
     return padded, lengths, answers
@@ -133,14 +155,16 @@ def make_task(config: Config, tokenizer) -> Task:
   """The config's task and rewards, imported and tried on two problems (errors at startup, not mid-run)."""
   g = config.grpo
   task = Task(g, config.train.seed, tokenizer, load_function(g.task, "task"),
-              {name.strip(): load_function(name, "rewards") for name in g.rewards.split(",") if name.strip()})
-  prompts, _, answers = task.prompts("train", [0, 1])
+              {name.strip(): load_function(name, "rewards") for name in g.rewards.split(",") if name.strip()},
+              chat=corpus.load_chat(config.data, tokenizer) if g.chat else None,
+              max_width=config.train.seq_len - g.max_completion_tokens)
+  prompts, lengths, answers = task.prompts("train", [0, 1])
   try:
     task.score(answers, answers)
   except TrainingError as e:
     raise ConfigError(str(e)) from e
-  if prompts.shape[1] + g.max_completion_tokens > config.train.seq_len:
-    raise ConfigError(f"The prompts ({prompts.shape[1]} tokens) + config.grpo.max_completion_tokens = "
+  if lengths.max() + g.max_completion_tokens > config.train.seq_len:
+    raise ConfigError(f"The prompts ({lengths.max()} tokens) + config.grpo.max_completion_tokens = "
                       f"{g.max_completion_tokens} are longer than config.train.seq_len = {config.train.seq_len}: "
                       "raise train.seq_len or lower max_completion_tokens. (Checked on the task's first prompts; a "
                       "longer one later stops the run.)")
@@ -198,7 +222,7 @@ class Sampler:
   def __init__(self, rt: runtime.Runtime, task: Task):
     self.rt, self.task, self.g = rt, task, rt.config.grpo
     tokenizer = task.tokenizer
-    self.stop_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    self.stop_ids = task.stop_ids
     self.num_ids = tokenizer.vocab_size if tokenizer.vocab_size < rt.config.model.vocab_size else 0
     rows = sharding.batch_sharding(rt.mesh)
     self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),

@@ -13,6 +13,7 @@ rewards of all functions named are added.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 
@@ -76,6 +77,56 @@ def jsonl_problems(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[lis
     n = len(rest)
     chosen = [rest[np.random.default_rng([seed, int(i) // n]).permutation(n)[int(i) % n]] for i in indices]
   return [p for p, _ in chosen], [a for _, a in chosen]
+
+
+# Grade-school word problems: (text with {a}, {b}, {c}, {name}; the answer; the operands' ranges).
+_WORD_PROBLEMS = (
+    ("{name} has {a} marbles and wins {b} more. How many marbles does {name} have now?",
+     lambda a, b, c: a + b, (2, 60), (2, 40), (0, 0)),
+    ("A box holds {a} pencils. {name} takes {b} of them. How many pencils are left in the box?",
+     lambda a, b, c: a - b, (20, 90), (1, 19), (0, 0)),
+    ("{name} reads {a} pages a day for {b} days. How many pages does {name} read in all?",
+     lambda a, b, c: a * b, (2, 12), (2, 9), (0, 0)),
+    ("A bakery has {a} cakes, sells {b} in the morning and bakes {c} more. How many cakes does it have now?",
+     lambda a, b, c: a - b + c, (20, 60), (1, 19), (1, 30)),
+    ("{name} buys {b} bags with {a} apples in each and eats {c}. How many apples are left?",
+     lambda a, b, c: a * b - c, (3, 9), (2, 6), (1, 5)),
+)
+_NAMES = ("Ava", "Ben", "Maya", "Leo", "Sara", "Omar", "Lena", "Tom")
+
+
+def _word_problem(rng: np.random.Generator) -> tuple[str, str]:
+  text, answer, *ranges = _WORD_PROBLEMS[int(rng.integers(len(_WORD_PROBLEMS)))]
+  a, b, c = (int(rng.integers(lo, hi + 1)) for lo, hi in ranges)
+  return text.format(a=a, b=b, c=c, name=_NAMES[int(rng.integers(len(_NAMES)))]), str(answer(a, b, c))
+
+
+def word_problems(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[str], list[str]]:
+  """Grade-school word problems of one or two steps (+, -, x), generated offline: problem i of a split
+  depends on (seed, split, i) alone. A problem belongs to one split only, by a hash of its text (1 in 8 to
+  eval), so that no held-out problem is ever trained on. The answer is an integer; reward it with
+  `last_number` (the model may reason before it)."""
+  del cfg
+  prompts, answers = [], []
+  for i in indices:
+    for attempt in range(1000):
+      text, answer = _word_problem(np.random.default_rng([seed, _SPLITS[split], int(i), attempt]))
+      if (split == "eval") == held_out_problem(text):
+        break
+    prompts.append(text)
+    answers.append(answer)
+  return prompts, answers
+
+
+def held_out_problem(text: str) -> bool:
+  """Whether a word problem is one of the eval split's: a hash of its text, 1 in 8."""
+  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % 8 == 0
+
+
+def last_number(completions: list[str], answers: list[str]) -> list[float]:
+  """1 when the last number the completion writes is the answer (what it reasons before is free), else 0."""
+  numbers = [re.findall(r"-?\d+", c.replace(",", "")) for c in completions]
+  return [float(bool(n) and n[-1].lstrip("0") == a.lstrip("0")) for n, a in zip(numbers, answers)]
 
 
 def exact_answer(completions: list[str], answers: list[str]) -> list[float]:
