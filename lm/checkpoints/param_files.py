@@ -152,4 +152,5 @@ def load_params_on_host(path: str, step: int | None = None, adapters: bool = Fal
   """(parameters as numpy arrays, model config section) of `params_location(path, step, adapters)`,
   whatever mesh wrote them."""
   item, model = params_location(path, step, adapters)
-  return jax.device_get(restore_params_item(item, checkpoint.on_one_device(checkpoint.saved_tree(item)["params"]), path)), model
+  target = checkpoint.on_one_device(checkpoint.saved_tree(item)["params"])
+  return jax.device_get(restore_params_item(item, target, path)), model

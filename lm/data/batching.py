@@ -90,8 +90,9 @@ class StoredSequences:
 class ConversationSequences:
   """A masked store (a chat source's conversations) packed into rows whole, as TRL's packing keeps them (here
   next-fit in stream order, a layout that depends on the data alone): each conversation in the current row
-  when it fits, else in a new one; each its own segment, never cut across rows, the rest of a row padding (segment 0). A conversation longer than seq_len is
-  truncated to its first seq_len tokens (counted). MASK[p]: token p + 1 is learned, in p's conversation."""
+  when it fits, else in a new one; each its own segment, never cut across rows, the rest of a row padding
+  (segment 0). A conversation longer than seq_len is truncated to its first seq_len tokens (counted).
+  MASK[p]: token p + 1 is learned, in p's conversation."""
 
   masked = True
 
@@ -123,8 +124,7 @@ class ConversationSequences:
         learned[n, :column] = self.store.read_mask(start, start + column)
       out["segment_ids"][n, :column] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
       out["positions"][n, :column] = np.arange(column) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    following = np.concatenate([learned[:, 1:], np.zeros_like(learned[:, :1])], axis=1)
-    out[MASK] = loss_mask(out["segment_ids"]) & following
+    out[MASK] = loss_mask(out["segment_ids"]) & targets(learned)  # the next token is learned, in the segment
     return out
 
 
@@ -359,7 +359,7 @@ def loss_mask(segment_ids):
 def target_mask(batch):
   """Where a position's target counts in the loss and its token count: the batch's `mask` where it has one
   (SFT: the assistant's tokens; GRPO: the completions), else every target inside a document."""
-  return batch["mask"] if "mask" in batch else loss_mask(batch["segment_ids"])
+  return batch[MASK] if MASK in batch else loss_mask(batch["segment_ids"])
 
 
 # ---------------------------------------------------------------------------------------------------

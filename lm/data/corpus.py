@@ -188,7 +188,7 @@ def _check_new(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer) -> None
   """main.py prepares a source on first use, but not beside a preparation of it with another tokenizer:
   that is a forgotten tokenizer flag far more often than a wish to tokenize the corpus again."""
   directory = prepared_directory(cfg, src, tokenizer)
-  prefix = _prefix(src, _chat_of(cfg, src, tokenizer))
+  prefix = directory.name.removesuffix(tokenizer.fingerprint)
   others = [p.name for p in directory.parent.glob(prefix + "*") if _complete(p)] \
       if directory.parent.exists() else []
   if others:

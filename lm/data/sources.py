@@ -519,9 +519,7 @@ def _conversation(record, where: str) -> Conversation:
   else:
     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ConfigError(f"{where} is not a conversation (it has {fields}); a chat source's line is {CHAT_FORMATS}.")
-  chat.check_messages(messages, where)
-  if not any(m["role"] == "assistant" for m in messages[learn_from:]):
-    raise ConfigError(f"{where}: the conversation has no assistant message to learn: {json.dumps(messages)[:200]}")
+  chat.check_messages(messages, where)  # an assistant message to learn: Chat.tokenize checks it
   return Conversation(messages, learn_from, where)
 
 

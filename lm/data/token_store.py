@@ -5,10 +5,11 @@ arrays, Megatron's .bin/.idx layout: `<part>-<shard>.tokens` (the documents' ids
 the smallest unsigned type that holds the vocabulary) and `<part>-<shard>.ends` (int64: where each
 document ends in the shard); a chat source's (supervised fine-tuning: the manifest's "mask" is true) also
 `<part>-<shard>.mask` (uint8, one per token: 1 where the token is learned, an assistant's). Why raw arrays
-and not ArrayRecord: a training row is an arbitrary slice of the token stream, across documents, so the reader wants byte ranges, not records; a raw array is
-memory-mapped (or read by range from gs://) without parsing, and the preparation appends to it as it
-tokenizes, holding nothing. Segment ids and positions are derived from the ends when a row is read
-(`lm.data.batching`). Written by `lm.data.prepare`; no jax here, so that its worker processes stay small.
+and not ArrayRecord: a training row is an arbitrary slice of the token stream, across documents, so the
+reader wants byte ranges, not records; a raw array is memory-mapped (or read by range from gs://) without
+parsing, and the preparation appends to it as it tokenizes, holding nothing. Segment ids and positions are
+derived from the ends when a row is read (`lm.data.batching`). Written by `lm.data.prepare`; no jax here, so
+that its worker processes stay small.
 """
 
 from __future__ import annotations
@@ -124,23 +125,27 @@ class TokenStore:
     shard's document ends. A remote shard's tokens and mask are read by ranges, not whole:
     `scripts/prepare_data.py --verify` checks those."""
     if k not in self._arrays:
-      files = self._files(k)
-      arrays = [open_array(path, dtype, count, self._what, searched=what == "ends")
-                for (path, dtype, count), what in zip(files, ("tokens", "ends", "mask"))]
-      if k not in self._verified:
-        for (path, _, _), what, array in zip(files, ("tokens", "ends", "mask"), arrays):
-          expected = self._crcs[k].get(what)
-          if (what == "ends" or not is_remote(path)) and expected is not None and (
-              zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) != expected):
-            raise ConfigError(f"{self._what}: {path} does not match the CRC-32 its preparation recorded: the "
-                              "prepared data is corrupt. Run scripts/prepare_data.py with the same config and "
-                              "--repair: it keeps the shards before the damaged one and prepares the rest again.")
-        self._verified.add(k)
+      names = ("tokens", "ends", "mask")[:len(self._files(k))]
+      arrays = [self._open(k, what, verify=k not in self._verified) for what in names]
+      self._verified.add(k)
       self._arrays[k] = (*arrays, None) if len(arrays) == 2 else tuple(arrays)
       if len(self._arrays) > _OPEN_SHARDS:
         self._arrays.popitem(last=False)
     self._arrays.move_to_end(k)
     return self._arrays[k]
+
+  def _open(self, k: int, what: str, verify: bool):
+    """One file of shard k (tokens, ends or mask), checked against its CRC-32 when `verify` and it is read
+    whole (a local file, or a remote shard's ends)."""
+    path, dtype, count = self._files(k)[("tokens", "ends", "mask").index(what)]
+    array = open_array(path, dtype, count, self._what, searched=what == "ends")
+    expected = self._crcs[k].get(what)
+    if verify and (what == "ends" or not is_remote(path)) and expected is not None and (
+        zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) != expected):
+      raise ConfigError(f"{self._what}: {path} does not match the CRC-32 its preparation recorded: the "
+                        "prepared data is corrupt. Run scripts/prepare_data.py with the same config and "
+                        "--repair: it keeps the shards before the damaged one and prepares the rest again.")
+    return array
 
   def _ranges(self, start: int, stop: int):
     """(shard arrays, shard start, lo, hi) of each shard that tokens [start, stop) of the stream cross."""
@@ -168,8 +173,9 @@ class TokenStore:
     return np.concatenate([np.asarray(mask[lo:hi]) != 0 for (_, _, mask), _, lo, hi in self._ranges(start, stop)])
 
   def document_ends(self) -> np.ndarray:
-    """Where each document ends in the stream (int64 [num_documents]), all shards' ends read."""
-    ends = [self._shard(k)[1] + self._starts[k] for k in range(len(self._shards))]
+    """Where each document ends in the stream (int64 [num_documents]): every shard's ends file read (and
+    checked), not its tokens."""
+    ends = [self._open(k, "ends", verify=True) + self._starts[k] for k in range(len(self._shards))]
     return np.concatenate(ends).astype(np.int64) if ends else np.zeros([0], np.int64)
 
 

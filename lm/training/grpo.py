@@ -21,7 +21,8 @@ held constant (the ratio is exactly 1; no forward pass of the sampling policy, a
 num_iterations updates on, they are the sampling policy's (a pass per rollout) and the clip bounds the step.
 
 Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s
-prompt_lengths_B) and packed from position 0 for the update. Limits: one process (the sampler runs on this process's devices).
+prompt_lengths_B) and packed from position 0 for the update. Limits: one process (the sampler runs on this
+process's devices).
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def completions_of(new_BxT: np.ndarray, stop_ids: tuple[int, ...]) -> tuple[list
   return rows, np.asarray([len(r) for r in rows])
 
 
+def per_reward(rewards: dict[str, np.ndarray]) -> dict[str, float]:
+  """Each reward function's mean, logged apart (`reward/<function>`): a rise of the format reward alone shows."""
+  return {f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}
+
+
 def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
   """(reward - its group's mean) / (the group's standard deviation + 1e-4), groups of `group` rows."""
   by_group = rewards.reshape(-1, group)
@@ -275,7 +281,7 @@ class Sampler:
     _, texts, lengths = self._generate(state.model_params, prompts, prompt_lengths, jax.random.key(0), 0.0)
     rewards = self.task.score(texts, answers)
     return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(lengths.mean()),
-            **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}}
+            **per_reward(rewards)}
 
 
 def _micro(batch: dict[str, np.ndarray], rows: int):
@@ -331,7 +337,7 @@ class GRPO:
     total = sum(out.rewards.values())
     figures = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
                "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
-               **{f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in out.rewards.items()}}
+               **per_reward(out.rewards)}
     return batching.micro_batches(out.batch, self.rt.plan), figures
 
   def figures(self, fetched: dict, tokens: int) -> dict[str, float]:
