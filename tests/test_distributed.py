@@ -1,6 +1,6 @@
 """Several processes on one machine: 2 processes x 4 simulated CPU devices on 127.0.0.1 (gloo collectives)
-train with accumulation, get killed, resume, and log the losses of 1 process x 8 devices; a bad launch stops
-within a bounded time with a message instead of hanging."""
+train with accumulation, get killed, resume, and log the losses of 1 process x 8 devices; GRPO logs the rewards
+and losses of 1 process; a bad launch stops within a bounded time with a message instead of hanging."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from lm.config import from_config_dict
 from lm.errors import ConfigError
 from lm.training import metrics
 from lm.training.train import train_and_evaluate
+from tests import test_loop
 from tests.test_faults import _complete, _config, _wait
 from tests.helpers import FAST_COMPILE
 from tests.test_train import MAIN_ENV, ROOT, corpus, main_command  # noqa: F401 (corpus: a fixture)
@@ -94,6 +95,50 @@ def test_two_processes_resume_and_log_the_losses_of_one(tmp_path, corpus):
   assert abs(eval_loss - expected_eval[5]["loss"]) <= 1e-6 * expected_eval[5]["loss"]
   assert expected[5]["loss"] < expected[1]["loss"]  # it trained: equal losses are not trivially equal
   assert sorted(_complete(workdir)) == [2, 4, 5]
+
+
+# GRPO (tests/test_loop.py's tiny run): 32 completions a step, 8 prompts x 4; each process holds 8 of the 16 rows
+# of each micro-batch, so it samples and rewards 4 prompts of a step. 6 eval prompts: 8 rows, 2 of them padding.
+GRPO = [*test_loop.GRPO, "--config.grpo.eval_prompts=6", "--config.train.num_train_steps=3",
+        "--config.train.save_interval_steps=3", "--config.train.eval_interval_steps=3",
+        "--config.train.peak_flops_per_device=1e9"]
+
+
+def test_grpo_on_two_processes_logs_the_figures_of_one(tmp_path, corpus):
+  """Each process samples its own prompts' completions in one sampler batch of all rows: every row gets the
+  random draws it gets in one process, so the completions and rewards are the same to the bit; the update
+  sums over the processes (the loss in its last bits). The eval's greedy completions are split the same way."""
+  data_dir = tmp_path / "data"
+  one, two = tmp_path / "one", tmp_path / "two"
+  port = _free_port()
+  started = _launch(tmp_path, "one", lambda i: main_command(one, data_dir, corpus, *GRPO), devices=(8,))
+  started += _launch(tmp_path, "two", lambda i: main_command(two, data_dir, corpus, *GRPO, *_flags(port, 2, i)))
+  results = _finish(started)
+  assert [code for code, _ in results] == [0, 0, 0], "\n".join(log[-3000:] for _, log in results)
+  log = results[1][1]
+  assert "eval: 6 held-out prompts" in log
+  assert "Sampling:             each process samples and rewards the 4 prompts of its 16 rows" in log
+  expected, logged = metrics.read_jsonl(str(one)), metrics.read_jsonl(str(two))
+  assert sorted(logged) == [1, 2, 3]
+  exact = ("reward_mean", "reward_std", "completion_length", "reward/exact_answer", "reward/_parity_reward")
+  for step, row in expected.items():
+    assert {k: logged[step][k] for k in exact} == {k: row[k] for k in exact}, step
+    for figure in ("loss", "kl", "grad_norm"):
+      assert logged[step][figure] == pytest.approx(row[figure], rel=1e-5, abs=1e-9), (step, figure)
+  assert metrics.read_jsonl(str(two), "eval") == metrics.read_jsonl(str(one), "eval")
+  assert len({row["reward_mean"] for row in expected.values()}) > 1  # the runs sampled, not a constant
+
+
+def test_grpo_stops_at_startup_when_a_group_would_span_two_processes(tmp_path, corpus):
+  """16 generations a prompt, 8 rows a micro-batch on each process: every process says so, and the fix."""
+  port = _free_port()
+  results, seconds = _start_only(tmp_path, "groups", corpus,
+                                 lambda i: [*GRPO, "--config.grpo.num_generations=16", *_flags(port, 2, i)])
+  for code, log in results:
+    assert code == 2 and "config.grpo.num_generations = 16: the completions of prompt 0 of a step would be sampled " \
+                          "on two processes (each holds 8 of the 16 rows" in log, log[-2000:]
+    assert "set config.train.micro_batch_size to a multiple of 4" in log and "Traceback" not in log
+  assert seconds < 60
 
 
 def _logged(workdir) -> set[int]:

@@ -38,6 +38,28 @@ def test_rows_mask_the_completion_targets_only():
   assert grpo.completions_of(np.array([[7, 8, 2, 2], [3, 3, 3, 3]]), (2,)) == ([[7, 8, 2], [3, 3, 3, 3]], pytest.approx([3, 4]))
 
 
+def test_the_sampler_batch_gives_each_device_and_process_the_rows_it_trains_on():
+  """`by_device`: the sampler's batch of a step's rows, split over the batch axes, puts each row on the device
+  that trains on it, and a process's rows (in its order) where `put_batch` puts them; `gather_rows` places
+  each row's figures at its position."""
+  from lm.data import batching
+  from lm.model import sharding
+  from tests.helpers import mesh_config
+  mesh = sharding.make_mesh(mesh_config(data=4, fsdp=2))
+  plan = batching.batch_plan(2, 3, 8, mesh)  # 16 rows a micro-batch, 48 a step
+  order = grpo.by_device(np.arange(48), plan)
+  sampled = sharding.batch_sharding(mesh).devices_indices_map((48,))
+  trained = sharding.step_batch_sharding(mesh).devices_indices_map((3, 16))
+  step_MxR = np.arange(48).reshape(3, 16)
+  for device in mesh.devices.flat:
+    np.testing.assert_array_equal(np.sort(order[sampled[device]]), step_MxR[trained[device]].ravel())
+  for half in (mesh.devices.flat[:4], mesh.devices.flat[4:]):  # two processes
+    np.testing.assert_array_equal(grpo.by_device(batching.step_rows(mesh, plan, half), plan),
+                                  order[sharding.process_rows(mesh, 48, half)])
+  gathered = grpo.gather_rows({"r": np.array([0.1, 0.2]), "n": np.array([[1, 2], [3, 4]])}, np.array([1, 0]), 2)
+  assert gathered["r"].tolist() == [0.2, 0.1] and gathered["n"].tolist() == [[3, 4], [1, 2]]
+
+
 def test_arithmetic_prompts_are_fixed_by_seed_split_and_index():
   cfg = from_config_dict(default.get_config()).grpo
   prompts, answers = rewards.arithmetic(0, "train", [0, 1, 2], cfg)

@@ -35,6 +35,8 @@ def test_put_batch_from_the_rows_of_this_process():
   for a, b in zip(whole.addressable_shards, mine.addressable_shards):
     assert a.device == b.device and a.index == b.index
     np.testing.assert_array_equal(a.data, b.data)
+  np.testing.assert_array_equal(sharding.get_batch(mine, mesh), rows)  # back: this process's rows, in order
+  np.testing.assert_array_equal(sharding.get_batch(jax.device_put(rows, sharding.replicated(mesh)), mesh), rows)
 
 
 @pytest.mark.parametrize("dcn,processes,sizes,expected", [

@@ -401,10 +401,10 @@ def batch_plan(micro_batch_size: int, accumulation_steps: int, seq_len: int,
   return BatchPlan(micro_batch_size, accumulation_steps, sharding.data_parallel_size(mesh), seq_len)
 
 
-def step_rows(mesh: jax.sharding.Mesh, plan: BatchPlan) -> np.ndarray:
-  """Positions in the global batch of the rows this process's devices get, micro-batch after micro-batch:
-  the only rows it reads."""
-  in_micro_batch = sharding.process_rows(mesh, plan.micro_rows)
+def step_rows(mesh: jax.sharding.Mesh, plan: BatchPlan, devices=None) -> np.ndarray:
+  """Positions in the global batch of the rows this process's devices (or `devices`) get, micro-batch after
+  micro-batch, ascending: the only rows it reads."""
+  in_micro_batch = sharding.process_rows(mesh, plan.micro_rows, devices)
   return (np.arange(plan.accumulation_steps)[:, None] * plan.micro_rows + in_micro_batch).ravel()
 
 

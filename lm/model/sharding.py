@@ -193,6 +193,19 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
           for k, v in batch.items()}
 
 
+def get_batch(array: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """This process's rows of a global array (`process_rows` of it, in that order: what `put_batch` takes), read
+  from the shards on its devices, whatever the array's sharding that leaves them there."""
+  out, held = np.empty(array.shape, array.dtype), np.zeros(array.shape[0], bool)
+  for shard in array.addressable_shards:
+    out[shard.index], held[shard.index[0]] = np.asarray(shard.data), True
+  rows = process_rows(mesh, array.shape[0])
+  if not held[rows].all():
+    raise ValueError(f"An array of {array.shape[0]} rows placed with {array.sharding} leaves some of this process's "
+                     "rows on other processes' devices.")
+  return out[rows]
+
+
 def put_step_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
                    rows: int | None = None) -> dict[str, jax.Array]:
   """Global arrays [micro-batches, `rows`, ...] from this process's rows of every micro-batch

@@ -21,8 +21,13 @@ held constant (the ratio is exactly 1; no forward pass of the sampling policy, a
 num_iterations updates on, they are the sampling policy's (a pass per rollout) and the clip bounds the step.
 
 Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s
-prompt_lengths_B) and packed from position 0 for the update. Limits: one process (the sampler runs on this
-process's devices).
+prompt_lengths_B) and packed from position 0 for the update.
+
+Several processes: each samples the prompts of its own rows of the step (`lm.data.batching.step_rows`; a
+prompt's group never spans processes, checked at startup) in one sampler batch of all rows on the whole mesh,
+ordered so that each row has the place, and so the random draws, it has in one process (`by_device`); it
+rewards its groups (advantages are per group: exact) and scores its log-probabilities; the rewards and lengths
+logged, and eval's, are gathered from every process (`gather_rows`): the figures of one process.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lm import console
 from lm.checkpoints import param_files
@@ -212,18 +219,48 @@ def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[l
   return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "mask": mask}
 
 
+def by_device(rows: np.ndarray, plan: batching.BatchPlan) -> np.ndarray:
+  """Rows of a step's batch (positions) in the order of the sampler's batch: device by device, each device's
+  rows of every micro-batch together. Split over the batch axes, the sampler's batch of all rows in this order
+  gives each device the rows it trains on, and each row its place (its random draws) whatever the processes."""
+  micro, within = np.divmod(rows, plan.micro_rows)
+  device, k = np.divmod(within, plan.micro_batch_size)
+  return rows[np.lexsort((k, micro, device))]
+
+
+def gather_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, total: int) -> dict[str, np.ndarray]:
+  """Per-row host arrays of which each process holds `rows` (positions of `total`, as many on every process;
+  a replica's the same), every process's, each row at its position: what one process would hold. Exchanged
+  as bytes, so float64 stays exact (JAX would round it to float32)."""
+  columns = [np.asarray(rows, np.int64), *arrays.values()]
+  raw = [np.ascontiguousarray(c).reshape(len(rows), -1).view(np.uint8) for c in columns]
+  mine = np.concatenate(raw, axis=1)
+  everyone = np.asarray(multihost_utils.process_allgather(mine)) if jax.process_count() > 1 else mine[None]
+  everyone = everyone.reshape(-1, mine.shape[1])
+  bounds = np.cumsum([0] + [r.shape[1] for r in raw])
+  positions, *values = [np.ascontiguousarray(everyone[:, a:b]).view(c.dtype).reshape(-1, *c.shape[1:])
+                        for c, a, b in zip(columns, bounds, bounds[1:])]
+  out = {}
+  for name, value in zip(arrays, values):
+    out[name] = np.empty((total, *value.shape[1:]), value.dtype)
+    out[name][positions] = value
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-  """One step's completions: the step's batch (rows prompt + completion, advantages, log-probabilities of
-  the sampling policy and the reference) and what the log reports of them."""
+  """One step's completions: this process's rows of the step's batch (prompt + completion, advantages,
+  log-probabilities of the sampling policy and the reference) and what the log reports of all of them."""
   batch: dict[str, np.ndarray]
-  rewards: dict[str, np.ndarray]  # per reward function, per row
-  lengths: np.ndarray  # completion tokens per row
+  rewards: dict[str, np.ndarray]  # per reward function, per row of the step (every process's)
+  lengths: np.ndarray  # completion tokens per row of the step (every process's)
   seconds: float
 
 
 class Sampler:
-  """Completions of the step's prompts (and greedy ones of held-out prompts) with the KV cache."""
+  """Completions of the step's prompts (and greedy ones of held-out prompts) with the KV cache. Each process
+  samples the prompts of its rows of the step (whole groups: `check_groups`) in one batch of all rows on the
+  whole mesh, and rewards them; the figures are every process's."""
 
   def __init__(self, rt: runtime.Runtime, task: Task):
     self.rt, self.task, self.g = rt, task, rt.config.grpo
@@ -233,37 +270,48 @@ class Sampler:
     rows = sharding.batch_sharding(rt.mesh)
     self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),
                              in_shardings=(rt.param_sharding, rows), out_shardings=rows)
+    self._mine = batching.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's batch, ascending
 
-  def _generate(self, params, prompts_BxP, lengths_B, rng,
-                temperature: float) -> tuple[list[list[int]], list[str], np.ndarray]:
-    with jax.set_mesh(self.rt.mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
-      new_BxT = np.asarray(sampling.generate(
-          params, prompts_BxP, rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
+  def _generate(self, params, prompts_BxP, lengths_B, rng, temperature: float, rows: int) -> np.ndarray:
+    """New tokens of this process's rows (`sharding.process_rows`) of a sampler batch of `rows` rows, whose
+    prompts are given; sampled on the whole mesh."""
+    mesh = self.rt.mesh
+    placed = sharding.put_batch({"prompts": prompts_BxP, "lengths": lengths_B}, mesh, rows)
+    with jax.set_mesh(mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
+      new_BxT = sampling.generate(
+          params, placed["prompts"], rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
           sampling=sampling.SamplingConfig(temperature=temperature), stop_ids=self.stop_ids, num_ids=self.num_ids,
-          prompt_lengths_B=lengths_B))
+          prompt_lengths_B=placed["lengths"])
+    return sharding.get_batch(new_BxT, mesh)
+
+  def _complete(self, new_BxT: np.ndarray) -> tuple[list[list[int]], list[str], np.ndarray]:
+    """(each row's completion, its text without the stop ids, its length)."""
     completions, lengths = completions_of(new_BxT, self.stop_ids)
     texts = [self.task.tokenizer.decode([t for t in c if t not in self.stop_ids]) for c in completions]
     return completions, texts, lengths
 
   def rollout(self, state, reference, step: int) -> Rollout:
     """The completions of rollout `step` (from 0; the optimizer step / num_iterations): its prompts depend
-    on the seed and the step, the sampling on the seed, the step and the policy."""
+    on the seed and the step, the sampling on the seed, the step and the policy. Every process renders all
+    the step's prompts (one width, as one process pads them) and samples those of its rows."""
     started, plan, group = time.perf_counter(), self.rt.plan, self.g.num_generations
     count = plan.global_sequences // group
     prompts, prompt_lengths, answers = self.task.prompts("train", range(step * count, (step + 1) * count))
-    prompts_BxP, prompt_lengths_B = np.repeat(prompts, group, axis=0), np.repeat(prompt_lengths, group)
-    answers = [a for a in answers for _ in range(group)]
-    params = state.model_params
+    mine, order = self._mine, by_device(self._mine, plan)
     rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
-    completions, texts, lengths = self._generate(params, prompts_BxP, prompt_lengths_B, rng, self.g.temperature)
-    rewards = self.task.score(texts, answers)
-    batch = assemble(prompts_BxP, prompt_lengths_B, completions, plan.seq_len)
+    new_BxT = self._generate(state.model_params, prompts[order // group], prompt_lengths[order // group], rng,
+                             self.g.temperature, plan.global_sequences)
+    completions, texts, lengths = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
+    rewards = self.task.score(texts, [answers[p] for p in mine // group])
+    batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
     for name, weights in self._scored_by(state, reference):
       with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
-        batch[name] = np.concatenate([np.asarray(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh)))
-                                      for micro in _micro(batch, plan.micro_rows)])
-    return Rollout(batch, rewards, lengths, time.perf_counter() - started)
+        batch[name] = np.concatenate([
+            sharding.get_batch(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh, plan.micro_rows)),
+                               self.rt.mesh) for micro in _micro(batch, len(mine) // plan.accumulation_steps)])
+    everyone = gather_rows({"lengths": lengths, **rewards}, mine, plan.global_sequences)
+    return Rollout(batch, {k: everyone[k] for k in rewards}, everyone["lengths"], time.perf_counter() - started)
 
   def _scored_by(self, state, reference) -> list[tuple[str, object]]:
     """The forward passes a rollout needs besides sampling: the sampling policy's log-probabilities only when
@@ -276,19 +324,48 @@ class Sampler:
     return passes
 
   def evaluate(self, state) -> dict[str, float]:
-    """Mean rewards of greedy completions of the held-out prompts."""
-    prompts, prompt_lengths, answers = self.task.prompts("eval", range(self.g.eval_prompts))
-    _, texts, lengths = self._generate(state.model_params, prompts, prompt_lengths, jax.random.key(0), 0.0)
-    rewards = self.task.score(texts, answers)
-    return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(lengths.mean()),
+    """Mean rewards of greedy completions of the held-out prompts, split over the processes as a batch's rows
+    (padded with copies of the last prompt to a multiple of the data-parallel devices; those not counted)."""
+    count, parallel, mesh = self.g.eval_prompts, self.rt.plan.data_parallel, self.rt.mesh
+    prompts, prompt_lengths, answers = self.task.prompts("eval", range(count))
+    rows = -(-count // parallel) * parallel
+    mine = sharding.process_rows(mesh, rows)
+    prompt_of = np.minimum(mine, count - 1)
+    new_BxT = self._generate(state.model_params, prompts[prompt_of], prompt_lengths[prompt_of], jax.random.key(0),
+                             0.0, rows)
+    _, texts, lengths = self._complete(new_BxT)
+    rewards = self.task.score(texts, [answers[p] for p in prompt_of])
+    everyone = {k: v[:count] for k, v in gather_rows({"lengths": lengths, **rewards}, mine, rows).items()}
+    rewards = {k: everyone[k] for k in rewards}
+    return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(everyone["lengths"].mean()),
             **per_reward(rewards)}
 
 
 def _micro(batch: dict[str, np.ndarray], rows: int):
-  """The micro-batches of the token arrays of a step's rows, in order."""
+  """The micro-batches of the token arrays of a step's rows (a process's), in order."""
   keys = ("tokens", "segment_ids", "positions")
   for start in range(0, len(batch["tokens"]), rows):
     yield {k: batch[k][start:start + rows] for k in keys}
+
+
+def check_groups(rt: runtime.Runtime, group: int) -> None:
+  """Each process samples and rewards whole groups: the rows of a prompt's completions all on the processes
+  that hold any of them (`batching.step_rows`), else a ConfigError naming the fix."""
+  mesh, plan = rt.mesh, rt.plan
+  held_PxR = np.zeros((jax.process_count(), plan.global_sequences), bool)
+  for p in range(jax.process_count()):
+    held_PxR[p, batching.step_rows(mesh, plan, [d for d in mesh.devices.flat if d.process_index == p])] = True
+  by_group = held_PxR.reshape(len(held_PxR), -1, group)
+  split = np.flatnonzero((by_group.any(-1) & ~by_group.all(-1)).any(0))
+  if len(split):
+    per_process = len(sharding.process_rows(mesh, plan.micro_rows))
+    devices = per_process // plan.micro_batch_size
+    raise ConfigError(
+        f"config.grpo.num_generations = {group}: the completions of prompt {split[0]} of a step would be sampled on "
+        f"two processes (each holds {per_process} of the {plan.micro_rows} rows of a micro-batch: "
+        f"micro_batch_size {plan.micro_batch_size} x {devices} data-parallel devices), but each process rewards "
+        "whole groups. Make the rows per process a multiple of num_generations: set config.train.micro_batch_size "
+        f"to a multiple of {group // math.gcd(devices, group)}, or change num_generations.")
 
 
 class GRPO:
@@ -307,11 +384,15 @@ class GRPO:
 
   def describe(self) -> list[tuple[str, str]]:
     g, plan = self.g, self.rt.plan
+    rows = len(batching.step_rows(self.rt.mesh, plan))
     return [("Mode", f"GRPO: {plan.global_sequences // g.num_generations} prompts x {g.num_generations} "
                      f"generations = {plan.global_sequences} completions per optimizer step, at most "
                      f"{g.max_completion_tokens} tokens each, temperature {g.temperature:g}; beta {g.beta:g}, "
                      f"epsilon {g.epsilon:g}, {g.num_iterations} update(s) per batch of completions"),
-            ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy")]
+            ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy"),
+            *([("Sampling", f"each process samples and rewards the {rows // g.num_generations} prompts of its {rows} "
+                            "rows of a step on the whole mesh; the figures are of all processes")]
+              if jax.process_count() > 1 else [])]
 
   def start(self, fns: runtime.TrainFunctions, state, resumed: bool) -> None:
     """Keeps the parameters the run started from, a copy of their own (with LoRA, the base is the state's)."""
@@ -354,14 +435,12 @@ class GRPO:
 def make(rt: runtime.Runtime) -> GRPO:
   """The config's task and sampler, checked against the batch (errors at startup, not mid-run)."""
   config, g = rt.config, rt.config.grpo
-  if jax.process_count() > 1:
-    raise ConfigError("GRPO runs in one process for now (the sampler decodes on this process's devices); "
-                      "start it on one host.")
   if rt.plan.global_sequences % g.num_generations:
     raise ConfigError(f"The global batch of {rt.plan.global_sequences} sequences (micro_batch_size x "
                       f"accumulation x {rt.plan.data_parallel} data-parallel devices) is not a multiple of "
                       f"config.grpo.num_generations = {g.num_generations}: each prompt's completions form one "
                       "group of a step. Change the batch or num_generations.")
+  check_groups(rt, g.num_generations)
   if not config.train.num_train_steps:
     raise ConfigError(f"config.train.num_train_steps = 0 with config.train.num_epochs = {config.train.num_epochs}: "
                       "a GRPO task's prompts have no epochs (it draws as many as the steps ask for). Set "
