@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -23,8 +24,9 @@ from tests.test_train import TINY
 
 def test_advantages_are_normalised_within_each_group():
   r = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
-  a = grpo.advantages(r, 4)
-  assert np.allclose(a[:4], [1, -1, -1, 1], atol=1e-3) and np.array_equal(a[4:], np.zeros(4))
+  a = grpo.advantages(r, 4)  # mean 0.5, sample std sqrt(1 / 3) (TRL's, with Bessel's correction)
+  half = 0.5 / (np.sqrt(1 / 3) + 1e-4)
+  assert np.allclose(a[:4], [half, -half, -half, half], rtol=1e-6) and np.array_equal(a[4:], np.zeros(4))
 
 
 def test_rows_mask_the_completion_targets_only():
@@ -127,6 +129,12 @@ def test_word_problems_never_hold_out_a_trained_problem_and_the_last_number_is_t
       [1.0, 0.0, 0.0, 1.0, 1.0]
 
 
+def test_a_tagged_answer_is_the_last_tag_whatever_comes_before():
+  completions = ["I think 41. <answer> 42 </answer>", "so \\boxed{1,200}", "12 + 5\n#### 17.\nThat is all.",
+                 "the answer is 42", "<answer>4</answer>, no: #### 5", "#### ", "<answer>4</answer>"]
+  assert rewards.tagged_answer(completions, ["42", "1200", "17", "42", "5", "", "5"]) == [1, 1, 1, 0, 1, 0, 0]
+
+
 def test_chat_prompts_are_what_sample_py_feeds_bucketed_and_end_at_the_turn(tmp_path):
   """config.grpo.chat: each prompt is the user's message in the model's template (here the byte tokenizer's
   plain one), its ids those of `sample.py --chat`, left-padded to a multiple of PROMPT_BUCKET; the
@@ -147,6 +155,30 @@ def test_chat_prompts_are_what_sample_py_feeds_bucketed_and_end_at_the_turn(tmp_
     assert row[len(row) - n:].tolist() == ids and not row[:len(row) - n].any()
   assert prompts.shape[1] % grpo.PROMPT_BUCKET == 0 and prompts.shape[1] >= lengths.max()
   assert task.stop_ids == chat.stop_ids
+
+
+def test_with_lora_the_sampler_decodes_with_the_adapters_folded_into_the_weights(tmp_path):
+  """The sampler folds the adapters into the weights (one decoder without adapter matmuls per step): its
+  greedy completions are the adapted model's, token for token."""
+  from lm.model import sharding
+  from lm.training import runtime
+  from lm.training.optimizer import make_optimizer
+  config = from_config_dict(_config(tmp_path))
+  rt = runtime.setup(config, jax.devices()[:2])
+  sampler = grpo.make(rt).sampler
+  with sharding.activate(rt.mesh):
+    state = runtime.train_functions(rt, make_optimizer(config.train, 4), losses=grpo.policy_losses).create_state()
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.params))))
+  adapters = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), state.params)
+  params = lora.merge(state.frozen, adapters)
+  prompts, lengths, _ = sampler.task.prompts("eval", range(8))
+  folded = sampler._generate(params, prompts, lengths, jax.random.key(0), 0.0, 8)
+  assert sampler._decoder.cfg.lora_rank == 0 and not lora.count(sampler._fold(params))
+  sampler._decoder, sampler._fold = rt.model, lambda p: p  # the adapted model, adapters apart
+  assert np.array_equal(folded, sampler._generate(params, prompts, lengths, jax.random.key(0), 0.0, 8))
+  base = sampler._generate(lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, adapters)), prompts, lengths,
+                           jax.random.key(0), 0.0, 8)
+  assert not np.array_equal(folded, base)  # the adapters change the completions: the comparison can fail
 
 
 def _config(tmp_path, **changes):

@@ -5,7 +5,7 @@ Each optimizer step:
 1. takes its prompts (global batch sequences / num_generations of them, fixed by the seed and the step),
 2. samples num_generations completions of each with the KV-cache sampler (`lm.model.sampling.generate`),
 3. rewards each completion (the config's reward functions, summed) and normalises the rewards within each
-   prompt's group: advantage = (reward - group mean) / (group std + 1e-4),
+   prompt's group: advantage = (reward - group mean) / (group std + 1e-4), the sample std as TRL's,
 4. takes num_iterations optimizer steps (1 by default, as TRL and Tunix) on those completions, each on the
    clipped policy-gradient loss with a KL penalty to the reference model,
    per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta KL, where ratio is
@@ -21,7 +21,8 @@ held constant (the ratio is exactly 1; no forward pass of the sampling policy, a
 num_iterations updates on, they are the sampling policy's (a pass per rollout) and the clip bounds the step.
 
 Prompts of different lengths are left-padded for the sampler (`lm.model.sampling.generate`'s
-prompt_lengths_B) and packed from position 0 for the update.
+prompt_lengths_B) and packed from position 0 for the update. With LoRA the sampler decodes with the adapters
+folded into the weights (`lm.model.lora.fold`, once per rollout).
 
 Several processes: each samples the prompts of its own rows of the step (`lm.data.batching.step_rows`; a
 prompt's group never spans processes, checked at startup) in one sampler batch of all rows on the whole mesh,
@@ -194,9 +195,11 @@ def per_reward(rewards: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
-  """(reward - its group's mean) / (the group's standard deviation + 1e-4), groups of `group` rows."""
+  """(reward - its group's mean) / (the group's standard deviation + 1e-4), groups of `group` rows; the sample
+  standard deviation (Bessel's correction), as TRL's GRPOTrainer."""
   by_group = rewards.reshape(-1, group)
-  return ((by_group - by_group.mean(1, keepdims=True)) / (by_group.std(1, keepdims=True) + 1e-4)).reshape(-1)
+  std = by_group.std(1, keepdims=True, ddof=1)
+  return ((by_group - by_group.mean(1, keepdims=True)) / (std + 1e-4)).reshape(-1)
 
 
 def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[list[int]],
@@ -270,6 +273,14 @@ class Sampler:
     rows = sharding.batch_sharding(rt.mesh)
     self._logprobs = jax.jit(functools.partial(token_logprobs, rt.model, temperature=self.g.temperature),
                              in_shardings=(rt.param_sharding, rows), out_shardings=rows)
+    cfg = rt.config.model
+    # With LoRA the sampler decodes with the adapters folded into the weights, once per rollout: none of their
+    # matmuls in each decoding step (the adapted model's function, up to rounding).
+    self._decoder, self._fold = rt.model, lambda params: params
+    if cfg.lora_rank:
+      self._decoder = Decoder(dataclasses.replace(cfg, lora_rank=0))
+      self._fold = jax.jit(functools.partial(lora.fold, cfg=cfg), in_shardings=(rt.param_sharding,),
+                           out_shardings=lora.split(rt.param_sharding)[0])
     self._mine = batching.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's batch, ascending
 
   def _generate(self, params, prompts_BxP, lengths_B, rng, temperature: float, rows: int) -> np.ndarray:
@@ -279,7 +290,7 @@ class Sampler:
     placed = sharding.put_batch({"prompts": prompts_BxP, "lengths": lengths_B}, mesh, rows)
     with jax.set_mesh(mesh):  # the mesh without the logical rules, as scripts/sample.py decodes
       new_BxT = sampling.generate(
-          params, placed["prompts"], rng, model=self.rt.model, max_new_tokens=self.g.max_completion_tokens,
+          self._fold(params), placed["prompts"], rng, model=self._decoder, max_new_tokens=self.g.max_completion_tokens,
           sampling=sampling.SamplingConfig(temperature=temperature), stop_ids=self.stop_ids, num_ids=self.num_ids,
           prompt_lengths_B=placed["lengths"])
     return sharding.get_batch(new_BxT, mesh)
@@ -324,8 +335,10 @@ class Sampler:
     return passes
 
   def evaluate(self, state) -> dict[str, float]:
-    """Mean rewards of greedy completions of the held-out prompts, split over the processes as a batch's rows
-    (padded with copies of the last prompt to a multiple of the data-parallel devices; those not counted)."""
+    """Mean rewards of greedy completions of the held-out prompts, their length and the share that ended by
+    themselves (a stop id within max_completion_tokens). The prompts are split over the processes as a
+    batch's rows (padded with copies of the last prompt to a multiple of the data-parallel devices; those not
+    counted)."""
     count, parallel, mesh = self.g.eval_prompts, self.rt.plan.data_parallel, self.rt.mesh
     prompts, prompt_lengths, answers = self.task.prompts("eval", range(count))
     rows = -(-count // parallel) * parallel
@@ -333,12 +346,14 @@ class Sampler:
     prompt_of = np.minimum(mine, count - 1)
     new_BxT = self._generate(state.model_params, prompts[prompt_of], prompt_lengths[prompt_of], jax.random.key(0),
                              0.0, rows)
-    _, texts, lengths = self._complete(new_BxT)
+    completions, texts, lengths = self._complete(new_BxT)
     rewards = self.task.score(texts, [answers[p] for p in prompt_of])
-    everyone = {k: v[:count] for k, v in gather_rows({"lengths": lengths, **rewards}, mine, rows).items()}
+    finished = np.asarray([bool(c) and c[-1] in self.stop_ids for c in completions])
+    everyone = {k: v[:count] for k, v in
+                gather_rows({"lengths": lengths, "finished": finished, **rewards}, mine, rows).items()}
     rewards = {k: everyone[k] for k in rewards}
     return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(everyone["lengths"].mean()),
-            **per_reward(rewards)}
+            "finished": float(everyone["finished"].mean()), **per_reward(rewards)}
 
 
 def _micro(batch: dict[str, np.ndarray], rows: int):

@@ -8,6 +8,9 @@ differ in length.
 A reward function is `reward(completions, answers) -> sequence of floats`, one per completion: the text
 the model wrote after the prompt (up to its end-of-sequence), and the task's answer of its prompt. The
 rewards of all functions named are added.
+
+Needs numpy alone (etils to read a dataset): scripts/trl_grpo.py imports the same tasks and rewards into TRL's
+venv, which has no jax.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import hashlib
 import json
 import re
 
-import numpy as np
-from etils import epath
+from typing import TYPE_CHECKING
 
-from lm.config import GRPOConfig
+import numpy as np
+
 from lm.errors import ConfigError
+
+if TYPE_CHECKING:
+  from lm.config import GRPOConfig
 
 
 _SPLITS = {"train": 0, "eval": 1}
@@ -41,6 +47,7 @@ def arithmetic(seed: int, split: str, indices, cfg: GRPOConfig) -> tuple[list[st
 
 @functools.cache
 def _problems(path: str) -> tuple[tuple[str, str], ...]:
+  from etils import epath  # local or gs://; not needed by the generated tasks
   rows = []
   with epath.Path(path).open() as f:
     for number, line in enumerate(f, 1):
@@ -127,6 +134,20 @@ def last_number(completions: list[str], answers: list[str]) -> list[float]:
   """1 when the last number the completion writes is the answer (what it reasons before is free), else 0."""
   numbers = [re.findall(r"-?\d+", c.replace(",", "")) for c in completions]
   return [float(bool(n) and n[-1].lstrip("0") == a.lstrip("0")) for n, a in zip(numbers, answers)]
+
+
+_TAGGED = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}|####\s*([^\n]*)", re.DOTALL)
+
+
+def tagged_answer(completions: list[str], answers: list[str]) -> list[float]:
+  """1 when the completion's last tagged answer is the answer, else 0: the text of its last `<answer>...
+  </answer>`, `\\boxed{...}` or `#### ...` (GSM8K's mark, to the end of its line), white space, commas and a
+  final period ignored. For prompts (or a system prompt) that ask for the tag; what precedes it is free."""
+  def value(text: str) -> str | None:
+    tags = _TAGGED.findall(text)
+    tagged = "".join(tags[-1]).replace(",", "").strip().rstrip(".").strip() if tags else ""
+    return tagged or None
+  return [float(value(c) == a.replace(",", "").strip()) for c, a in zip(completions, answers)]
 
 
 def exact_answer(completions: list[str], answers: list[str]) -> list[float]:
