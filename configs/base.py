@@ -120,7 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.num_iterations = 1  # optimizer steps on each batch of completions (TRL's num_iterations, mu)
   c.grpo.beta = 0.04  # weight of the KL penalty to the reference model
   c.grpo.epsilon = 0.2  # clip of the probability ratio
-  c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len)
+  c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len); a real
+  # instruct model reasons first and needs far more (configs/imported_grpo.py: 256)
   c.grpo.temperature = 1.0  # sampling temperature of the completions
   c.grpo.task = "lm.training.rewards.arithmetic"  # prompts and answers: module.function(seed, split, indices, cfg)
   c.grpo.max_operand = 99  # the arithmetic task's operands: 0 to max_operand

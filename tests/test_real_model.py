@@ -230,3 +230,22 @@ def test_smollm2_imported_samples_the_tokens_of_transformers(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   stop = next((k for k, t in enumerate(generated[1]["new"]) if t in chat.stop_ids), NEW_TOKENS)
   assert run.stdout.strip() == tok.decode(generated[1]["new"][:stop]).strip()
+
+
+@pytest.mark.slow
+def test_the_grpo_benchmark_runs_the_project_and_trl_on_the_same_prompts(tmp_path):
+  """scripts/benchmark_grpo_trl.py in miniature: SmolLM2 imported from its GGUF, two GRPO steps of each side;
+  TRL's chat prompts are the project's, token for token (trl_grpo.py stops otherwise), and both score the
+  same greedy completions of the untrained model."""
+  imported, workdir = tmp_path / "imported", tmp_path / "bench"
+  subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "import",
+                  f"--gguf={os.path.join(GGUF_DIR, GGUF)}", f"--out={imported}"], check=True, cwd=ROOT, timeout=600)
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_grpo_trl.py"),
+                        f"--import_dir={imported}", f"--workdir={workdir}", "--steps=2", "--prompts=1",
+                        "--generations=2", "--completion_tokens=32", "--eval_prompts=8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=1200)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "| exact match before |" in run.stdout and "| seconds per step |" in run.stdout
+  project, trl = (json.load(open(workdir / f"{side}.json")) for side in ("project", "trl"))
+  assert project["eval_before"] == pytest.approx({k: trl["eval_before"][k] for k in project["eval_before"]})
+  assert len(project["steps"]) == len(trl["steps"]) == 2
