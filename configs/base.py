@@ -90,6 +90,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Data-parallel replicas (mesh.data > 1) sum their micro-batches' gradients, then one all-reduce per
   # optimizer step; False: XLA all-reduces every micro-batch's gradient (another order of additions).
   c.train.local_accumulation = True
+  # Bit-identical training however the global batch is split (micro_batch_size x accumulation x data-parallel
+  # devices): each group of batch_invariant_rows consecutive rows gets its own gradient, added in global row
+  # order on every mesh (docs/gradient_accumulation.md). Off: faster, and equal across splits only to
+  # float32 rounding. Needs mesh.fsdp = mesh.tensor = 1.
+  c.train.batch_invariant = False
+  # Rows per gradient group, the same in the runs compared; it divides each run's micro_batch_size x
+  # gradient_accumulation_steps. 1 fits every split; more rows make larger matmuls (faster).
+  c.train.batch_invariant_rows = 1
   # jax.profiler trace of optimizer steps START:END, numbered as in the log (from 1), END exclusive as
   # in a Python slice: "10:13" traces steps 10, 11 and 12 into <workdir>/profile on every process, for
   # TensorBoard's profile plugin (XProf) or Perfetto. Empty = no profile.

@@ -107,6 +107,8 @@ class TrainConfig:
   deterministic: bool
   skip_nonfinite_updates: bool
   local_accumulation: bool
+  batch_invariant: bool
+  batch_invariant_rows: int
   profile_steps: str
   allow_data_change: bool
 

@@ -75,6 +75,7 @@ class Variant:
   accumulation: int  # micro-batches per optimizer step; the micro-batch shrinks to keep the global batch
   global_fraction: int = 1  # 4: a quarter of the global batch, to time one accumulation micro-step alone
   sft: bool = False  # SFT's rows: the loss on the answers only (a mask), else pre-training's
+  invariant: bool = False  # config.train.batch_invariant (groups of one row)
 
 
 # Per dtype: the minimal reference, the project at accumulation 1 and 4 (same global batch), and one
@@ -86,6 +87,10 @@ VARIANTS = tuple(v for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")
     Variant(f"project_{short}_accum1_quarter", "project", dtype, 1, global_fraction=4),
     Variant(f"hostloop_{short}_accum4", "hostloop", dtype, 4),
     Variant(f"project_{short}_sft", "project", dtype, 1, sft=True),
+    # The cost of bit-identical training across splits: 8 x 1 and 1 x 8 rows, the mode off and on.
+    Variant(f"project_{short}_accum8", "project", dtype, 8),
+    Variant(f"project_{short}_accum1_invariant", "project", dtype, 1, invariant=True),
+    Variant(f"project_{short}_accum8_invariant", "project", dtype, 8, invariant=True),
 ))
 # About 5 minutes for bench_60m on 2 idle cores: the accumulation comparison in float32 only.
 DEFAULT = ("minimal_f32", "project_f32_accum1", "project_f32_accum4", "project_f32_accum1_quarter",
@@ -100,7 +105,8 @@ def variant_config(config: Config, variant: Variant) -> Config:
     raise ValueError(f"{variant.name}: {per_device_sequences} sequences per device do not split into "
                      f"{variant.accumulation} micro-batches")
   train_cfg = dataclasses.replace(t, micro_batch_size=per_device_sequences // variant.accumulation,
-                                  gradient_accumulation_steps=variant.accumulation)
+                                  gradient_accumulation_steps=variant.accumulation,
+                                  batch_invariant=variant.invariant, batch_invariant_rows=1)
   return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=variant.dtype),
                              train=train_cfg)
 
@@ -370,7 +376,8 @@ def replay_interleaved(replays: dict[str, Callable[[], None]], rounds: int) -> d
 def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str = "") -> dict[str, float]:
   """The targets: project / minimal step time (<= 1 wanted), the cost of accumulating 4 micro-steps
   against 4 single steps of the same micro-batch (< 1.05 wanted), and the one-program step against the
-  previous host loop at accumulation 4 (<= 1 wanted)."""
+  previous host loop at accumulation 4 (<= 1 wanted); the batch-invariant mode against the default at 1 x 8
+  and 8 x 1 rows (its cost)."""
   out = {}
   for short in ("f32", "bf16"):
     names = {"minimal": f"minimal_{short}", "accum1": f"project_{short}_accum1",
@@ -387,6 +394,10 @@ def ratios(results: dict[str, dict], key: str = "step_time_median", suffix: str 
       out[f"sft_over_pretraining_{short}{suffix}"] = results[f"project_{short}_sft"][key] / time_of["accum1"]
     if {"accum4", "hostloop"} <= set(time_of):
       out[f"accum4_over_hostloop_accum4_{short}{suffix}"] = time_of["accum4"] / time_of["hostloop"]
+    for accumulation in (1, 8):  # the batch-invariant mode against the default at the same split
+      plain, invariant = (results.get(f"project_{short}_accum{accumulation}{end}", {}) for end in ("", "_invariant"))
+      if key in plain and key in invariant:
+        out[f"invariant_over_default_accum{accumulation}_{short}{suffix}"] = invariant[key] / plain[key]
   return out
 
 

@@ -1,6 +1,7 @@
 """GRPO on a real instruct model, the project against TRL's GRPOTrainer on the same model, task and settings.
 
   python scripts/benchmark_grpo_trl.py [--import_dir=ckpt/smollm2] [--steps=16] [--completion_tokens=128]
+                                      [--seed=0 --workdir=runs/grpo_vs_trl]
 
 The import (scripts/convert_hf.py import --gguf=SmolLM2-135M-Instruct.Q4_1.gguf --out=ckpt/smollm2) is trained
 by configs/imported_grpo.py (LoRA, chat prompts of lm.training.rewards.word_problems, reward
@@ -37,6 +38,9 @@ _TOKENS = flags.DEFINE_integer("completion_tokens", 128, "Tokens per completion 
 _EVAL = flags.DEFINE_integer("eval_prompts", 200, "Held-out problems scored greedily before and after.")
 _LR = flags.DEFINE_float("learning_rate", 5e-4, "Constant learning rate of the LoRA adapters.")
 _BETA = flags.DEFINE_float("beta", 0.04, "Weight of the KL penalty to the imported model.")
+_SEED = flags.DEFINE_integer("seed", 0, "config.train.seed of both sides: the problems (training and held-out), "
+                             "the adapters' initialisation and the sampling. Repeat the benchmark with several "
+                             "seeds (and a --workdir each) to tell a difference from the spread of single runs.")
 _ONLY = flags.DEFINE_enum("only", "both", ["both", "project", "trl"], "Run one side (the other's figures are "
                           "read from WORKDIR when there).")
 
@@ -51,6 +55,7 @@ def project_config(seq_len: int):
   c.train.seq_len = seq_len
   c.train.micro_batch_size, c.train.gradient_accumulation_steps = _PROMPTS.value * _GENERATIONS.value, 1
   c.train.learning_rate, c.train.num_train_steps = _LR.value, _STEPS.value
+  c.train.seed = _SEED.value
   c.train.save_interval_steps = c.train.eval_interval_steps = _STEPS.value
   c.mesh.data, c.mesh.fsdp = 1, 1
   return from_config_dict(c)

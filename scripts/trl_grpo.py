@@ -93,7 +93,7 @@ def main(path: str) -> None:
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
   trainer = trl.GRPOTrainer(model=model, reward_funcs=last_number, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=lora)
-  _project_lora_init(trainer.model, torch)
+  _project_lora_init(trainer.model, s["seed"], torch)
   steps = _timed(trainer, transformers)
   trainer.train()
   logged = [h for h in trainer.state.log_history if "reward" in h]
@@ -105,10 +105,10 @@ def main(path: str) -> None:
     json.dump(report, f, indent=1)
 
 
-def _project_lora_init(model, torch) -> None:
+def _project_lora_init(model, seed: int, torch) -> None:
   """The project's LoRA initialisation (lm.model.lora: A ~ N(0, 1/fan_in), B = 0) instead of PEFT's
   (A ~ U(+-1/sqrt(fan_in)), a third of the variance): with the same learning rate, the same adapters."""
-  generator = torch.Generator().manual_seed(0)
+  generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, weight in model.named_parameters():
       if "lora_A" in name:  # [rank, fan_in]

@@ -48,7 +48,7 @@ def test_every_split_feeds_the_same_global_batch_to_the_devices():
     np.testing.assert_array_equal(np.concatenate(seen), global_batch["tokens"])
 
 
-def _config(tmp_path, corpus_dir, micro_batch_size, accumulation):
+def _config(tmp_path, corpus_dir, micro_batch_size, accumulation, batch_invariant=False):
   c = base_config()
   model = dataclasses.replace(c.model, vocab_size=320, d_model=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=SEQ_LEN)
@@ -58,7 +58,8 @@ def _config(tmp_path, corpus_dir, micro_batch_size, accumulation):
   train = dataclasses.replace(c.train, seq_len=SEQ_LEN, micro_batch_size=micro_batch_size,
                               gradient_accumulation_steps=accumulation, num_train_steps=STEPS,
                               warmup_steps=2, learning_rate=3e-3, log_interval_steps=1,
-                              eval_interval_steps=STEPS, save_interval_steps=STEPS)
+                              eval_interval_steps=STEPS, save_interval_steps=STEPS,
+                              batch_invariant=batch_invariant)
   return dataclasses.replace(c, model=model, data=data_cfg, train=train,
                              mesh=mesh_config(data=-1, fsdp=1, tensor=1))
 
@@ -68,16 +69,16 @@ def trained_splits(tmp_path_factory, corpus):
   """split -> (logged metrics, final params, final eval loss), each split trained at most once."""
   tmp_path, runs = tmp_path_factory.mktemp("splits"), {}
 
-  def train(splits):
+  def train(splits, batch_invariant=False):
     for split in splits:
-      if split not in runs:
+      if (split, batch_invariant) not in runs:
         micro_batch_size, accumulation, num_devices = split
-        workdir = tmp_path / f"split_{micro_batch_size}_{accumulation}_{num_devices}"
-        config = _config(tmp_path, corpus, micro_batch_size, accumulation)
+        workdir = tmp_path / f"split_{micro_batch_size}_{accumulation}_{num_devices}_{batch_invariant}"
+        config = _config(tmp_path, corpus, micro_batch_size, accumulation, batch_invariant)
         last = train_and_evaluate(config, str(workdir), devices=jax.devices()[:num_devices])
         params = checkpoint.restore_on_one_device(str(workdir / "checkpoints" / str(STEPS) / "state"))["params"]
-        runs[split] = (metrics.read_jsonl(str(workdir)), params, last["eval_loss"])
-    return {split: runs[split] for split in splits}
+        runs[split, batch_invariant] = (metrics.read_jsonl(str(workdir)), params, last["eval_loss"])
+    return {split: runs[split, batch_invariant] for split in splits}
 
   return train
 
@@ -104,4 +105,18 @@ def test_five_splits_log_the_same_losses_and_reach_the_same_params(trained_split
     assert _relative_l2(params, reference_params) < 1e-6, split
     assert abs(eval_loss - reference_eval) <= 1e-6 * reference_eval
   # The runs did train: a comparison of a run with itself would pass trivially.
+  assert reference_losses[STEPS]["loss"] < reference_losses[1]["loss"]
+
+
+def test_batch_invariant_training_logs_the_same_bits_on_every_split(trained_splits):
+  """config.train.batch_invariant through main's training: one device with one micro-batch of 64 or 8 of
+  8, and 8 devices accumulating 8 micro-batches of one row, log the same float64 loss at every step and
+  end at the same parameters and eval loss, bit for bit."""
+  runs = trained_splits([(64, 1, 1), (8, 8, 1), (1, 8, 8)], batch_invariant=True)
+  reference_losses, reference_params, reference_eval = runs[64, 1, 1]
+  for split, (losses, params, eval_loss) in runs.items():
+    assert [losses[s]["loss"] for s in range(1, STEPS + 1)] == [
+        reference_losses[s]["loss"] for s in range(1, STEPS + 1)], split
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)))
+    assert eval_loss == reference_eval
   assert reference_losses[STEPS]["loss"] < reference_losses[1]["loss"]

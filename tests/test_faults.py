@@ -51,8 +51,8 @@ def _logged(workdir) -> set[int]:
   return set(metrics.read_jsonl(str(workdir))) if os.path.exists(path) else set()
 
 
-def _start(workdir, data_dir, corpus_dir):
-  return subprocess.Popen(main_command(workdir, data_dir, corpus_dir, *STEPS), cwd=ROOT, env=MAIN_ENV,
+def _start(workdir, data_dir, corpus_dir, *overrides):
+  return subprocess.Popen(main_command(workdir, data_dir, corpus_dir, *STEPS, *overrides), cwd=ROOT, env=MAIN_ENV,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -80,24 +80,41 @@ FAULTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, corpus):
+def _straight(root, corpus, *overrides):
   """An uninterrupted run: its data directory and its logged figures."""
-  root = tmp_path_factory.mktemp("straight")
-  result = run_main(root / "run", root / "data", corpus, *STEPS)
+  result = run_main(root / "run", root / "data", corpus, *STEPS, *overrides)
   assert result.returncode == 0, result.stderr[-2000:]
   return root / "data", metrics.read_jsonl(str(root / "run")), metrics.read_jsonl(str(root / "run"), "eval")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+  return _straight(tmp_path_factory.mktemp("straight"), corpus)
 
 
 # SIGTERM in the default suite; the two kills (about 50 s each) under -m slow.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "SIGTERM (preemption)" else n
                                   for n in FAULTS])
 def test_every_fault_resumes_bit_identical(straight, corpus, tmp_path, name):
+  _fault_and_resume(name, straight, corpus, tmp_path)
+
+
+BATCH_INVARIANT = ["--config.train.batch_invariant=True", "--config.mesh.data=8", "--config.mesh.fsdp=1"]
+
+
+@pytest.mark.slow  # two trainings, about 100 s
+def test_kill_9_resumes_bit_identical_in_the_batch_invariant_mode(corpus, tmp_path):
+  _fault_and_resume("kill -9 between saves", _straight(tmp_path / "straight", corpus, *BATCH_INVARIANT), corpus,
+                    tmp_path, *BATCH_INVARIANT)
+
+
+def _fault_and_resume(name, straight, corpus, tmp_path, *overrides) -> None:
+  """Fault `name` strikes a run, which is then resumed: its losses must be the straight run's."""
   data_dir, expected, expected_eval = straight
   moment, sig = FAULTS[name]
   for attempt in range(3):  # a save lasts a fraction of a second: the kill may come too late
     workdir = str(tmp_path / f"run_{attempt}")
-    process = _start(workdir, data_dir, corpus)
+    process = _start(workdir, data_dir, corpus, *overrides)
     _wait(process, lambda: moment(workdir), name)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=300)
@@ -111,7 +128,7 @@ def test_every_fault_resumes_bit_identical(straight, corpus, tmp_path, name):
     assert "Preempted: finished step" in stderr
   newest = _complete(workdir)[-1] if _complete(workdir) else None
 
-  resumed = run_main(workdir, data_dir, corpus, *STEPS)
+  resumed = run_main(workdir, data_dir, corpus, *STEPS, *overrides)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert (f"resumed from step {newest}" if newest else "fresh start") in resumed.stderr, name
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -242,6 +259,10 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"mesh.data": 16}, "needs 32 devices but 8 are present"),
     ({"mesh.data": -1, "mesh.tensor": 3}, "config.mesh.data = -1 cannot fill 8 devices"),
     ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, "config.model.num_heads = 4 does not split over config.mesh.tensor = 8"),
+    ({"train.batch_invariant": True, "mesh.data": 2, "mesh.fsdp": 4},
+     "config.train.batch_invariant needs a data-parallel mesh, but mesh.fsdp = 4 and mesh.tensor = 1"),
+    ({"train.batch_invariant": True, "train.batch_invariant_rows": 3, "mesh.data": -1, "mesh.fsdp": 1},
+     "config.train.batch_invariant_rows = 3 must be a positive divisor of config.train.micro_batch_size"),
     ({"data.sources.main.kind": "tfds", "data.sources.main.path": "no_such_dataset"},
      "config.data.sources.main.path = 'no_such_dataset' is not a registered TFDS dataset"),
     ({"data.sources.main.path": "/nonexistent/*.txt"}, "config.data.sources.main.path = '/nonexistent/*.txt'"),

@@ -31,7 +31,9 @@ class Collective:
 
 
 def _computations(text: str) -> tuple[dict[str, list[str]], str]:
-  """{name: instruction lines} of an HLO module's text, and the entry computation's name."""
+  """{name: instruction lines} of an HLO module's text, and the entry computation's name. A computation
+  ends at a line that is a lone "}": an instruction's backend_config may span lines (XLA:TPU's Mosaic
+  kernels, splash attention among them, write theirs with newlines), one of which can begin with "}}"."""
   computations, entry, current = {}, None, None
   for line in text.splitlines():
     match = _COMPUTATION.match(line)
@@ -39,7 +41,7 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
       current = match.group(1)
       computations[current] = []
       entry = current if line.startswith("ENTRY") else entry
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":
       current = None
     elif current is not None:
       computations[current].append(line)
@@ -69,11 +71,13 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
 
   XLA:TPU places collectives inside fusions (asynchronous collective fusions that overlap them with
   matmuls), where one collective can appear twice (its start and the fusion that consumes it) under one
-  channel id: within one run of a computation a channel id is counted once."""
+  channel id: within one run of a computation a channel id is counted in one computation only (the first
+  that names it). Within one computation every instruction counts: jax's shard_map collectives can share
+  a channel id there (XLA:TPU numbers the all-to-alls of a manual region alike)."""
   computations, entry = _computations(hlo_text)
   counts, sizes = collections.Counter(), collections.Counter()
 
-  def visit(name: str, runs: int, seen: set) -> None:
+  def visit(name: str, runs: int, seen: dict) -> None:
     for line in computations.get(name, ()):
       match = _INSTRUCTION.match(line)
       if not match:
@@ -82,9 +86,8 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
       kind = op.removesuffix("-start")
       if kind in KINDS and not op.endswith("-done"):
         channel = re.search(r"channel_id=(\d+)", line)
-        if channel and channel.group(1) in seen:
+        if channel and seen.setdefault(channel.group(1), name) != name:
           continue
-        seen.add(channel.group(1) if channel else None)
         counts[kind] += runs
         arrays = _ARRAY.findall(shape)
         if op.endswith("-start") and shape.startswith("(") and len(arrays) > 1:
@@ -93,13 +96,13 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
                                   for d, dims in arrays)
       elif op == "while":
         body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-        visit(body, runs * _trip_count(line, computations), set())
+        visit(body, runs * _trip_count(line, computations), {})
       elif op in ("call", "conditional", "async-start", "fusion"):
         for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?", line):
           for callee in called.replace("%", "").split(", "):
             visit(callee.strip(), runs, seen)
 
-  visit(entry, 1, set())
+  visit(entry, 1, {})
   return {kind: Collective(kind, counts[kind], sizes[kind]) for kind in KINDS if counts[kind]}
 
 

@@ -134,12 +134,14 @@ def hardware_cost_per_device(config: Config, compile_variant: Callable[[Config],
   m, k = config.model, config.train.gradient_accumulation_steps
 
   def count(num_layers: int, accumulation: int) -> np.ndarray:
-    # Without local accumulation, which scans all k micro-batches (at 2 too): its FLOPs are the same. (At
+    # Without local accumulation, which scans all k micro-batches (at 2 too), and without the batch-invariant
+    # sum, which scans row groups: their model FLOPs are the same. (At
     # accumulation 1 the setting is kept: it changes nothing there, and the caller's compile is reused.)
     variant = dataclasses.replace(
         config, model=dataclasses.replace(m, num_layers=num_layers, scan_layers=False),
         train=dataclasses.replace(config.train, gradient_accumulation_steps=accumulation,
-                                  local_accumulation=config.train.local_accumulation and accumulation == 1))
+                                  local_accumulation=config.train.local_accumulation and accumulation == 1,
+                                  batch_invariant=False))
     return np.array(list(xla_cost(compile_variant(variant)).values()))
 
   def layers_counted(accumulation: int) -> np.ndarray:

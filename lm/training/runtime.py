@@ -20,9 +20,10 @@ from flax import linen as nn
 from lm.checkpoints import checkpoint, param_files
 from lm.config import Config, ModelConfig
 from lm.data import batching
+from lm.errors import ConfigError
 from lm.model import attention, lora, sharding
 from lm.model.decoder import Decoder, param_count
-from lm.training.train_step import TrainState, token_losses, train_step
+from lm.training.train_step import TrainState, in_groups, token_losses, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,12 @@ def describe(rt: Runtime) -> list[tuple[str, str]]:
 
 
 def eval_function(rt: Runtime) -> Callable:
-  """(params, batch [rows, seq_len]) -> per-sequence loss sums and token counts, jitted."""
-  return jax.jit(functools.partial(token_losses, rt.model),
+  """(params, batch [rows, seq_len]) -> per-sequence loss sums and token counts, jitted; with
+  config.train.batch_invariant each device's rows in groups of its rows per group, so that a row's loss
+  does not depend on the batch size either."""
+  rows = invariant_rows(rt)
+  losses = in_groups(token_losses, rows * rt.plan.data_parallel) if rows else token_losses
+  return jax.jit(functools.partial(losses, rt.model),
                  in_shardings=(rt.param_sharding, sharding.batch_sharding(rt.mesh)),
                  out_shardings=sharding.replicated(rt.mesh))
 
@@ -115,6 +120,27 @@ def local_accumulation(rt: Runtime) -> bool:
   shape = rt.mesh.shape
   return (rt.config.train.local_accumulation and shape["data"] > 1 and rt.plan.accumulation_steps > 1
           and (shape["fsdp"] == 1 or shape["tensor"] == 1))
+
+
+def invariant_rows(rt: Runtime) -> int:
+  """Rows per gradient group of the batch-invariant sum (config.train.batch_invariant), 0 when off; a
+  ConfigError at startup where the mode cannot hold."""
+  t, shape = rt.config.train, rt.mesh.shape
+  if not t.batch_invariant:
+    return 0
+  if shape["fsdp"] > 1 or shape["tensor"] > 1:
+    raise ConfigError(
+        f"config.train.batch_invariant needs a data-parallel mesh, but mesh.fsdp = {shape['fsdp']} and "
+        f"mesh.tensor = {shape['tensor']}: the compiler would reduce the gradient over those axes in an order "
+        f"of its own. Set --config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1, or turn the "
+        f"mode off.")
+  rows = t.batch_invariant_rows
+  if rows < 1 or t.micro_batch_size % rows:
+    raise ConfigError(
+        f"config.train.batch_invariant_rows = {rows} must be a positive divisor of config.train."
+        f"micro_batch_size = {t.micro_batch_size}: give it the smallest micro_batch_size of the runs "
+        f"compared, or a divisor of it (1 divides every split).")
+  return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +203,8 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps, losses: Callable = token_
   create = jax.jit(init, out_shardings=state_sharding)
   base_sharding = state_sharding.params if frozen is None else state_sharding.frozen
   from_params = jax.jit(around, in_shardings=(base_sharding, None), out_shardings=state_sharding)
-  local_axis = "data" if local_accumulation(rt) else None
+  rows = invariant_rows(rt)
+  local_axis = "data" if (local_accumulation(rt) or rows and rt.mesh.shape["data"] > 1) else None
   replicated = sharding.replicated(rt.mesh)
   return TrainFunctions(
       create_state=lambda: create(rt.rng),
@@ -185,7 +212,7 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps, losses: Callable = token_
       state_sharding=state_sharding,
       step_fn=jax.jit(functools.partial(train_step, model=rt.model, tx=tx,
                                         accumulation_steps=rt.plan.accumulation_steps, local_axis=local_axis,
-                                        losses=losses),
+                                        losses=losses, invariant_rows=rows),
                       in_shardings=(state_sharding, sharding.step_batch_sharding(rt.mesh)),
                       out_shardings=(state_sharding, replicated), donate_argnums=0),
       state_from_params=lambda base: from_params(base, rt.rng),

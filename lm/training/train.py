@@ -174,6 +174,10 @@ def _startup_lines(run: Run) -> list[tuple[str, str]]:
 def _gradient_sum(rt: runtime.Runtime) -> str:
   """How the micro-batches' gradients are added up across the data-parallel devices."""
   shape, t = rt.mesh.shape, rt.config.train
+  if rows := runtime.invariant_rows(rt):
+    return (f"batch-invariant: the gradients of groups of {rows} row(s) added in global row order"
+            + (f", across the {shape['data']} devices in device order (an all-to-all per group step)"
+               if shape["data"] > 1 else "") + ": the same bits on every split of the global batch")
   if rt.plan.data_parallel == 1:
     return "one data-parallel device: no reduction across devices"
   if rt.plan.accumulation_steps == 1:

@@ -61,6 +61,18 @@ def token_losses(model: Decoder, params, batch) -> dict:
           "sequence_tokens": jnp.sum(mask_BxL, axis=-1, dtype=jnp.int32)}
 
 
+def in_groups(losses: Callable, width: int) -> Callable:
+  """`losses` (model, params, batch [R, ...]) run on `width` rows at a time, in a scan: each row's figures
+  then come from the same shapes whatever R (config.train.batch_invariant's eval, `width` = rows per group
+  x data-parallel devices: each device's group of rows)."""
+  def run(model: Decoder, params, batch) -> dict:
+    groups = jax.tree.map(lambda x: x.reshape(x.shape[0] // width, width, *x.shape[1:]), batch)
+    groups = jax.lax.with_sharding_constraint(groups, P(None, sharding.BATCH_AXES))
+    _, figures = jax.lax.scan(lambda carry, group: (carry, losses(model, params, group)), None, groups)
+    return jax.tree.map(lambda f: f.reshape(-1, *f.shape[2:]), figures)
+  return run
+
+
 def loss_scale(batch) -> jax.Array:
   """1 / (real target tokens of the whole optimizer step), float32: every micro-batch's loss sum is
   scaled by it, so that the summed gradients are those of the step's token mean. The tokens that count are
@@ -70,7 +82,7 @@ def loss_scale(batch) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps, accumulation_steps: int,
-               local_axis: str | None = None, losses: Callable = token_losses):
+               local_axis: str | None = None, losses: Callable = token_losses, invariant_rows: int = 0):
   """One optimizer step in one program: the gradients of the k micro-batches, summed, then the update.
 
   Without `local_axis`, the first k - 1 micro-batches run in a `lax.scan` that adds each gradient to
@@ -86,6 +98,10 @@ def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps
   one all-reduce per optimizer step instead of one per micro-batch. The additions then come in another
   order (within float32 rounding of the sum; tests/test_train_step.py), and MultiSteps gets the sum with
   an empty accumulator.
+
+  With `invariant_rows` (config.train.batch_invariant), the gradient is summed in one order whatever the
+  split (`_ordered_sum`): bitwise the same step on every micro-batch size, accumulation and data-parallel
+  device count of the same global batch; `local_axis` is then the data axis (or None on one device).
 
   Args:
     batch: tokens, segment_ids, positions, each [k, micro_batch_size x data-parallel devices, seq_len]:
@@ -104,7 +120,11 @@ def train_step(state: TrainState, batch, *, model: Decoder, tx: optax.MultiSteps
   scale = loss_scale(batch)
   opt_state = state.opt_state
   zeros = jax.tree.map(jnp.zeros_like, opt_state.acc_grads)  # constants: XLA adds them for free
-  if local_axis is not None and k > 1:
+  if invariant_rows:
+    grads, figures = _ordered_sum(model, losses, state.params, state.frozen, batch, scale, zeros, local_axis,
+                                  invariant_rows)
+    acc_grads = zeros
+  elif local_axis is not None and k > 1:
     grads, figures = _local_sum(model, losses, state.params, state.frozen, batch, scale, zeros, local_axis)
     acc_grads = zeros
   else:
@@ -147,6 +167,52 @@ def _local_sum(model: Decoder, losses: Callable, params, frozen, batch, scale, a
       local, in_specs=(P(), P(), P(None, axis), P(), P()), out_specs=(P(), P(None, axis)),
       axis_names=frozenset({axis}), check_vma=False)(params, frozen, batch, scale, acc_grads)
   # In the parameters' dtype, as MultiSteps hands the sum of micro-batch gradients to the inner optimizer.
+  return optax.tree.cast_like(summed, params), jax.tree.map(lambda f: f.reshape(-1), figures)
+
+
+def _ordered_sum(model: Decoder, losses: Callable, params, frozen, batch, scale, acc_grads, axis: str | None,
+                 rows: int):
+  """(the step's summed gradient, per-sequence figures in global row order), the sum the same bits on every
+  split of the global batch: the G rows in groups of `rows` consecutive rows, each group's gradient
+  computed alone (the same shapes whatever the micro-batch and device count) and added to the sum in
+  global row order, ((g_0 + g_1) + g_2) + ..., in the accumulator's dtype.
+
+  On D data-parallel devices (manual over `axis`), scan step t has device d compute group t x D + d (the
+  batch regrouped so), then each device sends slice e of its flattened gradient to device e (an
+  all-to-all, the bytes of a reduce-scatter) and adds the D slices it receives in device order: device e
+  holds slice e of the sum, added in the order of one device. One all-gather of the slices at the end."""
+  devices = 1 if axis is None else jax.sharding.get_abstract_mesh().shape[axis]
+  k, width = batch["tokens"].shape[:2]
+  groups = jax.tree.map(lambda x: x.reshape(k * width // (devices * rows), devices * rows, *x.shape[2:]), batch)
+  slices = jax.tree.map(lambda a: jnp.zeros(-(-a.size // devices), a.dtype), acc_grads)
+
+  def add(acc, grad):
+    flat = jnp.pad(grad.reshape(-1).astype(acc.dtype), (0, acc.size * devices - grad.size)).reshape(devices, -1)
+    parts = flat if axis is None else jax.lax.all_to_all(flat, axis, 0, 0, tiled=True)  # row e: device e's
+    for e in range(devices):
+      acc = acc + parts[e]
+    return acc
+
+  def local(params, frozen, groups, scale, slices):
+    def step(acc, group):
+      grads, figures = gradient(model, params, frozen, group, scale, losses)
+      return jax.tree.map(add, acc, grads), figures
+
+    summed, figures = jax.lax.scan(step, slices, groups)
+    if axis is not None:
+      summed = jax.tree.map(lambda s: jax.lax.all_gather(s, axis, tiled=True), summed)
+    return summed, figures
+
+  if axis is None:
+    summed, figures = local(params, frozen, groups, scale, slices)
+  else:
+    def manual(*args):
+      with sharding.rules_within(axis):
+        return local(*args)
+    summed, figures = jax.shard_map(
+        manual, in_specs=(P(), P(), P(None, axis), P(), P()), out_specs=(P(), P(None, axis)),
+        axis_names=frozenset({axis}), check_vma=False)(params, frozen, groups, scale, slices)
+  summed = jax.tree.map(lambda s, a: s[:a.size].reshape(a.shape), summed, acc_grads)
   return optax.tree.cast_like(summed, params), jax.tree.map(lambda f: f.reshape(-1), figures)
 
 
