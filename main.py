@@ -37,17 +37,21 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 to num_p
 _TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds for all processes to join, then an error.")
 
 
-def set_determinism_flags(deterministic: bool) -> str:
+def set_determinism_flags(deterministic: bool, batch_invariant: bool = False) -> str:
   """XLA flags for run-to-run reproducible results, set before jax starts; says what it set.
 
   TPU and CPU kernels are deterministic as they are; GPU needs deterministic reductions and scatters
-  (slower embedding gradients, no atomics)."""
+  (slower embedding gradients, no atomics). config.train.batch_invariant also needs every bfloat16
+  intermediate rounded as the program says: XLA otherwise keeps some in float32 where its fusions allow,
+  which differs between programs of other shapes (`lm.training.train_step._ordered_sum`)."""
   if not deterministic:
     return "off (config.train.deterministic = False): GPU reductions may vary between runs"
-  flag = "--xla_gpu_deterministic_ops=true"
-  if flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-  return f"XLA_FLAGS {flag} (GPU); TPU and CPU are deterministic without flags"
+  flags = ["--xla_gpu_deterministic_ops=true"] + (["--xla_allow_excess_precision=false"] if batch_invariant else [])
+  for flag in flags:
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  return (f"XLA_FLAGS {' '.join(flags)} (" + ("GPU; the second everywhere" if batch_invariant else "GPU")
+          + "); TPU and CPU are deterministic without flags")
 
 
 def main(argv):
@@ -60,7 +64,7 @@ def main(argv):
     if not _WORKDIR.value.strip():
       raise ConfigError("--workdir is empty: it would write checkpoints and metrics into the current "
                         "directory. Name a directory for the run, e.g. --workdir=runs/my_run (or gs://...).")
-    determinism = set_determinism_flags(config.train.deterministic)
+    determinism = set_determinism_flags(config.train.deterministic, config.train.batch_invariant)
     if _MODE.value != "eval" and (_STEP.value is not None or _FOLLOW.value):
       raise app.UsageError("--step and --follow are for --mode=eval.")
     # Only now: XLA reads its flags when jax initialises. The other processes join before any device is

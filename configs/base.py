@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Attention kernel: auto (splash on TPU, cudnn on GPU in bfloat16, else xla) | xla | splash (TPU flash
   # attention) | cudnn (GPU flash attention). See lm/model/attention.py.
   c.model.attention = "auto"
+  # The loss (training's, eval's, GRPO's) computes the float32 logits of this many positions at a time,
+  # recomputed in the backward pass: never [batch, seq_len, vocab] at once (1 GB per sequence of 8,192 at a
+  # 32k vocabulary). 0, or a seq_len at most this: all at once. Sampling always computes them whole.
+  c.model.logits_chunk = 2048
   # LoRA (lm/model/lora.py): adapters of this rank on the projections named in lora_targets, the rest frozen;
   # 0 = train every parameter. The adapters' output is scaled by lora_alpha / lora_rank.
   c.model.lora_rank = 0
@@ -95,8 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   # order on every mesh (docs/gradient_accumulation.md). Off: faster, and equal across splits only to
   # float32 rounding. Needs mesh.fsdp = mesh.tensor = 1.
   c.train.batch_invariant = False
-  # Rows per gradient group, the same in the runs compared; it divides each run's micro_batch_size x
-  # gradient_accumulation_steps. 1 fits every split; more rows make larger matmuls (faster).
+  # Rows per gradient group, the same in the runs compared: a common divisor of their micro_batch_size.
+  # 1 fits every split; more rows make larger matmuls and fewer gradient exchanges (faster).
   c.train.batch_invariant_rows = 1
   # jax.profiler trace of optimizer steps START:END, numbered as in the log (from 1), END exclusive as
   # in a Python slice: "10:13" traces steps 10, 11 and 12 into <workdir>/profile on every process, for

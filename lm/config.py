@@ -46,6 +46,7 @@ class ModelConfig:
   remat: str
   scan_layers: bool
   attention: str
+  logits_chunk: int
   lora_rank: int
   lora_alpha: float
   lora_targets: str
@@ -155,13 +156,13 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # ModelConfig fields that are settings of a run, not part of the model that parameters belong to: they may
 # differ between the run that wrote parameters and one that starts from them.
 MODEL_RUN_SETTINGS = ("max_seq_len", "init_std", "dtype", "param_dtype", "remat", "scan_layers", "attention",
-                      "lora_rank", "lora_alpha", "lora_targets")
+                      "logits_chunk", "lora_rank", "lora_alpha", "lora_targets")
 # Keys added after checkpoints were first written, with the value those checkpoints had.
 ADDED_KEYS = {"model.rope_scaling_factor": 1.0, "model.sliding_window": 0, "model.local_layers_per_global": 0,
               "model.rope_local_theta": 10000.0, "model.qk_norm": False, "model.post_norms": False,
               "model.norm_unit_offset": False, "model.mlp_activation": "silu", "model.embed_scale": False,
               "model.query_scale_dim": 0, "model.lora_rank": 0, "model.lora_alpha": 16.0,
-              "model.lora_targets": "q,k,v,o,gate,up,down"}
+              "model.lora_targets": "q,k,v,o,gate,up,down", "model.logits_chunk": 0}
 
 
 # Float settings of a model agree within this relative tolerance: a Hugging Face config.json written from
@@ -323,6 +324,8 @@ def validate_model(m: ModelConfig) -> None:
            f"config.model.init_std = {m.init_std:g} is over 1: every weight is drawn with this standard "
            "deviation, and weights that large make the activations and the loss blow up (to inf or NaN at the "
            f"first step). Usual values are 0.02 (configs/base.py) or about 1/sqrt(d_model) = {m.d_model ** -0.5:.3g}.")
+  _require(m.logits_chunk >= 0, f"config.model.logits_chunk = {m.logits_chunk} must be >= 0 (0 = the logits of "
+           "the whole sequence at once).")
   _validate_lora(m)
 
 
@@ -395,6 +398,10 @@ def validate(config: Config) -> None:
   _require(t.seq_len <= m.max_seq_len,
            f"config.train.seq_len = {t.seq_len} is over config.model.max_seq_len = {m.max_seq_len}; "
            "lower train.seq_len or raise model.max_seq_len.")
+  _require(not m.logits_chunk or t.seq_len <= m.logits_chunk or t.seq_len % m.logits_chunk == 0,
+           f"config.model.logits_chunk = {m.logits_chunk} does not divide config.train.seq_len = {t.seq_len}: the "
+           "loss computes the logits that many positions at a time. Give it a divisor of seq_len (or 0: all "
+           "at once).")
   _require(t.num_train_steps >= 0 and t.num_epochs >= 0,
            "config.train.num_train_steps and config.train.num_epochs must be >= 0.")
   _require((t.num_train_steps > 0) != (t.num_epochs > 0),

@@ -118,7 +118,7 @@ class Estimate:
   mesh_shape: dict[str, int]
   params: int
   optimizer: int  # opt_state.inner_opt_state: Adam moments (or Lion's momentum), clipping, norm
-  accumulator: int  # opt_state.acc_grads of MultiSteps
+  accumulator: int  # opt_state.acc_grads of MultiSteps (0 where the state does without: init_opt_state)
   frozen: int  # LoRA: the base weights, an input of the step (0 without LoRA)
   temporary: int  # XLA temp buffers: activations kept for the backward pass, gradients, logits
   total: int  # everything live: arguments + outputs not aliased to them + temporaries
@@ -336,7 +336,8 @@ def describe(est: Estimate, memory_gb: float, usable: float) -> list[str]:
       "Memory per device (GB):",
       f"  parameters          {_gb(est.params):>9}",
       f"  optimizer state     {_gb(est.optimizer):>9}   (opt_state.inner_opt_state)",
-      f"  accumulator         {_gb(est.accumulator):>9}   (opt_state.acc_grads)",
+      f"  accumulator         {_gb(est.accumulator):>9}   (opt_state.acc_grads: state only where the step scans "
+      f"micro-batches into it)",
       *([f"  frozen base         {_gb(est.frozen):>9}   (LoRA: the weights the adapters adapt)"] if est.frozen else []),
       f"  temporary           {_gb(est.temporary):>9}   (activations, gradients, logits: XLA memory analysis)",
       f"  total               {_gb(est.total):>9}   of {memory_gb:g} GB, {usable:g} usable = "

@@ -3,6 +3,9 @@ accumulation x data-parallel devices), against the default, which agrees only to
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,17 +15,17 @@ from lm.model import sharding
 from lm.model.decoder import Decoder
 from lm.training.optimizer import make_optimizer
 from lm.training.train_step import train_step
-from tests.helpers import mesh_config, tiny_model
+from tests.helpers import FAST_COMPILE, mesh_config, tiny_model
 from tests.test_train_step import _batch, _init, _train_cfg, micro_batches
 
 ROWS, STEPS = 8, 20
 
 
-def _train(k: int, devices: int, invariant_rows: int, steps: int = STEPS):
+def _train(k: int, devices: int, invariant_rows: int, steps: int = STEPS, dtype: str = "float32"):
   """`steps` AdamW steps (lr 1e-3) of the global batch of ROWS rows split into k micro-batches of
   ROWS / (k x devices) rows on each of `devices` data-parallel devices: (per-sequence losses [steps, ROWS],
   parameters, gradient norms)."""
-  model = Decoder(tiny_model())
+  model = Decoder(tiny_model(dtype=dtype))
   tx = make_optimizer(dataclasses.replace(_train_cfg(k), learning_rate=1e-3), 100)
   mesh = sharding.make_mesh(mesh_config(data=devices, fsdp=1, tensor=1), jax.devices()[:devices])
   state = _init(model, tx)
@@ -80,3 +83,22 @@ def test_groups_of_two_rows_agree_across_their_splits():
   for k, devices in [(4, 1), (2, 2)]:
     other_losses, other_params, _ = _train(k, devices, 2, steps=3)
     assert np.array_equal(losses, other_losses) and _bitwise(params, other_params), (k, devices)
+
+
+def test_bfloat16_compute_agrees_across_devices_with_the_flag_main_sets():
+  """With bfloat16 compute XLA may keep intermediates in float32 where a fusion allows, differently in the
+  programs of 1 and 2 devices; main.py sets --xla_allow_excess_precision=false in the mode (a flag read
+  when jax starts: a process of its own)."""
+  code = ("import numpy as np\n"
+          "from tests.test_batch_invariant import _train, _bitwise\n"
+          "ref = _train(1, 1, 1, steps=3, dtype='bfloat16')\n"
+          "for k, devices in [(8, 1), (1, 8), (2, 2)]:\n"
+          "  other = _train(k, devices, 1, steps=3, dtype='bfloat16')\n"
+          "  assert np.array_equal(other[0], ref[0]) and _bitwise(other[1], ref[1]), (k, devices)\n"
+          "print('bitwise')\n")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE} "
+                                   "--xla_allow_excess_precision=false")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0 and "bitwise" in result.stdout, result.stderr[-3000:]

@@ -261,6 +261,8 @@ MISTAKES = [  # (overrides of the tiny config, what the message must say)
     ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, "config.model.num_heads = 4 does not split over config.mesh.tensor = 8"),
     ({"train.batch_invariant": True, "mesh.data": 2, "mesh.fsdp": 4},
      "config.train.batch_invariant needs a data-parallel mesh, but mesh.fsdp = 4 and mesh.tensor = 1"),
+    ({"train.batch_invariant": True, "train.deterministic": False, "mesh.data": -1, "mesh.fsdp": 1},
+     "config.train.batch_invariant needs config.train.deterministic = True"),
     ({"train.batch_invariant": True, "train.batch_invariant_rows": 3, "mesh.data": -1, "mesh.fsdp": 1},
      "config.train.batch_invariant_rows = 3 must be a positive divisor of config.train.micro_batch_size"),
     ({"data.sources.main.kind": "tfds", "data.sources.main.path": "no_such_dataset"},

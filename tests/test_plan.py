@@ -58,8 +58,12 @@ def test_prints_the_plan_for_the_devices_asked():
 def test_suggests_what_fits_when_the_memory_is_too_small(plan):
   config = small_config()
   full = plan.Estimator(jax.devices()[:8])(config)
-  # Adam's two moments and the accumulator, in float32 like the parameters (plus a few scalars).
-  assert full.params > 0 and full.accumulator == full.params
+  # Adam's two moments in float32 like the parameters (plus a few scalars); on data=8 each replica sums
+  # its micro-batches locally (local accumulation): the state carries no accumulator.
+  assert full.params > 0 and full.accumulator == 0
+  without_local = plan.Estimator(jax.devices()[:8])(dataclasses.replace(
+      config, train=dataclasses.replace(config.train, local_accumulation=False)))
+  assert without_local.accumulator == full.params  # the scan's carry, in the state's donated buffer
   assert full.optimizer == pytest.approx(2 * full.params, abs=64)
   # A device with 80% of what the step needs (all of it usable): a smaller micro-batch must do.
   memory_gb = 0.8 * full.total / plan.GB

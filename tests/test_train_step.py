@@ -14,7 +14,7 @@ from lm.data import batching
 from lm.model import sharding
 from lm.model.decoder import Decoder
 from lm.training.optimizer import grad_norm, make_optimizer, record_grad_norm, skipped_updates
-from lm.training.train_step import TrainState, gradient, train_step
+from lm.training.train_step import TrainState, gradient, init_opt_state, token_logprobs, train_step
 from tests.helpers import base_config, mesh_config, tiny_model
 
 L = 16
@@ -288,3 +288,51 @@ def test_a_batch_of_another_accumulation_is_refused():
   step = functools.partial(train_step, model=model, tx=tx, accumulation_steps=3)
   with pytest.raises(ValueError, match="holds 2 micro-batches, the optimizer accumulates 3"):
     jax.eval_shape(step, _init(model, tx), micro_batches(_batch(4), 2))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_state_carries_no_accumulator_and_steps_the_same(k):
+  """The train state's MultiSteps state without acc_grads (`init_opt_state`, as the runtime makes it at
+  accumulation 1): the step builds the zeros itself and gives the very parameters and optimizer state of
+  the state that carries them; at accumulation 1 it hands back the parameters' bytes less."""
+  model = Decoder(tiny_model())
+  tx = make_optimizer(_train_cfg(k), 10)
+  carried = _init(model, tx)
+  lean = carried.replace(opt_state=init_opt_state(tx, carried.params, carry_accumulator=False))
+  assert lean.opt_state.acc_grads is None
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, accumulation_steps=k))
+  batch = micro_batches(_batch(8), k)
+  for _ in range(2):
+    carried, carried_figures = step(carried, batch)
+    lean, lean_figures = step(lean, batch)
+  assert lean.opt_state.acc_grads is None
+  jax.tree.map(_assert_same, lean.params, carried.params)
+  jax.tree.map(_assert_same, lean.opt_state._replace(acc_grads=None), carried.opt_state._replace(acc_grads=None))
+  jax.tree.map(_assert_same, lean_figures, carried_figures)
+  if k == 1:  # nothing reads a carried accumulator: jit drops it as an input, and it is handed back
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(carried.params))
+    memory = {name: step.lower(state, batch).compile().memory_analysis()
+              for name, state in (("carried", carried), ("lean", lean))}
+    leaves = len(jax.tree.leaves(carried.params))  # XLA counts 8 bytes per output buffer of the result tuple
+    fewer = memory["carried"].output_size_in_bytes - memory["lean"].output_size_in_bytes
+    assert fewer == param_bytes + 8 * leaves
+    assert memory["carried"].argument_size_in_bytes == memory["lean"].argument_size_in_bytes
+
+
+def test_the_loss_in_chunks_of_positions_agrees_and_never_holds_the_whole_logits():
+  """config.model.logits_chunk: the float32 logits of a few positions at a time (checkpointed, recomputed
+  in the backward pass). Per-token log-probabilities and the gradient as computed whole, within float32
+  rounding; the compiled gradient's temporaries shrink by most of the [B, L, V] float32 logits."""
+  batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
+  results = {}
+  for chunk in (0, 4):
+    model = Decoder(tiny_model(vocab_size=512, logits_chunk=chunk))
+    params = nn.unbox(model.init(jax.random.key(0), batch["tokens"], batch["segment_ids"], batch["positions"])["params"])
+    grad = jax.jit(lambda p, m=model: gradient(m, p, None, batch, jnp.float32(0.01)))
+    logprobs = jax.jit(lambda p, m=model: token_logprobs(m, p, batch))(params)
+    results[chunk] = (np.asarray(logprobs), grad(params)[0], grad.lower(params).compile().memory_analysis())
+  whole, chunked = results[0], results[4]
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+  assert _relative_l2(chunked[1], whole[1]) < 1e-6
+  logits_bytes = 4 * L * 512 * 4  # [B, L, V] float32
+  assert whole[2].temp_size_in_bytes - chunked[2].temp_size_in_bytes > 0.5 * logits_bytes

@@ -13,6 +13,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
@@ -128,9 +129,29 @@ def restore_progress(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
-  """The train state of checkpoint `step`, restored into the shardings of `abstract_state` (the train
-  state as `jax.ShapeDtypeStruct`s with `sharding` set)."""
-  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+  """The train state of checkpoint `step` ({"params", "opt_state"}), restored into the shardings of
+  `abstract_state` (`jax.ShapeDtypeStruct`s with `sharding` set).
+
+  MultiSteps' accumulator (`opt_state.acc_grads`) is zeros between optimizer steps, and a train state
+  holds it only where its step scans micro-batches into it (`lm.training.train_step.init_opt_state`;
+  every checkpoint before 2026-12-07 held it): a checkpoint that holds one restores into a state without
+  (read and dropped), and one without into a state with (zeros in the target's shardings)."""
+  opt_state = abstract_state.get("opt_state")
+  wanted = getattr(opt_state, "acc_grads", None)
+  if not hasattr(opt_state, "acc_grads") or (wanted is not None) == _holds_accumulator(manager, step):
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+  saved = opt_state._replace(acc_grads=None if wanted is not None else abstract_state["params"])
+  target = {**abstract_state, "opt_state": saved}
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  zeros = None if wanted is None else jax.tree.map(
+      lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)(), wanted)
+  state["opt_state"] = state["opt_state"]._replace(acc_grads=zeros)
+  return state
+
+
+def _holds_accumulator(manager: ocp.CheckpointManager, step: int) -> bool:
+  saved = saved_tree(os.path.join(os.fspath(manager.directory), str(step), "state"))
+  return saved.get("opt_state", {}).get("acc_grads") is not None
 
 
 def newest_restorable(directory, steps, restore):

@@ -241,13 +241,18 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
     """Training and eval: each position attends to the earlier ones of its segment (document)."""
+    return self.head(self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL))
+
+  def hidden(self, tokens_BxL, segment_ids_BxL, positions_BxL):
+    """`__call__` up to the logits: the last layer's output after the final norm [B, L, D], which `head`
+    turns into logits (the loss does so a chunk of positions at a time: lm.training.train_step)."""
     x_BxLxD = self._embed(tokens_BxL)
     implementation = self.cfg.attention  # checked against the mesh's platform by lm.training.runtime.setup
     if implementation == "auto":
       implementation = attention.resolve(self.cfg, tokens_BxL.shape[1], jax.default_backend())
     ctx = attention.context(implementation, segment_ids_BxL, self.cfg.sliding_window, interpret=self.interpret)
     x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, ctx, layer_inputs(self.cfg))
-    return self._logits(x_BxLxD)
+    return self.final_norm(x_BxLxD)
 
   def decode(self, tokens_BxL, positions_BxL, cache: KVCache, start_B=None) -> tuple[jax.Array, KVCache]:
     """(logits [B, L, V], the cache with the new tokens): tokens_BxL go into cache slots index ...
@@ -280,13 +285,25 @@ class Decoder(nn.Module):
     return x_BxLxD, None if "kv" not in per_layer else tuple(jnp.stack(parts) for parts in zip(*new_kv))
 
   def _logits(self, x_BxLxD):
-    dtype = DTYPES[self.cfg.dtype]
-    x_BxLxD = self.final_norm(x_BxLxD)
+    return self.head(self.final_norm(x_BxLxD))
+
+  def head(self, x_BxLxD):
+    """float32 logits [B, L, V] of the normed hidden states."""
     w_out_DxV = self.embedding_VxD.T if self.cfg.tie_embeddings else self.w_out_DxV
-    # float32 logits: the cross-entropy over a large vocabulary needs the precision.
-    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_out_DxV.astype(dtype),
-                              preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
+    return output_logits(x_BxLxD, w_out_DxV, self.cfg)
+
+
+def output_weight(params, cfg: ModelConfig):
+  """The output projection [D, V] in a parameter tree: `lm_head`, or the embedding's transpose when tied."""
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def output_logits(x_BxLxD, w_out_DxV, cfg: ModelConfig):
+  """`Decoder.head`: float32 logits [B, L, V] of normed hidden states and the output projection."""
+  # float32 logits: the cross-entropy over a large vocabulary needs the precision.
+  logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, w_out_DxV.astype(DTYPES[cfg.dtype]),
+                            preferred_element_type=jnp.float32)
+  return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
 
 def param_count(cfg: ModelConfig) -> int:

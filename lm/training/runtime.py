@@ -23,7 +23,7 @@ from lm.data import batching
 from lm.errors import ConfigError
 from lm.model import attention, lora, sharding
 from lm.model.decoder import Decoder, param_count
-from lm.training.train_step import TrainState, in_groups, token_losses, train_step
+from lm.training.train_step import TrainState, in_groups, init_opt_state, token_losses, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,10 @@ def invariant_rows(rt: Runtime) -> int:
   t, shape = rt.config.train, rt.mesh.shape
   if not t.batch_invariant:
     return 0
+  if not t.deterministic:
+    raise ConfigError("config.train.batch_invariant needs config.train.deterministic = True (on GPUs "
+                      "the embedding gradient's scatter adds in a varying order without it). Set "
+                      "--config.train.deterministic=True, or turn the mode off.")
   if shape["fsdp"] > 1 or shape["tensor"] > 1:
     raise ConfigError(
         f"config.train.batch_invariant needs a data-parallel mesh, but mesh.fsdp = {shape['fsdp']} and "
@@ -138,8 +142,8 @@ def invariant_rows(rt: Runtime) -> int:
   if rows < 1 or t.micro_batch_size % rows:
     raise ConfigError(
         f"config.train.batch_invariant_rows = {rows} must be a positive divisor of config.train."
-        f"micro_batch_size = {t.micro_batch_size}: give it the smallest micro_batch_size of the runs "
-        f"compared, or a divisor of it (1 divides every split).")
+        f"micro_batch_size = {t.micro_batch_size}: give it a common divisor of the micro_batch_size of "
+        f"every run compared (1 divides every split).")
   return rows
 
 
@@ -187,24 +191,27 @@ def train_functions(rt: Runtime, tx: optax.MultiSteps, losses: Callable = token_
   is the step's loss (`lm.training.train_step.train_step`): the language model's, or GRPO's."""
   cfg = rt.config.model
   params, frozen = trainable(rt.boxed_params, cfg)
-  boxed_state = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
+  rows = invariant_rows(rt)
+  local_axis = "data" if local_accumulation(rt) or (rows and rt.mesh.shape["data"] > 1) else None
+  # The accumulator as state only where the step scans micro-batches into it (`init_opt_state`).
+  carry = rt.plan.accumulation_steps > 1 and not local_axis and not rows
+  opt_init = functools.partial(init_opt_state, tx, carry_accumulator=carry)
+  boxed_state = TrainState(params=params, opt_state=jax.eval_shape(opt_init, params), frozen=frozen)
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed_state), rt.mesh)
 
   def init(rng):
     params, frozen = trainable(rt.init_params(rng), cfg)
-    return sharding.strip_boxes(TrainState(params=params, opt_state=tx.init(params), frozen=frozen))
+    return sharding.strip_boxes(TrainState(params=params, opt_state=opt_init(params), frozen=frozen))
 
   def around(base, rng):
     if frozen is None:
-      return TrainState(params=base, opt_state=tx.init(base))
+      return TrainState(params=base, opt_state=opt_init(base))
     adapters = sharding.strip_boxes(trainable(rt.init_params(rng), cfg)[0])  # the seed's, as in init
-    return TrainState(params=adapters, opt_state=tx.init(adapters), frozen=base)
+    return TrainState(params=adapters, opt_state=opt_init(adapters), frozen=base)
 
   create = jax.jit(init, out_shardings=state_sharding)
   base_sharding = state_sharding.params if frozen is None else state_sharding.frozen
   from_params = jax.jit(around, in_shardings=(base_sharding, None), out_shardings=state_sharding)
-  rows = invariant_rows(rt)
-  local_axis = "data" if (local_accumulation(rt) or rows and rt.mesh.shape["data"] > 1) else None
   replicated = sharding.replicated(rt.mesh)
   return TrainFunctions(
       create_state=lambda: create(rt.rng),
