@@ -112,3 +112,30 @@ def test_resolve_refuses_what_cannot_run(choice, platform, dtype, seq_len, named
 
 def test_auto_on_tpu_with_an_odd_seq_len_takes_xla():
   assert attention.resolve(tiny_model(attention="auto"), 200, "tpu") == "xla"
+
+
+def test_xla_attention_keeps_its_scores_in_the_compute_dtype():
+  """`attention.dot_product` (model.attention=xla): in float32 the numbers of
+  `jax.nn.dot_product_attention` within float32 rounding (its einsums grouped otherwise), forward and
+  gradient; in bfloat16 its scores stay bfloat16 (MaxText's
+  choice), within bfloat16 rounding of the float32-score result, and the compiled gradient holds fewer
+  bytes of them."""
+  rng = np.random.default_rng(0)
+  B, L, N, K, H = 2, 128, 8, 2, 16
+  segments = np.ones((B, L), np.int32)
+  segments[:, 50:] = 2
+  mask_Bx1xLxS = attention.mask(jnp.asarray(segments))
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((B, L, N, H), (B, L, K, H), (B, L, K, H)))
+    for name, fn in (("ours", lambda q, k, v: attention.dot_product(q, k, v, mask_Bx1xLxS, 0.25)),
+                     ("jax", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxS, scale=0.25))):
+      loss = jax.jit(jax.value_and_grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+      value, grads = loss(q, k, v)
+      results[dtype, name] = (fn(q, k, v), grads, loss.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes)
+  ours, theirs = results[jnp.float32, "ours"], results[jnp.float32, "jax"]
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours[1], theirs[1])
+  ours, theirs = results[jnp.bfloat16, "ours"], results[jnp.bfloat16, "jax"]
+  np.testing.assert_allclose(np.asarray(ours[0], np.float32), np.asarray(theirs[0], np.float32), atol=0.05)
+  assert ours[2] < theirs[2]

@@ -1,8 +1,8 @@
 """Attention of training and eval: causal, within each packed document, optionally in a sliding window.
 
 `model.attention` chooses the implementation:
-  xla     `jax.nn.dot_product_attention` with a B x 1 x L x S mask: XLA writes the scores of every head,
-          B x N x L x S, and keeps them for the backward pass. Every platform; the reference.
+  xla     `dot_product`, with a B x 1 x L x S mask: XLA writes the scores of every head, B x N x L x S in the
+          compute dtype, and keeps them for the backward pass. Every platform; the reference.
   splash  TPU: Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), a flash
           kernel: tiles of 512 x 512 (256 or 128 where they do not divide seq_len), scores never stored whole, fully masked blocks skipped.
           Packed documents by segment ids, causal and sliding-window masks, grouped-query heads.
@@ -94,6 +94,23 @@ def context(implementation: str, segment_ids_BxL, window: int, interpret: bool =
                  masks=(mask(segment_ids_BxL), mask(segment_ids_BxL, window) if window else None))
 
 
+def dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale: float):
+  """XLA attention with the scores in the compute dtype (q's), as MaxText's dot-product attention keeps
+  them: the B x N x L x S scores kept for the backward pass take half the bytes in bfloat16 that
+  `jax.nn.dot_product_attention`'s float32 scores take. The softmax itself runs in float32 (fused, not
+  stored), its probabilities back in the compute dtype; grouped-query heads share their key and value.
+  In float32 the arithmetic of `jax.nn.dot_product_attention` (within rounding: the einsums are grouped
+  otherwise)."""
+  B, L, N, H = q_BxLxNxH.shape
+  K = k_BxSxKxH.shape[2]
+  q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+  scores_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH) * jnp.asarray(scale, q_BxLxNxH.dtype)
+  scores_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxKxGxLxS,
+                               jnp.asarray(-0.7 * jnp.finfo(scores_BxKxGxLxS.dtype).max, scores_BxKxGxLxS.dtype))
+  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS.astype(jnp.float32), axis=-1).astype(v_BxSxKxH.dtype)
+  return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxSxKxH).reshape(B, L, N, H)
+
+
 def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
   """Attention output B x L x N x H. `local`: this layer uses the sliding window (a traced bool when the
   layers are scanned; ignored without a window)."""
@@ -103,7 +120,7 @@ def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
   if ctx.implementation == "xla":
     global_mask, local_mask = ctx.masks
     mask_Bx1xLxS = global_mask if local_mask is None else jnp.where(local, local_mask, global_mask)
-    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xLxS, scale=scale)
+    return dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale)
 
   def cudnn(window: int):
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=ctx.masks[0], scale=scale,
