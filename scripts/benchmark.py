@@ -240,8 +240,9 @@ def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callab
     tx = make_optimizer(t, warmup + steps + 1)
     fns = runtime.train_functions(rt, tx)
     accumulate, update = host_loop_programs(rt, tx)
-    state = fns.create_state()  # the previous design carried MultiSteps' accumulator between its programs
-    state = state.replace(opt_state=tx.init(state.params)._replace(inner_opt_state=state.opt_state.inner_opt_state))
+    state = fns.create_state()
+    if state.opt_state.acc_grads is None:  # the previous design carried MultiSteps' accumulator between programs
+      state = state.replace(opt_state=state.opt_state._replace(acc_grads=jax.tree.map(jnp.zeros_like, state.params)))
 
     def on_device(global_batch):
       micro = batching.micro_batches(global_batch, rt.plan)

@@ -143,8 +143,9 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
   saved = opt_state._replace(acc_grads=None if wanted is not None else abstract_state["params"])
   target = {**abstract_state, "opt_state": saved}
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-  zeros = None if wanted is None else jax.tree.map(
-      lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)(), wanted)
+  zeros = None if wanted is None else jax.jit(  # one program for the whole tree, made in place
+      lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), wanted),
+      out_shardings=jax.tree.map(lambda a: a.sharding, wanted))()
   state["opt_state"] = state["opt_state"]._replace(acc_grads=zeros)
   return state
 

@@ -104,11 +104,15 @@ def in_groups(losses: Callable, width: int) -> Callable:
   then come from the same shapes whatever R (config.train.batch_invariant's eval, `width` = rows per group
   x data-parallel devices: each device's group of rows)."""
   def run(model: Decoder, params, batch) -> dict:
-    groups = jax.tree.map(lambda x: x.reshape(x.shape[0] // width, width, *x.shape[1:]), batch)
-    groups = jax.lax.with_sharding_constraint(groups, P(None, sharding.BATCH_AXES))
+    groups = jax.lax.with_sharding_constraint(_grouped(batch, width), P(None, sharding.BATCH_AXES))
     _, figures = jax.lax.scan(lambda carry, group: (carry, losses(model, params, group)), None, groups)
     return jax.tree.map(lambda f: f.reshape(-1, *f.shape[2:]), figures)
   return run
+
+
+def _grouped(rows, width: int):
+  """Every leaf's rows [R, ...] as [R / width, width, ...]: consecutive rows in groups of `width`."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // width, width, *x.shape[1:]), rows)
 
 
 def loss_scale(batch) -> jax.Array:
@@ -231,8 +235,8 @@ def _ordered_sum(model: Decoder, losses: Callable, params, frozen, batch, scale,
   all-to-all, the bytes of a reduce-scatter) and adds the D slices it receives in device order: device e
   holds slice e of the sum, added in the order of one device. One all-gather of the slices at the end."""
   devices = 1 if axis is None else jax.sharding.get_abstract_mesh().shape[axis]
-  k, width = batch["tokens"].shape[:2]
-  groups = jax.tree.map(lambda x: x.reshape(k * width // (devices * rows), devices * rows, *x.shape[2:]), batch)
+  rows_in_order = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # [k x rows, ...]: global order
+  groups = _grouped(rows_in_order, devices * rows)
   slices = jax.tree.map(lambda a: jnp.zeros(-(-a.size // devices), a.dtype), acc_grads)
 
   def add(acc, grad):
