@@ -39,6 +39,10 @@ def test_cached_logits_equal_the_full_forward(overrides):
     parts.append(logits)
   assert int(cache.index) == 10
   np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+  last = jax.jit(functools.partial(model.apply, method=Decoder.decode, last_only=True))  # a sampler's prefill
+  logits, _ = last({"params": params}, tokens_BxL[:, :6], positions_BxL[:, :6], KVCache.zeros(model.cfg, 2, 16))
+  assert logits.shape == (2, 1, 64)
+  np.testing.assert_allclose(logits, parts[0][:, -1:], rtol=1e-5, atol=1e-5)
 
 
 def generate_without_cache(params, prompt_BxP, *, model: Decoder, max_new_tokens: int, eos_id: int):
@@ -157,3 +161,19 @@ def test_left_padded_prompts_decode_as_each_prompt_alone(overrides):
                           sampling=SamplingConfig(), stop_ids=())
   both = run(padded, prompt_lengths_B=jnp.asarray([5, 9]))
   assert np.array_equal(both[0], run(short)[0]) and np.array_equal(both[1], run(long)[0])
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+def test_decoding_writes_the_new_keys_into_the_one_cache_in_place(scan_layers):
+  """Each decoding step writes its keys and values into the cache where it lies (the layers' carry), so
+  `generate` holds the cache once (1.5x it in all here): a cache passed through the layer scan as its input
+  and output was held, and copied each step, twice (3x in all)."""
+  model, params = _model_and_params(scan_layers=scan_layers, max_seq_len=256, num_heads=4, num_kv_heads=4,
+                                    head_dim=32)
+  B, P, T = 64, 4, 252  # a short prompt: the prefill's attention scores stay small beside the cache
+  cfg = model.cfg
+  cache_bytes = 2 * cfg.num_layers * B * (P + T) * cfg.num_kv_heads * cfg.head_dim * 4
+  compiled = generate.lower(params, jnp.ones((B, P), jnp.int32), jax.random.key(0), model=model,
+                            max_new_tokens=T, sampling=SamplingConfig(temperature=1.0), stop_ids=(2,)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert cache_bytes <= temp < 2 * cache_bytes, (temp, cache_bytes)

@@ -135,9 +135,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, ctx: attention.Context, local, inv_freq, cache_kv=None,
-               cache_index=None):
-    """local: this layer has the sliding window. cache_kv: this layer's (keys, values) B x S x K x H when
-    decoding; returned updated (else None)."""
+               cache_at=None):
+    """local: this layer has the sliding window. cache_kv: when decoding, every layer's (keys, values)
+    T x B x S x K x H, and cache_at (this layer, the slot of the first new position): the new keys and values
+    are written there in place and the layer attends over its slots; returned updated (else None)."""
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     w_q_DxNxH = _param(self, cfg, "q_proj", (D, N, H), Q_NAMES)
@@ -155,9 +156,10 @@ class Attention(nn.Module):
     q_BxLxNxH = rotary(q_BxLxNxH, positions_BxL, inv_freq)
     k_BxSxKxH = rotary(k_BxSxKxH, positions_BxL, inv_freq)
     if cache_kv is not None:  # the new positions' keys and values into their slots; attend over all
-      k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, 1)
-                              for c, new in zip(cache_kv, (k_BxSxKxH, v_BxSxKxH)))
-      cache_kv = (k_BxSxKxH, v_BxSxKxH)
+      layer, slot = cache_at
+      cache_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype)[None], (layer, 0, slot, 0, 0))
+                       for c, new in zip(cache_kv, (k_BxSxKxH, v_BxSxKxH)))
+      k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache_kv)
     # Grouped-query attention: each of the K key/value heads serves N / K query heads.
     out_BxLxNxH = attention.attend(ctx, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local,
                                    scale=(cfg.query_scale_dim or H) ** -0.5)
@@ -183,22 +185,25 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm residual block, with post_norms also normalising each branch's output before it is added
-  (Gemma). Returns (x, this layer's updated cache or None): the body of `nn.scan`.
+  (Gemma). The body of `nn.scan`: returns (carry, None), the carry being x, or when decoding (x, every
+  layer's keys and values T x B x S x K x H, this layer's updated in place).
 
   Args:
     ctx: the attention's masks or segment ids (`lm.model.attention.Context`).
     layer: this layer's slice of `layer_inputs` ({"local": bool, "inv_freq": H/2}), and when decoding
-      its cache ("kv": keys and values B x S x K x H).
+      its index ("index").
     cache_index: when decoding, the cache slot of the first new position.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, ctx, layer, cache_index=None):
+  def __call__(self, carry, positions_BxL, ctx, layer, cache_index=None):
     cfg = self.cfg
+    x_BxLxD, cache_kv = (carry, None) if cache_index is None else carry
+    cache_at = None if cache_index is None else (layer["index"], cache_index)
     attn_BxLxD, cache_kv = Attention(cfg, name="attn")(
         RMSNorm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, ctx, layer["local"], layer["inv_freq"],
-        layer.get("kv"), cache_index)
+        cache_kv, cache_at)
     if cfg.post_norms:
       attn_BxLxD = RMSNorm(cfg, name="attn_post_norm")(attn_BxLxD)
     x_BxLxD = x_BxLxD + attn_BxLxD
@@ -207,7 +212,7 @@ class Block(nn.Module):
       mlp_BxLxD = RMSNorm(cfg, name="mlp_post_norm")(mlp_BxLxD)
     x_BxLxD = x_BxLxD + mlp_BxLxD
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
-    return x_BxLxD, cache_kv
+    return (x_BxLxD if cache_index is None else (x_BxLxD, cache_kv)), None
 
 
 class Decoder(nn.Module):
@@ -251,20 +256,23 @@ class Decoder(nn.Module):
     if implementation == "auto":
       implementation = attention.resolve(self.cfg, tokens_BxL.shape[1], jax.default_backend())
     ctx = attention.context(implementation, segment_ids_BxL, self.cfg.sliding_window, interpret=self.interpret)
-    x_BxLxD, _ = self._layers(x_BxLxD, positions_BxL, ctx, layer_inputs(self.cfg))
+    x_BxLxD = self._layers(x_BxLxD, positions_BxL, ctx, layer_inputs(self.cfg))
     return self.final_norm(x_BxLxD)
 
-  def decode(self, tokens_BxL, positions_BxL, cache: KVCache, start_B=None) -> tuple[jax.Array, KVCache]:
-    """(logits [B, L, V], the cache with the new tokens): tokens_BxL go into cache slots index ...
+  def decode(self, tokens_BxL, positions_BxL, cache: KVCache, start_B=None,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """(logits [B, L, V], or [B, 1, V] of the last position with last_only (a sampler's prefill: no output
+    projection of the other positions), the cache with the new tokens): tokens_BxL go into cache slots index ...
     index + L - 1 of every row, at positions_BxL; each layer writes their keys and values into the cache at
     `index` and attends over the cache's slots up to each position (the later slots are masked, and with
     start_B the slots before start_B[b]: a left-padded prompt's padding)."""
     x_BxLxD = self._embed(tokens_BxL)
-    per_layer = {**layer_inputs(self.cfg), "kv": (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH)}
+    per_layer = {**layer_inputs(self.cfg), "index": jnp.arange(self.cfg.num_layers)}
     ctx = cache_context(self.cfg, positions_BxL, cache.k_TxBxSxKxH.shape[2], start_B)
-    x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(x_BxLxD, positions_BxL, ctx, per_layer, cache.index)
+    carry = (x_BxLxD, (cache.k_TxBxSxKxH, cache.v_TxBxSxKxH))
+    x_BxLxD, (k_TxBxSxKxH, v_TxBxSxKxH) = self._layers(carry, positions_BxL, ctx, per_layer, cache.index)
     cache = KVCache(k_TxBxSxKxH=k_TxBxSxKxH, v_TxBxSxKxH=v_TxBxSxKxH, index=cache.index + tokens_BxL.shape[1])
-    return self._logits(x_BxLxD), cache
+    return self._logits(x_BxLxD[:, -1:] if last_only else x_BxLxD), cache
 
   def _embed(self, tokens_BxL):
     dtype = DTYPES[self.cfg.dtype]
@@ -273,16 +281,13 @@ class Decoder(nn.Module):
       x_BxLxD = x_BxLxD * jnp.asarray(self.cfg.d_model ** 0.5, dtype)
     return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
-  def _layers(self, x_BxLxD, positions_BxL, ctx, per_layer, cache_index=None):
-    """All blocks: (x, the stacked (keys, values) T x B x S x K x H when per_layer has "kv", else None)."""
+  def _layers(self, carry, positions_BxL, ctx, per_layer, cache_index=None):
+    """All blocks over the carry: x, or when decoding (x, the cache's (keys, values) T x B x S x K x H)."""
     if self.cfg.scan_layers:
-      return self.layers(x_BxLxD, positions_BxL, ctx, per_layer, cache_index)
-    new_kv = []
+      return self.layers(carry, positions_BxL, ctx, per_layer, cache_index)[0]
     for i, block in enumerate(self.layers):
-      layer = jax.tree.map(lambda x: x[i], per_layer)
-      x_BxLxD, layer_kv = block(x_BxLxD, positions_BxL, ctx, layer, cache_index)
-      new_kv.append(layer_kv)
-    return x_BxLxD, None if "kv" not in per_layer else tuple(jnp.stack(parts) for parts in zip(*new_kv))
+      carry, _ = block(carry, positions_BxL, ctx, jax.tree.map(lambda x: x[i], per_layer), cache_index)
+    return carry
 
   def _logits(self, x_BxLxD):
     return self.head(self.final_norm(x_BxLxD))

@@ -76,9 +76,9 @@ def generate(params, prompt_BxP: jax.Array, rng: jax.Array, *, model: Decoder, m
     positions_BxL = cache.index + jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     if start_B is not None:  # the padding's own positions are clipped to 0: it is masked anyway
       positions_BxL = jnp.maximum(positions_BxL - start_B[:, None], 0)
-    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache, start_B,
-                                      method=Decoder.decode)
-    logits_BxV = logits_BxLxV[:, -1]
+    logits_Bx1xV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache, start_B,
+                                      last_only=True, method=Decoder.decode)
+    logits_BxV = logits_Bx1xV[:, -1]
     if num_ids:
       logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < num_ids, logits_BxV, -jnp.inf)
     return logits_BxV, cache
