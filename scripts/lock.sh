@@ -9,7 +9,8 @@
 #
 # The locks are uv's compiled requirements with sha256 hashes (uv pip compile; uv itself locked in
 # requirements/uv.txt): requirements/main.txt for .venv (universal: every platform, Python >= 3.12),
-# requirements/libtpu.txt (the libtpu that the locked jax's jax[tpu] extra pins), requirements/hf.txt
+# requirements/libtpu.txt (the libtpu that the locked jax's jax[tpu] extra pins), requirements/cuda.txt (jax's
+# CUDA plugin at the locked jax's version), requirements/hf.txt
 # for .venv-hf and requirements/models.txt (the wheel of a real model, without its dependencies). jax stays at the version of requirements/pins.in until that line is changed: a newer jax
 # whose libtpu the registry does not serve is refused here, naming both.
 set -euo pipefail
@@ -56,6 +57,12 @@ fi
 echo "$resolved" | grep '^libtpu==' > requirements/libtpu.in
 "${compile[@]}" requirements/libtpu.in --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
   -o requirements/libtpu.txt
+
+# XLA:GPU for scripts/plan.py --topology=h100:8: jax's CUDA plugin at the locked jax's version (its wheels,
+# one per Python, are all hashed), without the NVIDIA libraries a GPU machine adds (compiling needs none).
+echo "jax-cuda12-plugin==$jax" > requirements/cuda.in
+"${compile[@]}" requirements/cuda.in --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
+  -o requirements/cuda.txt
 
 "${compile[@]}" "${upgrade[@]}" requirements/hf.in --find-links "${TORCH_FIND_LINKS:-/opt/wheels}" \
   --python-platform x86_64-manylinux_2_28 --python-version 3.11 -o requirements/hf.txt

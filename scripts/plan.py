@@ -2,14 +2,17 @@
 
   python scripts/plan.py --config=configs/llama_1_36b.py --topology=v5p:2x2x1
   python scripts/plan.py --config=configs/gemma3_1b.py --topology=v5e:2x4 --num_slices=2
+  python scripts/plan.py --config=configs/llama_1_36b.py --topology=h100:8
+  python scripts/plan.py --config=configs/llama_1_36b.py --topology=h100:2x8
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --device_kind=h100
   python scripts/plan.py --config=configs/llama_1_36b.py --devices=8 --memory_table=16,24,40,80,141
 
 The train step of `lm.training.runtime.train_functions` (one optimizer step: every micro-batch and the update) is
-compiled for the mesh of a TPU slice with --topology: XLA:TPU's own compile (libtpu, no TPU needed; see
-lm/tools/topology.py), whose memory, FLOPs, bytes accessed and collectives are the chips'; a roofline step time
-(FLOPs at the chip's peak against bytes at its HBM bandwidth) is printed beside the one at --mfu. Without
---topology (GPUs) it is compiled for --devices simulated CPU devices (a -1 mesh axis resolves against
+compiled for the mesh of a TPU slice or GPU machine with --topology: XLA:TPU's own compile (libtpu) or
+XLA:GPU's (jax's CUDA plugin, for XLA's target config of the card), no TPU or GPU needed (see
+lm/tools/topology.py), whose memory, FLOPs, bytes accessed and collectives are the devices'; a roofline step
+time (FLOPs at the device's peak against bytes at its HBM bandwidth) is printed beside the one at --mfu.
+Without --topology it is compiled for --devices simulated CPU devices (a -1 mesh axis resolves against
 them), an estimate. Printed per device: parameter, optimizer-state and
 accumulator bytes (from the state's shardings), temporary bytes (XLA's memory analysis of the compiled
 step: activations, gradients, the logits), their total against the device's memory; then FLOPs per
@@ -73,11 +76,13 @@ DEVICE_KINDS = {
     "v4": ("TPU v4", 32), "v5e": ("TPU v5e", 16), "v5p": ("TPU v5p", 95), "v6e": ("TPU v6e", 32),
     "a100_40": ("A100", 40), "a100_80": ("A100", 80), "h100": ("H100", 80), "h200": ("H200", 141),
 }
+KERNELS = ("splash", "cudnn")  # attention as custom calls: no FLOPs in XLA's cost analysis
 REMAT_ORDER = ("none", "save_dots", "full")  # least to most recomputation, most to least memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice, as libtpu names it (v5e:2x4, v5p:2x2x1, v6e:4x4): "
-                                "compile with XLA:TPU for its chips. Empty: --devices simulated CPU devices.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice, as libtpu names it (v5e:2x4, v5p:2x2x1, v6e:4x4), "
+                                "or GPUs: h100:8 (one host of 8), h100:2x8 (two hosts), h200:8, a100:8: compile "
+                                "with XLA:TPU or XLA:GPU for them. Empty: --devices simulated CPU devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology, joined over the data-centre network.",
                                    lower_bound=1)
 _DEVICES = flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (simulated on the CPU).", lower_bound=1)
@@ -166,21 +171,21 @@ def with_changes(config: Config, micro_batch_size: int | None = None, remat: str
 @dataclasses.dataclass(frozen=True)
 class Target:
   """What is planned for: the devices compiled for and their figures."""
-  devices: list  # simulated CPU devices, or a TPU slice's compile-only devices
+  devices: list  # simulated CPU devices, or the compile-only devices of a TPU slice or GPU machine
   name: str
   memory_gb: float
   peak_flops: float  # per device, bf16
-  hbm_bandwidth: float | None = None  # bytes/s per device: a roofline when known (TPU chips)
+  hbm_bandwidth: float | None = None  # bytes/s per device: a roofline when known (--topology)
 
   @property
-  def tpu(self) -> bool:
-    return self.devices[0].platform == "tpu"
+  def platform(self) -> str:
+    return self.devices[0].platform
 
 
 def make_target(topology_name: str, num_slices: int, num_devices: int, device_kind: str,
                 memory_gb: float = 0.0) -> Target:
-  """The TPU slice `topology_name` (XLA:TPU compiles for it), else `num_devices` CPU devices standing in
-  for `device_kind`."""
+  """The TPU slice or GPU machine `topology_name` (XLA:TPU or XLA:GPU compiles for it), else `num_devices` CPU
+  devices standing in for `device_kind`."""
   if topology_name:
     devices = topology.devices(topology_name, num_slices)
     chip = topology.chip(devices[0])
@@ -241,7 +246,7 @@ def flops_of(est: Estimate, devices: list) -> flop_count.StepFlops:
   data_parallel = est.mesh_shape["data"] * est.mesh_shape["fsdp"]
   compile_variant = lambda cfg: est.compiled if cfg == est.config and est.compiled else compile_step(cfg, devices)
   flops = flop_count.step_flops(est.config, len(devices), data_parallel, compile_variant)
-  if est.attention == "splash":  # a custom call: XLA counts none of the kernel's work
+  if est.attention in KERNELS:  # a custom call: XLA counts none of the kernel's work
     flops = dataclasses.replace(flops, hardware=flops.hardware + flops.attention)
   return flops
 
@@ -354,8 +359,9 @@ def describe_speed(flops: flop_count.StepFlops, est: Estimate, target: Target, m
   tokens = t.micro_batch_size * t.gradient_accumulation_steps * dp * t.seq_len
   n, peak = len(target.devices), target.peak_flops
   seconds = flops.model / (n * peak * mfu)
-  splash = ("; the splash kernels, which XLA cannot see into, at the model count of attention, and their "
-            "memory traffic left out" if est.attention == "splash" else "")
+  splash = (f"; the {est.attention} kernels, which XLA cannot see into, at the model count of attention"
+            + (", and their memory traffic left out" if est.attention == "splash" else "")
+            if est.attention in KERNELS else "")
   counted = ("3 x forward" if not est.config.model.lora_rank else
              "LoRA: frozen weights 2 x forward, adapters and attention scores 3 x")
   at_mfu = (f"At MFU {mfu:g} on {n} x {peak:.4g} FLOP/s: step time {seconds:.4g} s, "
@@ -384,9 +390,14 @@ def describe_speed(flops: flop_count.StepFlops, est: Estimate, target: Target, m
 
 
 def note(target: Target) -> str:
-  if target.tpu:
+  if target.platform == "tpu":
     return ("Note: memory, FLOPs, bytes and collectives are XLA:TPU's, from libtpu's compile for this "
             "slice; the runtime keeps some HBM for itself (hence the usable fraction).")
+  if target.platform == "gpu":
+    return ("Note: memory, FLOPs, bytes and collectives are XLA:GPU's, from the CUDA plugin's compile for this "
+            "card (no GPU: no autotuning, and cuDNN's workspaces, sized by cuDNN on the machine, are not in "
+            "the temporaries); JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION (0.75 by default) of the "
+            "memory: set it to --usable_fraction.")
   return ("Note: memory is XLA's analysis of the CPU compile of the same program: an estimate of GPU memory "
           "(its compiler fuses, schedules and rematerialises differently); keep a margin, or plan a TPU "
           "with --topology.")

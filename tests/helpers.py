@@ -65,3 +65,20 @@ def needs_libtpu(test):
     pytest.fail("libtpu is not installed in .venv-libtpu, though this platform has its wheels: "
                 "run `bash scripts/install.sh` (requirements/libtpu.txt) and see why it failed.")
   return missing
+
+
+def needs_cuda_plugin(test):
+  """XLA:GPU (jax's CUDA plugin, installed beside .venv by scripts/install.sh) compiling for GPUs that are not
+  here: the test as it is where the plugin is installed; failing where it should be and is not (Linux x86_64,
+  as libtpu); skipped elsewhere."""
+  from lm.tools.topology import cuda_plugin_installed  # noqa: PLC0415
+  if cuda_plugin_installed():
+    return test
+  if not LIBTPU_PLATFORM:
+    return pytest.mark.skip(reason=f"no CUDA plugin is installed for {platform.system()} {platform.machine()}")(test)
+
+  @functools.wraps(test)
+  def missing(*args, **kwargs):
+    pytest.fail("jax's CUDA plugin is not installed in .venv-cuda, though this platform has its wheels: "
+                "run `bash scripts/install.sh` (requirements/cuda.txt) and see why it failed.")
+  return missing

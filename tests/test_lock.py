@@ -82,6 +82,19 @@ def test_libtpu_is_installed_at_the_locked_version():
   assert record.version == locked("libtpu.txt")["libtpu"][0]
 
 
+def test_the_cuda_plugin_is_locked_at_the_locked_jax():
+  """XLA:GPU for the planner is jax's own CUDA plugin: its version is jax's (the plugin refuses another)."""
+  cuda, jax_version = locked("cuda.txt"), locked("main.txt")["jax"][0]
+  assert cuda["jax-cuda12-plugin"][0] == cuda["jax-cuda12-pjrt"][0] == jax_version, (cuda, jax_version)
+
+
+@pytest.mark.skipif(not LIBTPU_PLATFORM, reason="jax's CUDA plugin is installed on Linux x86_64 alone")
+def test_the_cuda_plugin_is_installed_at_the_locked_version():
+  installed = {canonicalize_name(d.metadata["Name"]): d.version
+               for d in importlib.metadata.distributions(path=[os.path.join(ROOT, ".venv-cuda")])}
+  assert not _differences(locked("cuda.txt"), installed), ".venv-cuda: run `bash scripts/install.sh`"
+
+
 def test_a_marker_is_read_for_the_environment_it_names():
   linux = dict(default_environment(), sys_platform="linux")
   assert applies("sys_platform != 'win32'", linux) and not applies("sys_platform == 'win32'", linux)

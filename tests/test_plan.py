@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import base_config, needs_libtpu
+from tests.helpers import base_config, needs_cuda_plugin, needs_libtpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = os.path.join(ROOT, "scripts", "plan.py")
@@ -89,7 +89,7 @@ def tpu_config(**train):
 @needs_libtpu
 def test_compiles_for_a_tpu_slice_with_splash_attention(plan):
   target = plan.make_target("v5e:2x4", 1, 0, "h100")
-  assert target.tpu and len(target.devices) == 8 and target.memory_gb == 16
+  assert target.platform == "tpu" and len(target.devices) == 8 and target.memory_gb == 16
   est = plan.Estimator(target.devices)(tpu_config())
   assert est.attention == "splash"  # auto, resolved for the slice's devices, not the CPU backend
   text = est.compiled.as_text()
@@ -170,3 +170,63 @@ def test_a_step_larger_than_the_chip_is_measured_not_fatal(plan):
   est = plan.Estimator(target.devices)(tpu_config(micro_batch_size=32768))
   assert est.compiled is None and est.temporary > 16 * plan.GB and est.total > est.temporary
   assert any("does NOT fit" in line for line in plan.describe(est, target.memory_gb, 0.9))
+
+
+GEMMA_LIKE = dict(sliding_window=32, local_layers_per_global=1, qk_norm=True, post_norms=True,
+                  norm_unit_offset=True, mlp_activation="gelu_tanh", embed_scale=True)
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("model", [{}, GEMMA_LIKE], ids=["llama", "gemma_windows"])
+def test_compiles_for_a_gpu_machine_with_cudnn_attention(plan, model):
+  """XLA:GPU compiles the step for 8 H100s without a GPU: bfloat16 resolves auto to cuDNN's flash attention,
+  whose kernels (with the documents of a packed batch as a mask, and the sliding window of Gemma's local
+  layers) are custom calls of the compiled step."""
+  target = plan.make_target("h100:8", 1, 0, "v5e")
+  assert target.platform == "gpu" and len(target.devices) == 8 and target.memory_gb == 80
+  c = tpu_config()
+  config = dataclasses.replace(c, model=dataclasses.replace(c.model, dtype="bfloat16", **model))
+  est = plan.Estimator(target.devices)(config)
+  assert est.attention == "cudnn"  # auto, resolved for the machine's GPUs, not the CPU backend
+  text = est.compiled.as_text()
+  assert text.count("__cudnn$fmha") >= 2  # forward and backward kernels
+  assert 0 < est.compiled.memory_analysis().temp_size_in_bytes < est.total < 0.1 * plan.GB
+  assert plan.hlo.collectives(text)["all-reduce"].bytes > 0  # 8 data-parallel GPUs
+
+
+@needs_cuda_plugin
+@pytest.mark.slow  # four more compiles (~40 s)
+def test_gpu_flops_and_bytes_are_those_of_the_gpu_program(plan):
+  """XLA:GPU compiled without a GPU has no cost analysis of its own: the CPU client's analysis counts its
+  (GPU-fused) program, every layer and micro-batch extrapolated as on TPU."""
+  target = plan.make_target("h100:8", 1, 0, "v5e")
+  c = tpu_config()
+  est = plan.Estimator(target.devices)(dataclasses.replace(c, model=dataclasses.replace(c.model, dtype="bfloat16")))
+  flops = plan.flops_of(est, target.devices)
+  assert 0.5 < flops.hardware / flops.model < 3 and flops.bytes_accessed > 0
+
+
+@needs_cuda_plugin
+def test_plan_script_for_two_gpu_hosts():
+  result = subprocess.run([sys.executable, PLAN, f"--config={ROOT}/configs/default.py", *SMALL,
+                           "--config.model.max_seq_len=128", "--config.train.seq_len=128",
+                           "--config.model.dtype=bfloat16", "--topology=h100:2x8", "--hardware_flops=false"],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for field in ("Plan: h100:2x8: 16 x H100 SXM (80 GB, 9.89e+14 bf16 FLOP/s", "attention cudnn",
+                "Mesh: data=16 x fsdp=1 x tensor=1", "At MFU 0.4 on 16 x 9.89e+14 FLOP/s",
+                "XLA:GPU's, from the CUDA plugin's compile"):
+    assert field in result.stdout, (field, result.stdout)
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("args,message", [
+    (["--topology=h100:eight"], "--topology=h100:eight: a GPU machine is h100:GPUS (one host) or h100:HOSTSxGPUS"),
+    (["--topology=h100:8", "--num_slices=2"], "GPU hosts are one network; give them in the topology (h100:2x8)"),
+    (["--topology=h100:8", "--config.model.attention=splash"], "config.model.attention = splash runs on TPU only"),
+])
+def test_bad_gpu_plans_say_what_to_change(args, message):
+  result = subprocess.run([sys.executable, PLAN, f"--config={ROOT}/configs/default.py", *SMALL, *args],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -122,26 +122,42 @@ def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
     mask_Bx1xLxS = global_mask if local_mask is None else jnp.where(local, local_mask, global_mask)
     return dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale)
 
-  def cudnn(window: int):
-    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=ctx.masks[0], scale=scale,
-                                        is_causal=True, local_window_size=(window - 1, 0) if window else None,
-                                        implementation="cudnn")
+  body = functools.partial(_cudnn_local, window=ctx.window, scale=scale)
+  return per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ctx.masks[0], jnp.asarray(local if ctx.window else False))
 
-  return jax.lax.cond(local, lambda: cudnn(ctx.window), lambda: cudnn(0)) if ctx.window else cudnn(0)
+
+def per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, rows_Bx___, local):
+  """body(q, k, v, rows, local) on each device's rows and heads (a kernel's attention): batch over the
+  batch axes, heads over the tensor axis, under the active mesh's rules (`sharding.activate`, or
+  `rules_within` inside a manual region, whose nested shard_map makes the rest manual). rows: the
+  segment ids B x L or a mask B x 1 x L x S, split as the rows. A fully manual region is also what cuDNN's
+  attention needs: its custom partitioning fails inside a partly manual one (the per-replica accumulation
+  of lm.training.train_step)."""
+  if jax.sharding.get_abstract_mesh().empty:  # no mesh: one device (tests)
+    return body(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, rows_Bx___, local)
+  batch, heads = (nn.logical_to_mesh_axes((name,))[0] for name in ("act_batch", "act_heads"))
+  spec, rows = P(batch, None, heads, None), P(batch, *[None] * (rows_Bx___.ndim - 1))
+  return jax.shard_map(body, in_specs=(spec, spec, spec, rows, P()), out_specs=spec,
+                       check_vma=False)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, rows_Bx___, local)
+
+
+def _cudnn_local(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, local, *, window: int, scale: float):
+  """cuDNN's flash attention of this device's rows and heads: causal, documents as a mask, the window in
+  the kernel on local layers."""
+  def cudnn(layer_window: int):
+    return jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xLxS, scale=scale, is_causal=True,
+        local_window_size=(layer_window - 1, 0) if layer_window else None, implementation="cudnn")
+
+  return jax.lax.cond(local, lambda: cudnn(window), lambda: cudnn(0)) if window else cudnn(0)
 
 
 def splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxL, *, window: int, local, scale: float,
            interpret: bool = False):
-  """Splash attention per device: batch over the batch axes, heads over the tensor axis, under the
-  active mesh's rules (`sharding.activate`, or `rules_within` inside a manual region)."""
-  batch, heads = (nn.logical_to_mesh_axes((name,))[0] for name in ("act_batch", "act_heads"))
-  spec = P(batch, None, heads, None)
+  """Splash attention per device (`per_device`)."""
   local = jnp.asarray(local if window else False)
   body = functools.partial(_splash_local, window=window, scale=scale, interpret=interpret)
-  if jax.sharding.get_abstract_mesh().empty:  # no mesh: one device (tests)
-    return body(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxL, local)
-  return jax.shard_map(body, in_specs=(spec, spec, spec, P(batch, None), P()), out_specs=spec,
-                       check_vma=False)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxL, local)
+  return per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxL, local)
 
 
 def _splash_local(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxL, local, *, window: int, scale: float,

@@ -108,9 +108,16 @@ def xla_cost(compiled) -> dict[str, float]:
 
   Every op the device runs is counted (matmuls, elementwise ops, remat recomputation), but the body of a
   while loop only once: a scan over layers counts one layer (see `hardware_flops_per_device`). Under SPMD
-  the compiled program is one device's share.
+  the compiled program is one device's share. XLA:GPU compiled without a GPU (lm.tools.topology) gives no
+  cost analysis: its optimized module is then analysed by the CPU client's HloCostAnalysis, the same
+  counting of the same (GPU-fused) program.
   """
   cost = compiled.cost_analysis()
+  if cost is None:
+    from jax._src import xla_bridge  # noqa: PLC0415  (jax has no public API for a module's cost)
+    from jax._src.lib import _jax  # noqa: PLC0415
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jaxlibs: one dict per program
   return {key: float(cost.get(key, 0.0)) for key in ("flops", "bytes accessed")}
 
