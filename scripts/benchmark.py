@@ -45,7 +45,7 @@ from flax import linen as nn  # noqa: E402
 from lm import config_file  # noqa: E402
 from lm.checkpoints import checkpoint  # noqa: E402
 from lm.config import Config, from_config_dict  # noqa: E402
-from lm.data import batching  # noqa: E402
+from lm.data import batching, synthetic  # noqa: E402
 from lm.model import sharding  # noqa: E402
 from lm.model.decoder import Decoder  # noqa: E402
 from lm.training import flop_count, metrics, next_token, runtime, train, train_step  # noqa: E402
@@ -63,8 +63,6 @@ _DEVICE_ONLY_ROUNDS = flags.DEFINE_integer(
     "programs alone (no host work, variants interleaved): robust to other load on the machine.")
 flags.mark_flags_as_required(["config"])
 
-BOS_ID = 1  # the byte tokenizer's: pad 0, bos 1, eos 2 (only the packing's document starts need it)
-MEAN_DOCUMENT_TOKENS = 600  # synthetic documents: a typical mix of whole and split documents per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +109,6 @@ def variant_config(config: Config, variant: Variant) -> Config:
                              train=train_cfg)
 
 
-def synthetic_sequences(config: Config, rows: int, seed: int = 0, sft: bool = False) -> batching.PackedSequences:
-  """Uniform random tokens in documents of random length, packed as the real data is. `sft`: each
-  document a conversation whose second half is the answer, the loss on it alone (SFT's mask)."""
-  rng = np.random.default_rng(seed)
-  stream = rng.integers(3, config.model.vocab_size, rows * config.train.seq_len, dtype=np.int32)
-  starts = np.flatnonzero(rng.random(stream.shape) < 1 / MEAN_DOCUMENT_TOKENS)
-  stream[starts] = BOS_ID
-  packed = batching.pack(stream, starts, config.train.seq_len)
-  if not sft:
-    return packed
-  length = np.diff(np.append(np.flatnonzero(packed.positions.ravel() == 0), packed.positions.size))
-  answer = (packed.positions.ravel() >= np.repeat(length // 2, length)).reshape(packed.positions.shape)
-  learned = np.concatenate([answer[:, 1:], np.zeros_like(answer[:, :1])], axis=1)  # of the targets
-  return dataclasses.replace(packed, mask=batching.loss_mask(packed.segment_ids) & learned)
-
-
 class PeakRss:
   """Peak resident memory of this process since `reset`: Linux's VmHWM, which /proc/self/clear_refs
   resets; elsewhere getrusage's maximum over the whole process life."""
@@ -170,7 +152,7 @@ def run_project(config: Config, steps: int, warmup: int, workdir: str, peak: flo
                           save_interval_steps=max(1 + warmup + steps // 2, 1))
   config = dataclasses.replace(config, train=t)
   rt = runtime.setup(config)
-  sequences = synthetic_sequences(config, 4 * rt.plan.global_sequences, sft=sft)
+  sequences = synthetic.sequences(config, 4 * rt.plan.global_sequences, sft=sft)
   batches = batching.TrainBatches({"synthetic": sequences}, t.seed, rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(t, num_steps))
@@ -234,7 +216,7 @@ def run_host_loop(config: Config, steps: int, warmup: int) -> tuple[dict, Callab
   per optimizer step and fetches the step's figures at its end (each step timed to its end)."""
   rt = runtime.setup(config)
   t = config.train
-  batches = batching.TrainBatches({"synthetic": synthetic_sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
+  batches = batching.TrainBatches({"synthetic": synthetic.sequences(config, 4 * rt.plan.global_sequences)}, t.seed,
                               rt.plan.global_sequences)
   with sharding.activate(rt.mesh):
     tx = make_optimizer(t, warmup + steps + 1)
@@ -308,7 +290,7 @@ def run_minimal(config: Config, steps: int, warmup: int) -> tuple[dict, Callable
   """The minimal step on the first device, on the project's global batch; each step timed to its end."""
   t = config.train
   global_sequences = t.micro_batch_size * t.gradient_accumulation_steps * len(jax.devices())
-  batches = batching.TrainBatches({"synthetic": synthetic_sequences(config, 4 * global_sequences)}, t.seed,
+  batches = batching.TrainBatches({"synthetic": synthetic.sequences(config, 4 * global_sequences)}, t.seed,
                              global_sequences)
   init, step = minimal_step(config)
   params, opt_state = init(jax.random.key(t.seed), batches.get(0))

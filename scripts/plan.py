@@ -233,11 +233,8 @@ def estimate(config: Config, devices: list) -> Estimate:
                     total=int(temporary) + sizes["params"] + sizes["optimizer"] + sizes["accumulator"]
                     + sizes["frozen"],
                     compile_seconds=time.perf_counter() - start)
-  memory = compiled.memory_analysis()
-  return Estimate(**sizes, temporary=memory.temp_size_in_bytes, compiled=compiled,
-                  total=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                         + memory.temp_size_in_bytes),
-                  compile_seconds=time.perf_counter() - start)
+  return Estimate(**sizes, temporary=compiled.memory_analysis().temp_size_in_bytes, compiled=compiled,
+                  total=hlo.live_bytes(compiled), compile_seconds=time.perf_counter() - start)
 
 
 def flops_of(est: Estimate, devices: list) -> flop_count.StepFlops:

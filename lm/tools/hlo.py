@@ -1,4 +1,5 @@
-"""What XLA compiled: the collectives one call of a compiled program runs, read from its HLO text.
+"""What XLA compiled: the collectives one call of a compiled program runs, read from its HLO text, and the
+memory it holds on each device.
 
 A collective inside a while loop runs once per iteration: the loops of a train step (the scan over
 micro-batches, the scans over layers in the forward and backward passes) carry XLA's
@@ -109,3 +110,11 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
 def describe(found: dict[str, Collective]) -> str:
   """`all-reduce 12 x (3.1 MB), all-gather 16 x (45.0 MB)`, or `none`."""
   return ", ".join(f"{c.kind} {c.count} x ({c.bytes / 1e6:,.1f} MB)" for c in found.values()) or "none"
+
+
+def live_bytes(compiled) -> int:
+  """Bytes one device holds while a call of `compiled` runs, by XLA's memory analysis: its arguments, its
+  outputs not aliased to them (a donated state's buffers are reused) and its temporaries."""
+  memory = compiled.memory_analysis()
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+          + memory.temp_size_in_bytes)
