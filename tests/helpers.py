@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import importlib.util
+import os
 import platform
 
 import ml_collections
@@ -46,39 +48,46 @@ def apply_overrides(c: ml_collections.ConfigDict, flags) -> ml_collections.Confi
   return c
 
 
-# libtpu's wheels exist for Linux x86_64 alone: there scripts/install.sh must install it, and a test that
-# needs it fails when it is missing (an install that failed must not pass as a skipped test).
+# libtpu's and jax's CUDA plugin's wheels exist for Linux x86_64 alone (the plugin's as scripts/install.sh
+# installs it): there the install must put them beside .venv, and a test that needs one fails when it is
+# missing (an install that failed must not pass as a skipped test).
 LIBTPU_PLATFORM = platform.system() == "Linux" and platform.machine() == "x86_64"
 
 
-def needs_libtpu(test):
-  """XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here:
-  the test as it is where libtpu is installed; failing where it should be and is not; skipped elsewhere."""
-  from lm.tools.topology import library_path  # noqa: PLC0415 (lm.tools.topology imports no jax)
-  if library_path() is not None:
-    return test
-  if not LIBTPU_PLATFORM:
-    return pytest.mark.skip(reason=f"libtpu has no wheels for {platform.system()} {platform.machine()}")(test)
+def _needs(installed: bool, what: str, where: str, lock: str):
+  """A decorator: the test as it is where `what` is installed; failing where it should be and is not;
+  skipped elsewhere."""
+  def decorate(test):
+    if installed:
+      return test
+    if not LIBTPU_PLATFORM:
+      return pytest.mark.skip(reason=f"{what} has no wheels for {platform.system()} {platform.machine()}")(test)
 
-  @functools.wraps(test)
-  def missing(*args, **kwargs):
-    pytest.fail("libtpu is not installed in .venv-libtpu, though this platform has its wheels: "
-                "run `bash scripts/install.sh` (requirements/libtpu.txt) and see why it failed.")
-  return missing
+    @functools.wraps(test)
+    def missing(*args, **kwargs):
+      pytest.fail(f"{what} is not installed in {where}, though this platform has its wheels: "
+                  f"run `bash scripts/install.sh` ({lock}) and see why it failed.")
+    return missing
+  return decorate
+
+
+def needs_libtpu(test):
+  """XLA:TPU (libtpu, installed beside .venv by scripts/install.sh) compiling for a slice that is not here."""
+  from lm.tools.topology import library_path  # noqa: PLC0415 (lm.tools.topology imports no jax)
+  return _needs(library_path() is not None, "libtpu", ".venv-libtpu", "requirements/libtpu.txt")(test)
 
 
 def needs_cuda_plugin(test):
   """XLA:GPU (jax's CUDA plugin, installed beside .venv by scripts/install.sh) compiling for GPUs that are not
-  here: the test as it is where the plugin is installed; failing where it should be and is not (Linux x86_64,
-  as libtpu); skipped elsewhere."""
+  here."""
   from lm.tools.topology import cuda_plugin_installed  # noqa: PLC0415
-  if cuda_plugin_installed():
-    return test
-  if not LIBTPU_PLATFORM:
-    return pytest.mark.skip(reason=f"no CUDA plugin is installed for {platform.system()} {platform.machine()}")(test)
+  return _needs(cuda_plugin_installed(), "jax's CUDA plugin", ".venv-cuda", "requirements/cuda.txt")(test)
 
-  @functools.wraps(test)
-  def missing(*args, **kwargs):
-    pytest.fail("jax's CUDA plugin is not installed in .venv-cuda, though this platform has its wheels: "
-                "run `bash scripts/install.sh` (requirements/cuda.txt) and see why it failed.")
-  return missing
+
+def load_script(name: str):
+  """scripts/NAME.py as a module (its absl flags defined, its main not run)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -7,7 +7,6 @@ exported and computes theirs.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from lm.checkpoints import checkpoint, param_files
 from lm.errors import ConfigError
 from lm.model.decoder import Decoder
 from lm.tools import hf
-from tests.helpers import FAST_COMPILE, tiny_model
+from tests.helpers import FAST_COMPILE, load_script, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
@@ -79,14 +78,7 @@ OURS = {
 }
 
 
-def load_script():
-  spec = importlib.util.spec_from_file_location("convert_hf", os.path.join(ROOT, "scripts", "convert_hf.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-convert = load_script()
+convert = load_script("convert_hf")
 
 
 def ours_config(overrides):

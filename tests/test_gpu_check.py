@@ -2,7 +2,6 @@
 attention's XLA path against itself in float32; a tiny train step)."""
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import base_config
+from tests.helpers import base_config, load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
@@ -19,10 +18,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 @pytest.fixture(scope="module")
 def gpu_check():
-  spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("gpu_check")
 
 
 def test_refuses_without_a_gpu_saying_where_to_run_it():

@@ -1,7 +1,6 @@
 """scripts/launch_tpu.py and scripts/launch_gpu.py: the command lines and batch script they build, and
 their argument errors. Nothing is run: gcloud, sbatch and srun are not on this machine."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -9,17 +8,12 @@ import sys
 
 import pytest
 
+from tests.helpers import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-tpu, gpu = _load("launch_tpu"), _load("launch_gpu")
+tpu, gpu = load_script("launch_tpu"), load_script("launch_gpu")
 
 
 def _tpu(*argv):

@@ -1,7 +1,7 @@
 """scripts/plan.py: the printed plan of a small config, and a suggestion when the step does not fit."""
 
 import dataclasses
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tests.helpers import base_config, needs_cuda_plugin, needs_libtpu
+from tests.helpers import base_config, load_script, needs_cuda_plugin, needs_libtpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = os.path.join(ROOT, "scripts", "plan.py")
@@ -22,10 +22,7 @@ SMALL = ["--config.model.vocab_size=512", "--config.model.d_model=64", "--config
 @pytest.fixture(scope="module")
 def plan():
   """The script as a module: it leaves XLA_FLAGS alone when imported, so it sees conftest's 8 devices."""
-  spec = importlib.util.spec_from_file_location("plan", PLAN)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("plan")
 
 
 def small_config():

@@ -1,6 +1,5 @@
 """scripts/plot.py on a short real run of main.py: a readable PNG, and a clear error without event files."""
 
-import importlib.util
 import os
 import shutil
 
@@ -8,21 +7,17 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+from tests.helpers import load_script
 from tests.test_train import ROOT, corpus, run_main  # noqa: F401  (corpus is a fixture used below)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_plot_script():
-  spec = importlib.util.spec_from_file_location("plot", os.path.join(ROOT, "scripts", "plot.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
 def plot():
-  return load_plot_script()
+  return load_script("plot")
 
 
 @pytest.fixture(scope="module")
