@@ -27,22 +27,36 @@ find_python() {
   exit 1
 }
 
-# Python 3.11 for .venv-hf: the Python of the CPU build of torch that requirements/hf.txt locks.
-find_python311() {
-  for candidate in "${HF_PYTHON:-}" python3.11; do
+# Python 3.$1 exactly ($2, an override, first): python3.$1 on PATH, else pyenv's newest 3.$1.
+find_python_exactly() {
+  for candidate in "${2:-}" "python3.$1"; do
     if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 \
-        && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then
+        && "$candidate" -c "import sys; sys.exit(sys.version_info[:2] != (3, $1))" >/dev/null 2>&1; then
       command -v "$candidate"
       return
     fi
   done
   if command -v pyenv >/dev/null 2>&1; then
-    for version in $(pyenv versions --bare | grep -E '^3\.11(\.[0-9]+)?$' | sort -V -r); do
+    for version in $(pyenv versions --bare | grep -E "^3\.$1(\.[0-9]+)?\$" | sort -V -r); do
       echo "$(pyenv root)/versions/$version/bin/python"
       return
     done
   fi
+  return 1
+}
+
+# Python 3.11 for .venv-hf: the Python of the CPU build of torch that requirements/hf.txt locks.
+find_python311() {
+  find_python_exactly 11 "${HF_PYTHON:-}" && return
   echo "No Python 3.11 found for .venv-hf (the transformers reference of the tests): install one, or point \$HF_PYTHON at it." >&2
+  exit 1
+}
+
+# Python 3.12 for .venv-maxtext: the Python requirements/maxtext.txt is locked for (MaxText's pytype has no
+# wheel for 3.13).
+find_python312() {
+  find_python_exactly 12 "${MAXTEXT_PYTHON:-}" && return
+  echo "No Python 3.12 found for .venv-maxtext (MaxText's lock): install one, or point \$MAXTEXT_PYTHON at it." >&2
   exit 1
 }
 

@@ -11,7 +11,7 @@
 # requirements/uv.txt): requirements/main.txt for .venv (universal: every platform, Python >= 3.12),
 # requirements/libtpu.txt (the libtpu that the locked jax's jax[tpu] extra pins), requirements/cuda.txt (jax's
 # CUDA plugin at the locked jax's version), requirements/hf.txt
-# for .venv-hf and requirements/models.txt (the wheel of a real model, without its dependencies). jax stays at the version of requirements/pins.in until that line is changed: a newer jax
+# for .venv-hf, requirements/maxtext.txt (MaxText beside, for the memory benchmark) and requirements/models.txt (the wheel of a real model, without its dependencies). jax stays at the version of requirements/pins.in until that line is changed: a newer jax
 # whose libtpu the registry does not serve is refused here, naming both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +63,15 @@ echo "$resolved" | grep '^libtpu==' > requirements/libtpu.in
 echo "jax-cuda12-plugin==$jax" > requirements/cuda.in
 "${compile[@]}" requirements/cuda.in --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
   -o requirements/cuda.txt
+
+# MaxText, for scripts/benchmark_memory.py's side-by-side (scripts/install_maxtext.sh): held at the locked jax,
+# jaxlib and libtpu, whatever else its TPU extra wants.
+pins="$(mktemp)"
+printf 'jax==%s\njaxlib==%s\n' "$jax" "$jax" > "$pins"
+cat requirements/libtpu.in >> "$pins"
+"${compile[@]}" requirements/maxtext.in -c "$pins" --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
+  -o requirements/maxtext.txt
+rm -f "$pins"
 
 "${compile[@]}" "${upgrade[@]}" requirements/hf.in --find-links "${TORCH_FIND_LINKS:-/opt/wheels}" \
   --python-platform x86_64-manylinux_2_28 --python-version 3.11 -o requirements/hf.txt

@@ -84,8 +84,10 @@ def needs_cuda_plugin(test):
   return _needs(cuda_plugin_installed(), "jax's CUDA plugin", ".venv-cuda", "requirements/cuda.txt")(test)
 
 
+@functools.cache
 def load_script(name: str):
-  """scripts/NAME.py as a module (its absl flags defined, its main not run)."""
+  """scripts/NAME.py as a module (its absl flags defined, its main not run); once per process, as absl's
+  flags can be defined once."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

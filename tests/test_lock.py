@@ -88,6 +88,15 @@ def test_the_cuda_plugin_is_locked_at_the_locked_jax():
   assert cuda["jax-cuda12-plugin"][0] == cuda["jax-cuda12-pjrt"][0] == jax_version, (cuda, jax_version)
 
 
+def test_maxtext_is_locked_at_the_projects_jax_and_libtpu():
+  """scripts/benchmark_memory.py compares the two stacks' memory under one XLA:TPU: MaxText's lock holds the
+  jax, jaxlib and libtpu of the project's."""
+  maxtext, main = locked("maxtext.txt"), locked("main.txt")
+  assert maxtext["maxtext"][0] == "0.2.5"
+  assert maxtext["jax"][0] == maxtext["jaxlib"][0] == main["jax"][0] == main["jaxlib"][0], (maxtext["jax"], main["jax"])
+  assert maxtext["libtpu"][0] == locked("libtpu.txt")["libtpu"][0]
+
+
 @pytest.mark.skipif(not LIBTPU_PLATFORM, reason="jax's CUDA plugin is installed on Linux x86_64 alone")
 def test_the_cuda_plugin_is_installed_at_the_locked_version():
   installed = {canonicalize_name(d.metadata["Name"]): d.version
