@@ -15,6 +15,8 @@ row and side on 2 cores.
 """
 
 import dataclasses
+import functools
+import hashlib
 import os
 import re
 import subprocess
@@ -53,6 +55,7 @@ MAXTEXT_ATTENTION = {"splash": "flash", "xla": "dot_product"}
 MAXTEXT_TOPOLOGY = {"v5e:2x4": "v5e-8", "v5e:4x4": "v5e-16", "v6e:2x4": "v6e-8", "v5p:2x2x1": "v5p-8"}
 MAXTEXT_PYTHON = os.path.join(ROOT, ".venv-maxtext", "bin", "python")
 MAXTEXT_INSTALLED = os.path.join(ROOT, ".venv-maxtext", "lock.sha256")  # written by install_maxtext.sh when done
+MAXTEXT_LOCK = os.path.join(ROOT, "requirements", "maxtext.txt")
 
 _ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows of the table: some of {', '.join(ROWS)}.")
 _SLICE = flags.DEFINE_enum("slice", "v5e:2x4", list(MAXTEXT_TOPOLOGY), "The TPU slice, as libtpu names it (plan.py's "
@@ -96,13 +99,16 @@ def maxtext_args(row: Row, topology_name: str, output_dir: str) -> list[str]:
 
 
 _PLAN_LINE = re.compile(r"^\s+(temporary|total)\s+([\d.]+)\s", re.M)
-_STATS = re.compile(r"(argument|output|alias|temp)_size_in_bytes=(\d+)")
+_STATS = re.compile(r"\b(argument|output|alias|temp)_size_in_bytes=(\d+)")  # \b: not the host_* sizes
 
 
 def parse_plan(text: str) -> Memory:
   found = dict((k, float(v)) for k, v in _PLAN_LINE.findall(text))
   if set(found) != {"temporary", "total"}:
     raise ValueError(f"scripts/plan.py printed no memory:\n{text[-3000:]}")
+  if "Collectives: none compiled" in text:  # XLA:TPU refused it (over the chip's HBM): plan.py's estimate
+    raise ValueError(f"XLA:TPU did not compile the step (more than the chip's HBM): no measured figure.\n"
+                     f"{text[-3000:]}")
   return Memory(temporary=found["temporary"], total=found["total"])
 
 
@@ -111,7 +117,9 @@ def parse_maxtext(text: str) -> Memory:
   line = next((l for l in text.splitlines() if l.startswith("Memory analysis:")), None)
   if line is None:
     raise ValueError(f"MaxText's train_compile printed no memory analysis:\n{text[-3000:]}")
-  sizes = {k: int(v) for k, v in _STATS.findall(re.sub(r"host_\w+=\d+", "", line))}
+  sizes = {k: int(v) for k, v in _STATS.findall(line)}
+  if set(sizes) != {"argument", "output", "alias", "temp"}:
+    raise ValueError(f"MaxText's memory analysis lacks sizes: {line}")
   total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
   return Memory(temporary=sizes["temp"] / 1e9, total=total / 1e9)
 
@@ -123,14 +131,31 @@ def run(command: list[str], env: dict[str, str] | None = None) -> str:
   return done.stdout + done.stderr
 
 
+def maxtext_installed() -> bool:
+  """.venv-maxtext made from the current lock (install_maxtext.sh writes the lock's digest last, as
+  scripts/find_python.sh's lock_digest: the sha256 of the file)."""
+  with open(MAXTEXT_LOCK, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  try:
+    with open(MAXTEXT_INSTALLED) as f:
+      return f.read().strip() == digest
+  except FileNotFoundError:
+    return False
+
+
+@functools.cache
+def maxtext_base_config() -> str:
+  """MaxText's base.yml, in its installed package."""
+  return run([MAXTEXT_PYTHON, "-c", "import importlib.util, os; print(os.path.join(importlib.util.find_spec("
+              "'maxtext').submodule_search_locations[0], 'configs', 'base.yml'))"]).strip().splitlines()[-1]
+
+
 def maxtext_memory(row: Row, topology_name: str) -> Memory:
   """MaxText's own AOT compile of the row, with the planner's libtpu."""
-  base = run([MAXTEXT_PYTHON, "-c", "import importlib.util, os; print(os.path.join(importlib.util.find_spec("
-              "'maxtext').submodule_search_locations[0], 'configs', 'base.yml'))"]).strip().splitlines()[-1]
   env = {"TPU_LIBRARY_PATH": topology.library_path(), "TPU_SKIP_MDS_QUERY": "1",
          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
   with tempfile.TemporaryDirectory() as output_dir:
-    return parse_maxtext(run([MAXTEXT_PYTHON, "-m", "maxtext.trainers.pre_train.train_compile", base,
+    return parse_maxtext(run([MAXTEXT_PYTHON, "-m", "maxtext.trainers.pre_train.train_compile", maxtext_base_config(),
                               *maxtext_args(row, topology_name, output_dir)], env))
 
 
@@ -157,10 +182,10 @@ def main(argv):
     raise app.UsageError(f"--rows: {', '.join(unknown)} unknown; the rows are {', '.join(ROWS)}.")
   if topology.library_path() is None:
     sys.exit("benchmark_memory.py needs libtpu (XLA:TPU): run `bash scripts/install.sh` (Linux x86_64).")
-  with_maxtext = _MAXTEXT.value and os.path.exists(MAXTEXT_INSTALLED)
+  with_maxtext = _MAXTEXT.value and maxtext_installed()
   if _MAXTEXT.value and not with_maxtext:
-    print(f"MaxText is not installed beside (no {MAXTEXT_INSTALLED}): the project's figures alone. "
-          "`bash scripts/install_maxtext.sh` installs it.", flush=True)
+    print(f"MaxText is not installed beside at {os.path.relpath(MAXTEXT_LOCK, ROOT)}'s versions: the project's "
+          "figures alone. `bash scripts/install_maxtext.sh` installs it.", flush=True)
   results = {}
   for name in _ROWS.value:
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-# Sourced by scripts/install.sh and scripts/lock.sh: the interpreters of the locked environments.
+# Sourced by scripts/install.sh, scripts/install_maxtext.sh and scripts/lock.sh: the interpreters of the
+# locked environments.
 
 is_new_enough() {
   "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
@@ -55,8 +56,8 @@ find_python311() {
 # Python 3.12 for .venv-maxtext: the Python requirements/maxtext.txt is locked for (MaxText's pytype has no
 # wheel for 3.13).
 find_python312() {
-  find_python_exactly 12 "${MAXTEXT_PYTHON:-}" && return
-  echo "No Python 3.12 found for .venv-maxtext (MaxText's lock): install one, or point \$MAXTEXT_PYTHON at it." >&2
+  find_python_exactly 12 "${PYTHON312:-}" && return
+  echo "No Python 3.12 found for .venv-maxtext (MaxText's lock): install one, or point \$PYTHON312 at it." >&2
   exit 1
 }
 

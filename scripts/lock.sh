@@ -67,7 +67,8 @@ echo "jax-cuda12-plugin==$jax" > requirements/cuda.in
 # MaxText, for scripts/benchmark_memory.py's side-by-side (scripts/install_maxtext.sh): held at the locked jax,
 # jaxlib and libtpu, whatever else its TPU extra wants.
 pins="$(mktemp)"
-printf 'jax==%s\njaxlib==%s\n' "$jax" "$jax" > "$pins"
+jaxlib="$(sed -n 's/^jaxlib==\([^ ]*\).*/\1/p' requirements/main.txt)"
+printf 'jax==%s\njaxlib==%s\n' "$jax" "$jaxlib" > "$pins"
 cat requirements/libtpu.in >> "$pins"
 "${compile[@]}" requirements/maxtext.in -c "$pins" --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
   -o requirements/maxtext.txt

@@ -4,11 +4,14 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import llama_1_36b
+from lm.config import from_config_dict
 from lm.tools import hlo
 from tests.helpers import base_config, load_script, needs_libtpu
 
@@ -29,6 +32,12 @@ def test_maxtext_is_asked_for_the_same_step(bench):
   assert (args["max_target_length"], args["base_num_decoder_layers"]) == ("8192", "2")
   assert (args["attention"], args["remat_policy"], args["compile_topology"]) == ("flash", "minimal", "v5e-8")
   assert (args["dtype"], args["weight_dtype"], args["ici_fsdp_parallelism"]) == ("bfloat16", "float32", "-1")
+  m = from_config_dict(llama_1_36b.get_config()).model  # the dimensions are llama_1_36b's
+  assert (args["base_emb_dim"], args["base_mlp_dim"], args["vocab_size"]) == (str(m.d_model), str(m.mlp_dim),
+                                                                              str(m.vocab_size))
+  assert (args["base_num_query_heads"], args["base_num_kv_heads"], args["head_dim"]) == (
+      str(m.num_heads), str(m.num_kv_heads), str(m.head_dim))
+  assert args["logits_via_embedding"] == str(m.tie_embeddings).lower()
   project = bench.project_command(row, "v5e:2x4")
   for flag in ("--topology=v5e:2x4", "--config.model.attention=splash", "--config.model.num_layers=2",
                "--config.train.seq_len=8192", "--config.train.micro_batch_size=1",
@@ -45,6 +54,8 @@ def test_maxtext_memory_is_read_as_the_planner_counts_it(bench):
   got = bench.parse_maxtext(text)
   assert got.total == pytest.approx(hlo.live_bytes(compiled) / 1e9)
   assert got.temporary == pytest.approx(compiled.memory_analysis().temp_size_in_bytes / 1e9)
+  with pytest.raises(ValueError, match="lacks sizes"):
+    bench.parse_maxtext("Memory analysis: CompiledMemoryStats(host_temp_size_in_bytes=0)")
   with pytest.raises(ValueError, match="printed no memory analysis"):
     bench.parse_maxtext("Starting train_compile.py...\nTraceback ...")
 
@@ -54,11 +65,15 @@ def test_plan_memory_is_read_from_the_planners_own_lines(bench):
   plan = load_script("plan")
   est = plan.Estimate(config=base_config(), mesh_shape={"data": 1, "fsdp": 8, "tensor": 1}, params=683_000_000,
                       optimizer=1_365_000_000, accumulator=0, frozen=0, temporary=6_110_000_000,
-                      total=8_853_000_000, compile_seconds=1.0, compiled=None)
+                      total=8_853_000_000, compile_seconds=1.0,
+                      compiled=types.SimpleNamespace(as_text=lambda: ""))  # an HLO without collectives
   got = bench.parse_plan("\n".join(plan.describe(est, 16, 0.9)))
   assert (got.temporary, got.total) == (6.11, 8.853)
   with pytest.raises(ValueError, match="printed no memory"):
     bench.parse_plan("plan.py: a config error")
+  refused = dataclasses.replace(est, compiled=None)  # XLA:TPU refused it: plan.py prints its estimate
+  with pytest.raises(ValueError, match="did not compile the step"):
+    bench.parse_plan("\n".join(plan.describe(refused, 16, 0.9)))
 
 
 def test_the_table_without_maxtext_says_the_projects_figures(bench):

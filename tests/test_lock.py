@@ -93,7 +93,7 @@ def test_maxtext_is_locked_at_the_projects_jax_and_libtpu():
   jax, jaxlib and libtpu of the project's."""
   maxtext, main = locked("maxtext.txt"), locked("main.txt")
   assert maxtext["maxtext"][0] == "0.2.5"
-  assert maxtext["jax"][0] == maxtext["jaxlib"][0] == main["jax"][0] == main["jaxlib"][0], (maxtext["jax"], main["jax"])
+  assert (maxtext["jax"][0], maxtext["jaxlib"][0]) == (main["jax"][0], main["jaxlib"][0])
   assert maxtext["libtpu"][0] == locked("libtpu.txt")["libtpu"][0]
 
 
