@@ -29,6 +29,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from configs import llama_1_36b  # noqa: E402
+from lm.config import ModelConfig, from_config_dict  # noqa: E402
 from lm.tools import topology  # noqa: E402  (no jax import: the subprocesses compile)
 
 
@@ -73,25 +75,33 @@ class Memory:
     return [f"{self.total:.3f}", f"{self.temporary:.3f}"]
 
 
+@functools.cache
+def llama_model() -> ModelConfig:
+  """configs/llama_1_36b.py's model: the dimensions both stacks are given."""
+  return from_config_dict(llama_1_36b.get_config()).model
+
+
 def project_command(row: Row, topology_name: str) -> list[str]:
   """scripts/plan.py for the row, the fit search off (--memory_gb far above any chip)."""
   return [sys.executable, os.path.join(ROOT, "scripts", "plan.py"), "--config=configs/llama_1_36b.py",
           f"--topology={topology_name}", "--hardware_flops=false", "--memory_gb=10000",
           "--config.model.remat=save_dots", "--config.model.dtype=bfloat16",
           f"--config.model.attention={row.attention}", f"--config.model.num_layers={row.layers}",
-          f"--config.train.seq_len={row.seq_len}", f"--config.model.max_seq_len={max(row.seq_len, 2048)}",
+          f"--config.train.seq_len={row.seq_len}", f"--config.model.max_seq_len={max(row.seq_len, llama_model().max_seq_len)}",
           f"--config.train.micro_batch_size={row.micro_batch}",
           f"--config.train.gradient_accumulation_steps={row.accumulation}"]
 
 
 def maxtext_args(row: Row, topology_name: str, output_dir: str) -> list[str]:
   """MaxText's key=value settings for the same step (after its base.yml)."""
+  m = llama_model()
   settings = dict(
       run_name="benchmark_memory", base_output_directory=output_dir, dataset_type="synthetic",
       enable_checkpointing="false", compile_topology=MAXTEXT_TOPOLOGY[topology_name],
-      compile_topology_num_slices=1, ici_fsdp_parallelism=-1, decoder_block="llama2", base_emb_dim=2048,
-      base_num_query_heads=16, base_num_kv_heads=16, head_dim=128, base_mlp_dim=5632,
-      base_num_decoder_layers=row.layers, vocab_size=32000, logits_via_embedding="false",
+      compile_topology_num_slices=1, ici_fsdp_parallelism=-1, decoder_block="llama2", base_emb_dim=m.d_model,
+      base_num_query_heads=m.num_heads, base_num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+      base_mlp_dim=m.mlp_dim, base_num_decoder_layers=row.layers, vocab_size=m.vocab_size,
+      logits_via_embedding=str(m.tie_embeddings).lower(),
       max_target_length=row.seq_len, per_device_batch_size=row.micro_batch,  # MaxText's micro-batch per chip
       gradient_accumulation_steps=row.accumulation, dtype="bfloat16", weight_dtype="float32",
       remat_policy="minimal", attention=MAXTEXT_ATTENTION[row.attention], scan_layers="true", opt_type="adamw")

@@ -13,8 +13,6 @@ from tests.test_train import ROOT, corpus, run_main  # noqa: F401  (corpus is a 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 @pytest.fixture(scope="module")
 def plot():
   return load_script("plot")
