@@ -131,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.num_generations = 4  # completions per prompt (>= 2)
   c.grpo.num_iterations = 1  # optimizer steps on each batch of completions (TRL's num_iterations, mu)
   c.grpo.beta = 0.04  # weight of the KL penalty to the reference model
+  # The KL term times the probability ratio (1 in value on-policy), so that its gradient is the reverse KL's own,
+  # unbiased (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default). False: the k3 estimate's gradient alone.
+  c.grpo.kl_bias_correction = True
   c.grpo.epsilon = 0.2  # clip of the probability ratio
   c.grpo.max_completion_tokens = 16  # new tokens per completion at most (prompt + them <= train.seq_len); a real
   # instruct model reasons first and needs far more (configs/imported_grpo.py: 256)

@@ -130,6 +130,7 @@ class GRPOConfig:
   num_generations: int
   num_iterations: int
   beta: float
+  kl_bias_correction: bool
   epsilon: float
   max_completion_tokens: int
   temperature: float

@@ -95,8 +95,9 @@ def trl_spec(config, hf_dir: str, out: str) -> dict:
           "prompt_ids": [row[len(row) - n:].tolist() for row, n in zip(ids, lengths)],
           "settings": {"steps": _STEPS.value, "prompts_per_step": _PROMPTS.value, "generations": g.num_generations,
                        "completion_tokens": g.max_completion_tokens, "learning_rate": t.learning_rate,
-                       "beta": g.beta, "epsilon": g.epsilon, "temperature": g.temperature,
-                       "lora_rank": config.model.lora_rank, "lora_alpha": config.model.lora_alpha, "b1": t.b1,
+                       "beta": g.beta, "kl_bias_correction": g.kl_bias_correction, "epsilon": g.epsilon,
+                       "temperature": g.temperature, "lora_rank": config.model.lora_rank,
+                       "lora_alpha": config.model.lora_alpha, "b1": t.b1,
                        "b2": t.b2, "max_grad_norm": t.max_grad_norm, "seed": t.seed, "threads": os.cpu_count()}}
 
 

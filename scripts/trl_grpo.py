@@ -6,7 +6,7 @@ trl, peft; no jax):
 SPEC: {"model": a Hugging Face directory, "out": a directory, "train": [{"prompt", "answer"}] in the order of the
 steps (prompts_per_step a step), "eval": [{"prompt", "answer"}], "prompt_ids": the project's ids of the first
 train prompts, "settings": {steps, prompts_per_step, generations, completion_tokens, learning_rate, beta,
-epsilon, temperature, lora_rank, lora_alpha, b1, b2, max_grad_norm, seed, threads}}.
+epsilon, temperature, lora_rank, lora_alpha, b1, b2, max_grad_norm, seed, threads, kl_bias_correction}}.
 
 Each prompt is the user's message, rendered by TRL with the model's chat template (checked against the project's
 ids); the reward is the project's own `lm.training.rewards.last_number`, imported (it needs numpy alone); the
@@ -81,6 +81,7 @@ def main(path: str) -> None:
       learning_rate=s["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
       adam_beta1=s["b1"], adam_beta2=s["b2"], max_grad_norm=s["max_grad_norm"], beta=s["beta"],
       epsilon=s["epsilon"], temperature=s["temperature"], loss_type="dapo", scale_rewards="group",
+      use_bias_correction_kl=s.get("kl_bias_correction", True),
       shuffle_dataset=False, seed=s["seed"], logging_steps=1, save_strategy="no", report_to="none",
       use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0,
       activation_checkpointing=False)  # TRL's default recomputes the forward pass: not the project's remat "none"

@@ -117,6 +117,34 @@ def test_without_old_log_probabilities_the_ratio_is_the_updates_own_held_constan
   assert "reward 0.250" in line and "length 7.5" in line and "kl" not in line
 
 
+def test_the_completion_window_gives_the_loss_and_gradient_of_whole_rows():
+  """`logit_positions` (the rollout's rows): the logits of a window over each completion alone, moved back
+  where a row ends inside it; the same per-sequence loss, KL and gradient as the logits of every position."""
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from lm.model.decoder import Decoder
+  from tests.helpers import tiny_model
+  model = Decoder(tiny_model())
+  prompts, lengths, completions = np.array([[1, 5, 6], [0, 1, 9]], np.int32), np.array([3, 2]), [[7, 8, 2], [4, 2]]
+  whole = grpo.assemble(prompts, lengths, completions, 7)
+  windowed = grpo.assemble(prompts, lengths, completions, 7, window=4)
+  assert windowed["logit_positions"].tolist() == [[2, 3, 4, 5], [1, 2, 3, 4]]  # row 0's moved back from 6 to 5
+  params = nn.unbox(model.init(jax.random.key(0), whole["tokens"], whole["segment_ids"], whole["positions"])["params"])
+  ref = np.asarray(train_step.token_logprobs(model, params, whole)) - 0.1
+  for batch, ref_logprobs in ((whole, ref), (windowed, np.take_along_axis(ref, windowed["logit_positions"], 1))):
+    batch.update(advantages=np.array([1.0, -0.5], np.float32), ref_logprobs=ref_logprobs)
+
+  def loss(p, batch):
+    figures = grpo.policy_losses(model, p, batch, beta=0.04, epsilon=0.2, temperature=0.7)
+    return jnp.sum(figures["sequence_loss"]), figures
+  (a, a_figures), a_grad = jax.value_and_grad(loss, has_aux=True)(params, whole)
+  (b, b_figures), b_grad = jax.value_and_grad(loss, has_aux=True)(params, windowed)
+  np.testing.assert_allclose(b, a, rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a_figures, b_figures)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a_grad, b_grad)
+  assert b_figures["sequence_tokens"].tolist() == [3, 2]
+
+
 def test_word_problems_never_hold_out_a_trained_problem_and_the_last_number_is_the_answer():
   cfg = from_config_dict(default.get_config()).grpo
   train_texts, train_answers = rewards.word_problems(0, "train", range(3000), cfg)
@@ -320,14 +348,16 @@ def test_the_grpo_step_and_its_log_probabilities_compile_for_a_tpu_slice_with_sp
   assert rt.config.model.attention == "splash"
   step, rows = rt.abstract_step_batch(), sharding.batch_sharding(rt.mesh)
   shape = step["tokens"].shape
-  extra = {"mask": jnp.bool_, "old_logprobs": jnp.float32, "ref_logprobs": jnp.float32}
-  batch = {**step, **{k: jax.ShapeDtypeStruct(shape, d, sharding=step["tokens"].sharding) for k, d in extra.items()},
-           "advantages": jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=step["tokens"].sharding)}
+  window = (*shape[:2], shape[2] // 2)  # the rollout's logits of each completion's positions alone
+  extra = {"mask": (shape, jnp.bool_), "logit_positions": (window, jnp.int32), "old_logprobs": (window, jnp.float32),
+           "ref_logprobs": (window, jnp.float32), "advantages": (shape[:2], jnp.float32)}
+  batch = {**step, **{k: jax.ShapeDtypeStruct(s, d, sharding=step["tokens"].sharding) for k, (s, d) in extra.items()}}
   losses = functools.partial(grpo.policy_losses, beta=0.04, epsilon=0.2, temperature=1.0)
   with sharding.activate(rt.mesh):
     fns = runtime.train_functions(rt, make_optimizer(config.train, 10), losses=losses)
     update = fns.step_fn.lower(fns.abstract_state, batch).compile()
     row_batch = {k: jax.ShapeDtypeStruct(shape[1:], jnp.int32, sharding=rows) for k in step}
+    row_batch["logit_positions"] = jax.ShapeDtypeStruct(window[1:], jnp.int32, sharding=rows)
     logprobs = jax.jit(functools.partial(train_step.token_logprobs, rt.model), in_shardings=(rt.param_sharding, rows),
                        out_shardings=rows).lower(rt.abstract_params, row_batch).compile()
   assert "tpu_custom_call" in update.as_text() and "tpu_custom_call" in logprobs.as_text()

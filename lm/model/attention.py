@@ -101,14 +101,24 @@ def dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale: float):
   stored), its probabilities back in the compute dtype; grouped-query heads share their key and value.
   In float32 the arithmetic of `jax.nn.dot_product_attention` (within rounding: the einsums are grouped
   otherwise)."""
+  return _grouped(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale, "BSKH", "BSKH")
+
+
+def _grouped(q_BxLxNxH, k, v, mask_Bx1xLxS, scale: float, k_axes: str, v_axes: str):
+  """`dot_product` with keys and values in the layouts `k_axes` and `v_axes` (of B, S, K, H)."""
   B, L, N, H = q_BxLxNxH.shape
-  K = k_BxSxKxH.shape[2]
+  K = k.shape[k_axes.index("K")]
   q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
-  scores_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH) * jnp.asarray(scale, q_BxLxNxH.dtype)
+  scores_BxKxGxLxS = jnp.einsum(f"BLKGH,{k_axes}->BKGLS", q_BxLxKxGxH, k) * jnp.asarray(scale, q_BxLxNxH.dtype)
   scores_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxKxGxLxS,
                                jnp.asarray(-0.7 * jnp.finfo(scores_BxKxGxLxS.dtype).max, scores_BxKxGxLxS.dtype))
-  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS.astype(jnp.float32), axis=-1).astype(v_BxSxKxH.dtype)
-  return jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxSxKxH).reshape(B, L, N, H)
+  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum(f"BKGLS,{v_axes}->BLKGH", probs_BxKxGxLxS, v).reshape(B, L, N, H)
+
+
+def _xla_mask(ctx: Context, local):
+  global_mask, local_mask = ctx.masks
+  return global_mask if local_mask is None else jnp.where(local, local_mask, global_mask)
 
 
 def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
@@ -118,12 +128,16 @@ def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
     return splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ctx.segment_ids_BxL, window=ctx.window, local=local,
                   scale=scale, interpret=ctx.interpret)
   if ctx.implementation == "xla":
-    global_mask, local_mask = ctx.masks
-    mask_Bx1xLxS = global_mask if local_mask is None else jnp.where(local, local_mask, global_mask)
-    return dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale)
+    return dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, _xla_mask(ctx, local), scale)
 
   body = functools.partial(_cudnn_local, window=ctx.window, scale=scale)
   return per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ctx.masks[0], jnp.asarray(local if ctx.window else False))
+
+
+def over_cache(ctx: Context, q_BxLxNxH, k_BxKxSxH, v_BxKxHxS, local, scale: float):
+  """Decoding's attention (XLA's, `ctx` a cache's context) over a `KVCache` layer: keys B x K x S x H and
+  values B x K x H x S, the layouts whose products with the new tokens need no transposed copy."""
+  return _grouped(q_BxLxNxH, k_BxKxSxH, v_BxKxHxS, _xla_mask(ctx, local), scale, "BKSH", "BKHS")
 
 
 def per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, rows_Bx___, local):

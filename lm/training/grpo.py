@@ -8,9 +8,12 @@ Each optimizer step:
    prompt's group: advantage = (reward - group mean) / (group std + 1e-4), the sample std as TRL's,
 4. takes num_iterations optimizer steps (1 by default, as TRL and Tunix) on those completions, each on the
    clipped policy-gradient loss with a KL penalty to the reference model,
-   per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta KL, where ratio is
-   the policy's probability of the token over the sampling policy's and KL the k3 estimator
-   exp(ref - logp) - (ref - logp) - 1 (TRL's and Tunix's). The loss is the mean over every completion token
+   per completion token: -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) + beta ratio KL, where ratio
+   is the policy's probability of the token over the sampling policy's and KL the k3 estimator
+   exp(ref - logp) - (ref - logp) - 1 (TRL's and Tunix's). The ratio on the KL (config.grpo.kl_bias_correction,
+   TRL's use_bias_correction_kl) is 1 in value on-policy, but its gradient adds KL x the gradient of logp: the
+   gradient of the KL the completions were sampled under, where that of k3 alone is biased (DeepSeek-V3.2,
+   section 3.1). The loss is the mean over every completion token
    of the step, summed over micro-batches and devices exactly as pre-training sums its tokens
    (`lm.training.train_step.train_step` with this module's `policy_losses`).
 
@@ -57,10 +60,12 @@ from lm.training import runtime
 from lm.training.train_step import token_logprobs
 
 
-def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float) -> dict:
+def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float, temperature: float,
+                  kl_bias_correction: bool = True) -> dict:
   """Per completion: the clipped policy-gradient loss with the KL penalty summed over its tokens, their
   count, the KL sum (with beta > 0) and the number of tokens whose objective was clipped. Log-probabilities
-  are those of the sampling distribution (logits / temperature), as TRL's.
+  are those of the sampling distribution (logits / temperature), as TRL's. With `kl_bias_correction` the KL
+  term is weighed by the ratio, as TRL's default: the same value, the unbiased gradient.
 
   Without `old_logprobs` in the batch (num_iterations 1: the completions were sampled by this very policy)
   the old log-probabilities are the current ones, held constant: the ratio is exactly 1 and its gradient
@@ -68,6 +73,8 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float,
   `ref_logprobs` (beta 0) there is no KL term and no reference pass."""
   logp_BxL = token_logprobs(model, params, batch, temperature)
   mask_BxL = batch["mask"]
+  if "logit_positions" in batch:  # the log-probabilities are of each row's completion window alone
+    mask_BxL = jnp.take_along_axis(mask_BxL, batch["logit_positions"], axis=1)
   old_BxL = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(logp_BxL)
   ratio_BxL = jnp.exp(logp_BxL - old_BxL)
   advantage_Bx1 = batch["advantages"][:, None]
@@ -81,6 +88,8 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float,
   if "ref_logprobs" in batch:
     log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
     kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
+    if kl_bias_correction:
+      kl_BxL = kl_BxL * ratio_BxL
     per_token_BxL = per_token_BxL + beta * kl_BxL
     figures["sequence_kl"] = total(kl_BxL)
   return {"sequence_loss": total(per_token_BxL), **figures}
@@ -203,9 +212,12 @@ def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
 
 
 def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[list[int]],
-             seq_len: int) -> dict[str, np.ndarray]:
+             seq_len: int, window: int = 0) -> dict[str, np.ndarray]:
   """Rows prompt (its last lengths_B[b] tokens: without the left padding) + completion, padded to seq_len;
-  `mask` marks the positions whose target is a completion token (the loss and its token count)."""
+  `mask` marks the positions whose target is a completion token (the loss and its token count). With a
+  `window` (max_completion_tokens), `logit_positions` [B, window]: consecutive positions from the one before
+  the completion (moved back where the row ends within the window) that hold every masked one: the only
+  positions whose logits the update and the reference compute (`token_logprobs`)."""
   B, width = prompts_BxP.shape
   tokens = np.zeros((B, seq_len), np.int32)
   mask = np.zeros((B, seq_len), np.bool_)
@@ -219,7 +231,13 @@ def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[l
     segment_ids[i, :P + n] = 1
     mask[i, P - 1:P - 1 + n] = True
   positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (B, seq_len)).copy()
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "mask": mask}
+  out = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "mask": mask}
+  if window:
+    if window > seq_len:
+      raise ValueError(f"a window of {window} positions in rows of {seq_len}")
+    start_B = np.minimum(np.asarray(lengths_B) - 1, seq_len - window).astype(np.int32)
+    out["logit_positions"] = start_B[:, None] + np.arange(window, dtype=np.int32)
+  return out
 
 
 def by_device(rows: np.ndarray, plan: batching.BatchPlan) -> np.ndarray:
@@ -314,7 +332,8 @@ class Sampler:
                              self.g.temperature, plan.global_sequences)
     completions, texts, lengths = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
     rewards = self.task.score(texts, [answers[p] for p in mine // group])
-    batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len)
+    batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len,
+                     window=self.g.max_completion_tokens)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
     for name, weights in self._scored_by(state, reference):
       with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
@@ -358,7 +377,7 @@ class Sampler:
 
 def _micro(batch: dict[str, np.ndarray], rows: int):
   """The micro-batches of the token arrays of a step's rows (a process's), in order."""
-  keys = ("tokens", "segment_ids", "positions")
+  keys = ("tokens", "segment_ids", "positions", "logit_positions")
   for start in range(0, len(batch["tokens"]), rows):
     yield {k: batch[k][start:start + rows] for k in keys}
 
@@ -393,7 +412,8 @@ class GRPO:
   def __init__(self, rt: runtime.Runtime, sampler: Sampler):
     g = rt.config.grpo
     self.rt, self.sampler, self.g = rt, sampler, g
-    self.losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature)
+    self.losses = functools.partial(policy_losses, beta=g.beta, epsilon=g.epsilon, temperature=g.temperature,
+                                    kl_bias_correction=g.kl_bias_correction)
     self.reference = None  # the KL's reference: the starting parameters (None with LoRA: the base alone)
     self._rollout: Rollout | None = None
 
@@ -402,7 +422,8 @@ class GRPO:
     rows = len(batching.step_rows(self.rt.mesh, plan))
     return [("Mode", f"GRPO: {plan.global_sequences // g.num_generations} prompts x {g.num_generations} "
                      f"generations = {plan.global_sequences} completions per optimizer step, at most "
-                     f"{g.max_completion_tokens} tokens each, temperature {g.temperature:g}; beta {g.beta:g}, "
+                     f"{g.max_completion_tokens} tokens each, temperature {g.temperature:g}; beta {g.beta:g}"
+                     f"{' (KL x ratio: its unbiased gradient)' if g.beta and g.kl_bias_correction else ''}, "
                      f"epsilon {g.epsilon:g}, {g.num_iterations} update(s) per batch of completions"),
             ("Task", f"{g.task}, rewards {g.rewards}; eval: {g.eval_prompts} held-out prompts, greedy"),
             *([("Sampling", f"each process samples and rewards the {rows // g.num_generations} prompts of its {rows} "

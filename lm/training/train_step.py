@@ -68,9 +68,11 @@ def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> j
   gathers it over fsdp and reduce-scatters its share of the gradient. Gathered once for all chunks instead,
   its whole float32 gradient was a loop carry from the start of the step to its end (0.26 GB per chip at a
   32k vocabulary and d_model 2048, one per micro-batch in flight): llama_1_36b at 8k on v5e:2x4 peaks
-  0.66 GB lower so, for 3.7 GB more all-gather and collective-permute traffic per step."""
+  0.66 GB lower so, for 3.7 GB more all-gather and collective-permute traffic per step.
+
+  With `logit_positions` [B, W] in the batch, only those positions are projected (GRPO: a window over each
+  row's completion, as TRL's logits_to_keep): [B, W] out, the prompt's logits never computed."""
   targets_BxL = batching.targets(batch["tokens"])
-  B, L = targets_BxL.shape
   chunk, cfg = model.cfg.logits_chunk, model.cfg
 
   def logprobs(x_BxCxD, targets_BxC, w_out_DxV):
@@ -80,6 +82,11 @@ def token_logprobs(model: Decoder, params, batch, temperature: float = 1.0) -> j
 
   x_BxLxD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
                         method=Decoder.hidden)
+  if "logit_positions" in batch:
+    positions_BxW = batch["logit_positions"]
+    x_BxLxD = jnp.take_along_axis(x_BxLxD, positions_BxW[..., None], axis=1)
+    targets_BxL = jnp.take_along_axis(targets_BxL, positions_BxW, axis=1)
+  B, L = targets_BxL.shape
   w_out_DxV = output_weight(params, cfg)
   if not chunk or L <= chunk:
     return logprobs(x_BxLxD, targets_BxL, w_out_DxV)
