@@ -119,7 +119,7 @@ def test_without_old_log_probabilities_the_ratio_is_the_updates_own_held_constan
 
 def test_the_completion_window_gives_the_loss_and_gradient_of_whole_rows():
   """`logit_positions` (the rollout's rows): the logits of a window over each completion alone, moved back
-  where a row ends inside it; the same per-sequence loss, KL and gradient as the logits of every position."""
+  where it would run past the row; the same per-sequence loss, KL and gradient as the logits of every position."""
   import jax.numpy as jnp
   from flax import linen as nn
   from lm.model.decoder import Decoder
@@ -127,8 +127,8 @@ def test_the_completion_window_gives_the_loss_and_gradient_of_whole_rows():
   model = Decoder(tiny_model())
   prompts, lengths, completions = np.array([[1, 5, 6], [0, 1, 9]], np.int32), np.array([3, 2]), [[7, 8, 2], [4, 2]]
   whole = grpo.assemble(prompts, lengths, completions, 7)
-  windowed = grpo.assemble(prompts, lengths, completions, 7, window=4)
-  assert windowed["logit_positions"].tolist() == [[2, 3, 4, 5], [1, 2, 3, 4]]  # row 0's moved back from 6 to 5
+  windowed = grpo.assemble(prompts, lengths, completions, 7, window=6)
+  assert windowed["logit_positions"].tolist() == [[1, 2, 3, 4, 5, 6]] * 2  # row 0's moved back from 2 to 1
   params = nn.unbox(model.init(jax.random.key(0), whole["tokens"], whole["segment_ids"], whole["positions"])["params"])
   ref = np.asarray(train_step.token_logprobs(model, params, whole)) - 0.1
   for batch, ref_logprobs in ((whole, ref), (windowed, np.take_along_axis(ref, windowed["logit_positions"], 1))):
@@ -207,6 +207,15 @@ def test_with_lora_the_sampler_decodes_with_the_adapters_folded_into_the_weights
   base = sampler._generate(lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, adapters)), prompts, lengths,
                            jax.random.key(0), 0.0, 8)
   assert not np.array_equal(folded, base)  # the adapters change the completions: the comparison can fail
+
+
+def test_the_completion_window_is_whole_logit_chunks(tmp_path):
+  """With the logits in chunks (model.logits_chunk < seq_len), the window of the update's logits is rounded up
+  to whole chunks (token_logprobs chunks it); else it is max_completion_tokens."""
+  from lm.training import runtime
+  for chunk, completion, window in ((16, 20, 32), (16, 16, 16), (0, 20, 20), (16, 40, 48)):
+    config = from_config_dict(_config(tmp_path, **{"model.logits_chunk": chunk, "grpo.max_completion_tokens": completion}))
+    assert grpo.make(runtime.setup(config, jax.devices()[:2])).sampler.window == window
 
 
 def _config(tmp_path, **changes):

@@ -101,19 +101,19 @@ def dot_product(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale: float):
   stored), its probabilities back in the compute dtype; grouped-query heads share their key and value.
   In float32 the arithmetic of `jax.nn.dot_product_attention` (within rounding: the einsums are grouped
   otherwise)."""
-  return _grouped(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale, "BSKH", "BSKH")
+  return _grouped_query(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS, scale, "BSKH", "BSKH")
 
 
-def _grouped(q_BxLxNxH, k, v, mask_Bx1xLxS, scale: float, k_axes: str, v_axes: str):
+def _grouped_query(q_BxLxNxH, k_Bx___, v_Bx___, mask_Bx1xLxS, scale: float, k_axes: str, v_axes: str):
   """`dot_product` with keys and values in the layouts `k_axes` and `v_axes` (of B, S, K, H)."""
   B, L, N, H = q_BxLxNxH.shape
-  K = k.shape[k_axes.index("K")]
+  K = k_Bx___.shape[k_axes.index("K")]
   q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
-  scores_BxKxGxLxS = jnp.einsum(f"BLKGH,{k_axes}->BKGLS", q_BxLxKxGxH, k) * jnp.asarray(scale, q_BxLxNxH.dtype)
+  scores_BxKxGxLxS = jnp.einsum(f"BLKGH,{k_axes}->BKGLS", q_BxLxKxGxH, k_Bx___) * jnp.asarray(scale, q_BxLxNxH.dtype)
   scores_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxKxGxLxS,
                                jnp.asarray(-0.7 * jnp.finfo(scores_BxKxGxLxS.dtype).max, scores_BxKxGxLxS.dtype))
-  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum(f"BKGLS,{v_axes}->BLKGH", probs_BxKxGxLxS, v).reshape(B, L, N, H)
+  probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS.astype(jnp.float32), axis=-1).astype(v_Bx___.dtype)
+  return jnp.einsum(f"BKGLS,{v_axes}->BLKGH", probs_BxKxGxLxS, v_Bx___).reshape(B, L, N, H)
 
 
 def _xla_mask(ctx: Context, local):
@@ -137,7 +137,7 @@ def attend(ctx: Context, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, local, scale: float):
 def over_cache(ctx: Context, q_BxLxNxH, k_BxKxSxH, v_BxKxHxS, local, scale: float):
   """Decoding's attention (XLA's, `ctx` a cache's context) over a `KVCache` layer: keys B x K x S x H and
   values B x K x H x S, the layouts whose products with the new tokens need no transposed copy."""
-  return _grouped(q_BxLxNxH, k_BxKxSxH, v_BxKxHxS, _xla_mask(ctx, local), scale, "BKSH", "BKHS")
+  return _grouped_query(q_BxLxNxH, k_BxKxSxH, v_BxKxHxS, _xla_mask(ctx, local), scale, "BKSH", "BKHS")
 
 
 def per_device(body, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, rows_Bx___, local):

@@ -199,7 +199,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block, with post_norms also normalising each branch's output before it is added
   (Gemma). The body of `nn.scan`: returns (carry, None), the carry being x, or when decoding (x, every
-  layer's keys and values T x B x S x K x H, this layer's updated in place).
+  layer's keys and values in `KVCache`'s layouts, this layer's updated in place).
 
   Args:
     ctx: the attention's masks or segment ids (`lm.model.attention.Context`).
@@ -295,7 +295,7 @@ class Decoder(nn.Module):
     return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def _layers(self, carry, positions_BxL, ctx, per_layer, cache_index=None):
-    """All blocks over the carry: x, or when decoding (x, the cache's (keys, values) T x B x S x K x H)."""
+    """All blocks over the carry: x, or when decoding (x, the cache's (keys, values) in `KVCache`'s layouts)."""
     if self.cfg.scan_layers:
       return self.layers(carry, positions_BxL, ctx, per_layer, cache_index)[0]
     for i, block in enumerate(self.layers):

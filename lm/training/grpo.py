@@ -88,10 +88,8 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float,
   if "ref_logprobs" in batch:
     log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
     kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
-    if kl_bias_correction:
-      kl_BxL = kl_BxL * ratio_BxL
-    per_token_BxL = per_token_BxL + beta * kl_BxL
-    figures["sequence_kl"] = total(kl_BxL)
+    figures["sequence_kl"] = total(kl_BxL)  # the KL to the reference, whatever the weighing
+    per_token_BxL = per_token_BxL + beta * (kl_BxL * ratio_BxL if kl_bias_correction else kl_BxL)
   return {"sequence_loss": total(per_token_BxL), **figures}
 
 
@@ -215,9 +213,9 @@ def assemble(prompts_BxP: np.ndarray, lengths_B: np.ndarray, completions: list[l
              seq_len: int, window: int = 0) -> dict[str, np.ndarray]:
   """Rows prompt (its last lengths_B[b] tokens: without the left padding) + completion, padded to seq_len;
   `mask` marks the positions whose target is a completion token (the loss and its token count). With a
-  `window` (max_completion_tokens), `logit_positions` [B, window]: consecutive positions from the one before
-  the completion (moved back where the row ends within the window) that hold every masked one: the only
-  positions whose logits the update and the reference compute (`token_logprobs`)."""
+  `window` (`Sampler.window`: max_completion_tokens), `logit_positions` [B, window]: consecutive positions from
+  the one before the completion (moved back where the window would run past seq_len) that hold every masked
+  one: the only positions whose logits the update and the reference compute (`token_logprobs`)."""
   B, width = prompts_BxP.shape
   tokens = np.zeros((B, seq_len), np.int32)
   mask = np.zeros((B, seq_len), np.bool_)
@@ -300,6 +298,11 @@ class Sampler:
       self._fold = jax.jit(functools.partial(lora.fold, cfg=cfg), in_shardings=(rt.param_sharding,),
                            out_shardings=lora.split(rt.param_sharding)[0])
     self._mine = batching.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's batch, ascending
+    # The positions whose logits the update and the reference compute: max_completion_tokens of them, rounded
+    # up to whole chunks where the logits come in chunks (config.model.logits_chunk divides seq_len).
+    chunk, self.window = cfg.logits_chunk, self.g.max_completion_tokens
+    if chunk and self.window > chunk:
+      self.window = min(-(-self.window // chunk) * chunk, rt.plan.seq_len)
 
   def _generate(self, params, prompts_BxP, lengths_B, rng, temperature: float, rows: int) -> np.ndarray:
     """New tokens of this process's rows (`sharding.process_rows`) of a sampler batch of `rows` rows, whose
@@ -333,7 +336,7 @@ class Sampler:
     completions, texts, lengths = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
     rewards = self.task.score(texts, [answers[p] for p in mine // group])
     batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len,
-                     window=self.g.max_completion_tokens)
+                     window=self.window)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
     for name, weights in self._scored_by(state, reference):
       with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
@@ -377,7 +380,7 @@ class Sampler:
 
 def _micro(batch: dict[str, np.ndarray], rows: int):
   """The micro-batches of the token arrays of a step's rows (a process's), in order."""
-  keys = ("tokens", "segment_ids", "positions", "logit_positions")
+  keys = [k for k in ("tokens", "segment_ids", "positions", "logit_positions") if k in batch]
   for start in range(0, len(batch["tokens"]), rows):
     yield {k: batch[k][start:start + rows] for k in keys}
 
