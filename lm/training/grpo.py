@@ -299,10 +299,11 @@ class Sampler:
                            out_shardings=lora.split(rt.param_sharding)[0])
     self._mine = batching.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's batch, ascending
     # The positions whose logits the update and the reference compute: max_completion_tokens of them, rounded
-    # up to whole chunks where the logits come in chunks (config.model.logits_chunk divides seq_len).
+    # up to whole chunks where the logits come in chunks (config.model.logits_chunk then divides seq_len, so
+    # the rounded window still fits a row).
     chunk, self.window = cfg.logits_chunk, self.g.max_completion_tokens
     if chunk and self.window > chunk:
-      self.window = min(-(-self.window // chunk) * chunk, rt.plan.seq_len)
+      self.window = -(-self.window // chunk) * chunk
 
   def _generate(self, params, prompts_BxP, lengths_B, rng, temperature: float, rows: int) -> np.ndarray:
     """New tokens of this process's rows (`sharding.process_rows`) of a sampler batch of `rows` rows, whose
