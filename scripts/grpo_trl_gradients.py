@@ -1,6 +1,8 @@
-"""One GRPO step's loss and LoRA gradient, the project's against TRL's GRPOTrainer, on the same completions.
+"""GRPO's update, the project's against TRL's GRPOTrainer on the same completions: one step's loss and LoRA
+gradient, or the adapters after several optimizer steps.
 
   python scripts/grpo_trl_gradients.py [--import_dir=ckpt/smollm2] [--prompts=4 --generations=4 --tokens=64]
+  python scripts/grpo_trl_gradients.py --steps=4
 
 The import's model (scripts/convert_hf.py import) is exported to a Hugging Face directory; both sides get the
 same adapters (A random as the project initialises it, B random too, so that the policy is off the reference
@@ -10,8 +12,13 @@ some truncated) and the same advantages. TRL's side is tests/trl_reference.py un
 `compute_loss` on inputs laid out as its `_generate_and_score_completions` lays them out. Prints the loss of
 both, the largest difference of the per-token log-probabilities, and the relative error of each adapter's
 gradient (max |ours - theirs| / max |theirs|): whether an optimizer step of the two would be the same.
-"""
 
+--steps=N: N optimizer steps of each side with configs/imported_grpo.py's optimizer (the project's
+`optimizer.make_optimizer`; TRL's Trainer: AdamW, the clip by global norm), from the adapters a run starts
+with (B = 0), a batch of completions per step (its prompts' completions sampled from the base, random
+advantages: the same batches whatever the policy, so that the two can be compared step for step). Prints each
+step's loss of both and how far apart the adapters' changes end (`compare_training`).
+"""
 import os
 import sys
 
@@ -25,13 +32,14 @@ import subprocess  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from lm.config import ModelConfig  # noqa: E402
-from lm.model import lora  # noqa: E402
+from lm.config import ModelConfig, TrainConfig  # noqa: E402
+from lm.model import lora, sampling  # noqa: E402
 from lm.model.decoder import Decoder  # noqa: E402
-from lm.training import grpo, train_step  # noqa: E402
+from lm.training import grpo, optimizer, train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
@@ -73,68 +81,144 @@ def random_adapters(cfg: ModelConfig, seed: int, b_std: float) -> dict:
   return jax.tree_util.tree_map_with_path(draw, adapters)
 
 
-def project_step(cfg: ModelConfig, base, adapters, prompts: list[list[int]], completions: list[list[int]],
-                 advantages, settings: dict) -> dict:
-  """The project's loss, per-token log-probabilities and adapter gradient of one GRPO step on these
-  completions (one micro-batch): `grpo.assemble`, the reference's log-probabilities (the base), and
-  `train_step.gradient` of `grpo.policy_losses` scaled by the step's completion tokens, as train_step runs it,
-  the logits of the completions' positions alone (`logit_positions`), as a rollout computes them."""
+def step_batch(cfg: ModelConfig, base, adapters, prompts: list[list[int]], completions: list[list[int]],
+               advantages, settings: dict) -> dict:
+  """These completions as a rollout hands them to the update (one micro-batch): `grpo.assemble` with the
+  logits of the completions' positions alone (`logit_positions`), the reference's log-probabilities (the
+  base: the adapters at zero) and the advantages."""
   lengths = np.asarray([len(p) for p in prompts])
   width = int(lengths.max())
   padded = np.zeros((len(prompts), width), np.int32)
   for row, p in zip(padded, prompts):
     row[width - len(p):] = p
   seq_len = int(max(len(p) + len(c) for p, c in zip(prompts, completions)))
-  window = max(len(c) for c in completions)  # logits of the completions' positions alone, as in a rollout
-  batch = grpo.assemble(padded, lengths, completions, seq_len, window=window)
-  model = Decoder(cfg)
-  logprobs = jax.jit(functools.partial(train_step.token_logprobs, model, temperature=settings["temperature"]))
+  batch = grpo.assemble(padded, lengths, completions, seq_len, window=max(len(c) for c in completions))
   zeros = jax.tree.map(jnp.zeros_like, adapters)
-  batch["ref_logprobs"] = np.asarray(logprobs(lora.merge(base, zeros), batch))
+  batch["ref_logprobs"] = np.asarray(_logprobs(cfg, settings["temperature"])(lora.merge(base, zeros), batch))
   batch["advantages"] = np.asarray(advantages, np.float32)
-  losses = functools.partial(grpo.policy_losses, beta=settings["beta"], epsilon=settings["epsilon"],
-                             temperature=settings["temperature"],
-                             kl_bias_correction=settings.get("kl_bias_correction", True))
-  scale = train_step.loss_scale(batch)
-  grads, figures = jax.jit(lambda a, b: train_step.gradient(model, a, base, b, scale, losses))(adapters, batch)
-  logps = np.asarray(logprobs(lora.merge(base, adapters), batch))
-  loss = float(np.sum(np.asarray(figures["sequence_loss"], np.float64)) * float(scale))
+  return batch
+
+
+@functools.cache
+def _logprobs(cfg: ModelConfig, temperature: float):
+  return jax.jit(functools.partial(train_step.token_logprobs, Decoder(cfg), temperature=temperature))
+
+
+@functools.cache
+def _gradient(cfg: ModelConfig, settings: tuple):
+  """`train_step.gradient` of `grpo.policy_losses`, the loss sum scaled by the step's completion tokens."""
+  s = dict(settings)
+  losses = functools.partial(grpo.policy_losses, beta=s["beta"], epsilon=s["epsilon"], temperature=s["temperature"],
+                             kl_bias_correction=s.get("kl_bias_correction", True))
+  model = Decoder(cfg)
+  return jax.jit(lambda adapters, base, batch: train_step.gradient(
+      model, adapters, base, batch, train_step.loss_scale(batch), losses))
+
+
+def project_step(cfg: ModelConfig, base, adapters, prompts: list[list[int]], completions: list[list[int]],
+                 advantages, settings: dict) -> dict:
+  """The project's loss, per-token log-probabilities and adapter gradient of one GRPO step on these
+  completions, as train_step computes them."""
+  batch = step_batch(cfg, base, adapters, prompts, completions, advantages, settings)
+  grads, figures = _gradient(cfg, tuple(sorted(settings.items())))(adapters, base, batch)
+  logps = np.asarray(_logprobs(cfg, settings["temperature"])(lora.merge(base, adapters), batch))
+  loss = float(np.sum(np.asarray(figures["sequence_loss"], np.float64)) * float(train_step.loss_scale(batch)))
+  lengths = np.asarray([len(p) for p in prompts])
   starts = lengths - 1 - batch["logit_positions"][:, 0]  # where each completion starts in its window
   rows = [logps[i, s:s + len(c)] for i, (s, c) in enumerate(zip(starts, completions))]
   return {"loss": loss, "logps": rows, "grads": to_peft(grads)}
 
 
-def trl_step(hf_dir: str, out: str, adapters, prompts, completions, advantages, settings: dict) -> dict:
-  """tests/trl_reference.py under .venv-hf on the same inputs: TRL's loss, log-probabilities, gradient."""
+def project_train(cfg: ModelConfig, base, adapters, steps: list[dict], settings: dict,
+                  train_cfg: TrainConfig) -> dict:
+  """The adapters after an optimizer step (`optimizer.make_optimizer` of `train_cfg`) on each batch of
+  `steps` ({"prompts", "completions", "advantages"}) in turn, as PEFT's parameters, and each step's loss. Each
+  batch is a step's one micro-batch (train_cfg's gradient_accumulation_steps aside)."""
+  tx = optimizer.make_optimizer(dataclasses.replace(train_cfg, gradient_accumulation_steps=1), len(steps))
+  state, losses = tx.init(adapters), []
+  gradient = _gradient(cfg, tuple(sorted(settings.items())))
+  for step in steps:
+    batch = step_batch(cfg, base, adapters, step["prompts"], step["completions"], step["advantages"], settings)
+    grads, figures = gradient(adapters, base, batch)
+    losses.append(float(np.sum(np.asarray(figures["sequence_loss"], np.float64)) * float(train_step.loss_scale(batch))))
+    updates, state = tx.update(grads, state, adapters)
+    adapters = optax.apply_updates(adapters, updates)
+  return {"adapters": to_peft(adapters), "losses": losses}
+
+
+def _run_reference(hf_dir: str, out: str, adapters, settings: dict, inputs: dict) -> None:
+  """tests/trl_reference.py under .venv-hf from these adapters, on `inputs` (one batch, or "steps")."""
   os.makedirs(out, exist_ok=True)
   np.savez(os.path.join(out, "adapters.npz"), **to_peft(adapters))
-  spec = {"model": hf_dir, "out": out, "prompts": prompts, "completions": completions,
-          "advantages": [float(a) for a in advantages], "adapters": os.path.join(out, "adapters.npz"),
-          "settings": settings}
+  spec = {"model": hf_dir, "out": out, "adapters": os.path.join(out, "adapters.npz"), "settings": settings, **inputs}
   with open(os.path.join(out, "spec.json"), "w") as f:
     json.dump(spec, f)
   run = subprocess.run([HF_PYTHON, os.path.join(ROOT, "tests", "trl_reference.py"), os.path.join(out, "spec.json")],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
   if run.returncode:
     raise RuntimeError(f"tests/trl_reference.py failed:\n{run.stderr[-4000:]}")
+
+
+def _plain(step: dict) -> dict:
+  return {"prompts": [list(map(int, p)) for p in step["prompts"]],
+          "completions": [list(map(int, c)) for c in step["completions"]],
+          "advantages": [float(a) for a in step["advantages"]]}
+
+
+def trl_step(hf_dir: str, out: str, adapters, prompts, completions, advantages, settings: dict) -> dict:
+  """TRL's loss, log-probabilities and gradient on the same inputs."""
+  _run_reference(hf_dir, out, adapters, settings,
+                 _plain({"prompts": prompts, "completions": completions, "advantages": advantages}))
   saved = dict(np.load(os.path.join(out, "trl_gradients.npz")))
   logps = [saved["logps"][i, :len(c)] for i, c in enumerate(completions)]
   return {"loss": float(saved["loss"]), "logps": logps,
           "grads": {k: v for k, v in saved.items() if "lora_" in k}}
 
 
+def trl_train(hf_dir: str, out: str, adapters, steps: list[dict], settings: dict, train_cfg: TrainConfig) -> dict:
+  """TRL's adapters after its optimizer steps on the same batches, and each step's loss."""
+  opt = {"learning_rate": train_cfg.learning_rate, "b1": train_cfg.b1, "b2": train_cfg.b2, "eps": train_cfg.eps,
+         "weight_decay": train_cfg.weight_decay, "max_grad_norm": train_cfg.max_grad_norm}
+  _run_reference(hf_dir, out, adapters, settings, {"steps": [_plain(s) for s in steps], "optimizer": opt})
+  saved = dict(np.load(os.path.join(out, "trl_trained.npz")))
+  return {"adapters": {k: v for k, v in saved.items() if "lora_" in k}, "losses": saved["losses"].tolist()}
+
+
+def relative_errors(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> tuple[float, dict]:
+  """max |ours - theirs| / max |theirs| over all PEFT parameters, and per kind of weight (e.g. q_proj.lora_B)."""
+  errors = {}
+  for name, t in theirs.items():
+    kind = name.split(".")[-4] + "." + name.split(".")[-3]
+    diff, scale = errors.get(kind, (0.0, 0.0))
+    errors[kind] = (max(diff, float(np.max(np.abs(ours[name] - t)))), max(scale, float(np.max(np.abs(t)))))
+  overall = max(d for d, _ in errors.values()) / max(s for _, s in errors.values())
+  return overall, {k: d / max(s, 1e-30) for k, (d, s) in sorted(errors.items())}
+
+
 def compare(ours: dict, theirs: dict) -> dict:
   """The loss of both, the largest |difference| of the completion tokens' log-probabilities, and the
-  gradient's relative error (max |ours - theirs| / max |theirs|) over all adapters and per kind of weight."""
-  errors = {}
-  for name, g in theirs["grads"].items():
-    kind = name.split(".")[-4] + "." + name.split(".")[-3]  # e.g. q_proj.lora_B
-    diff, scale = errors.get(kind, (0.0, 0.0))
-    errors[kind] = (max(diff, float(np.max(np.abs(ours["grads"][name] - g)))), max(scale, float(np.max(np.abs(g)))))
-  overall = max(d for d, _ in errors.values()) / max(s for _, s in errors.values())
+  gradient's relative error over all adapters and per kind of weight (`relative_errors`)."""
+  overall, by_weight = relative_errors(ours["grads"], theirs["grads"])
   return {"loss": (ours["loss"], theirs["loss"]),
           "logp_max_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(ours["logps"], theirs["logps"])),
-          "grad_relative_error": overall, "by_weight": {k: d / max(s, 1e-30) for k, (d, s) in sorted(errors.items())}}
+          "grad_relative_error": overall, "by_weight": by_weight}
+
+
+def compare_training(ours: dict, theirs: dict, start: dict) -> dict:
+  """Each step's loss of both, and how far apart the adapters' changes from `start` (PEFT's parameters before
+  the first step) are: |ours - theirs| / |theirs| in the Euclidean norm, over all adapters and per kind of
+  weight. (Not the largest element's error: Adam divides each gradient by its own scale, so an element whose
+  gradient is at rounding level moves by a rounding-sized amount that may differ in sign.)"""
+  diff, size = {}, {}
+  for name, value in start.items():
+    kind = name.split(".")[-4] + "." + name.split(".")[-3]
+    mine, trls = ours["adapters"][name] - value, theirs["adapters"][name] - value
+    diff[kind] = diff.get(kind, 0.0) + float(np.sum((mine - trls) ** 2))
+    size[kind] = size.get(kind, 0.0) + float(np.sum(trls ** 2))
+  return {"losses": list(zip(ours["losses"], theirs["losses"])),
+          "change_relative_error": (sum(diff.values()) / sum(size.values())) ** 0.5,
+          "change_by_weight": {k: (diff[k] / max(size[k], 1e-30)) ** 0.5 for k in sorted(diff)},
+          "change_norm": sum(size.values()) ** 0.5}
 
 
 _IMPORT = flags.DEFINE_string("import_dir", "ckpt/smollm2", "The model, as scripts/convert_hf.py import wrote it.")
@@ -143,6 +227,28 @@ _PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts of the task.")
 _GENERATIONS = flags.DEFINE_integer("generations", 4, "Completions per prompt.")
 _TOKENS = flags.DEFINE_integer("tokens", 64, "Tokens per completion at most.")
 _SEED = flags.DEFINE_integer("seed", 0, "Adapters, advantages and sampling.")
+_STEPS = flags.DEFINE_integer("steps", 0, "0: one step's gradient. N: N optimizer steps of both sides from the "
+                              "adapters a run starts with (B = 0), on a batch of completions each (of the steps' "
+                              "prompts, sampled from the base), and the adapters they end with.", lower_bound=0)
+
+
+def sampled_steps(config, task, base, count: int) -> list[dict]:
+  """`count` batches of --prompts x --generations completions of the task's train prompts, a batch per step,
+  sampled by the project from `base` at the task's temperature, with random advantages."""
+  cfg, g, rng = config.model, config.grpo, np.random.default_rng(_SEED.value)
+  steps = []
+  for step in range(count):
+    ids, lengths, _ = task.prompts("train", range(step * _PROMPTS.value, (step + 1) * _PROMPTS.value))
+    ids, lengths = np.repeat(ids, _GENERATIONS.value, 0), np.repeat(lengths, _GENERATIONS.value)
+    new = sampling.generate(lora.fold(base, cfg), ids, jax.random.fold_in(jax.random.key(_SEED.value), step),
+                            model=Decoder(dataclasses.replace(cfg, lora_rank=0)), max_new_tokens=_TOKENS.value,
+                            sampling=sampling.SamplingConfig(temperature=g.temperature), stop_ids=task.stop_ids,
+                            prompt_lengths_B=lengths)
+    completions, _ = grpo.completions_of(np.asarray(new), task.stop_ids)
+    steps.append({"prompts": [row[len(row) - n:].tolist() for row, n in zip(ids, lengths)],
+                  "completions": completions,
+                  "advantages": rng.standard_normal(len(completions)).astype(np.float32)})
+  return steps
 
 
 def main(argv):
@@ -151,33 +257,34 @@ def main(argv):
   from lm.checkpoints import param_files
   from lm.config import from_config_dict
   from lm.data import corpus
-  from lm.model import sampling
   config = from_config_dict(imported_grpo.get_config(_IMPORT.value))
   cfg, g = config.model, config.grpo
   settings = {"beta": g.beta, "epsilon": g.epsilon, "temperature": g.temperature, "lora_rank": cfg.lora_rank,
               "lora_alpha": cfg.lora_alpha, "kl_bias_correction": g.kl_bias_correction}
   base, _ = param_files.load_params_on_host(_IMPORT.value)
-  adapters = random_adapters(cfg, _SEED.value, b_std=0.01)
   task = grpo.make_task(config, corpus.load_tokenizer(config.data, cfg.vocab_size))
-  ids, lengths, _ = task.prompts("train", range(_PROMPTS.value))
-  ids, lengths = np.repeat(ids, _GENERATIONS.value, 0), np.repeat(lengths, _GENERATIONS.value)
-  new = sampling.generate(lora.fold(lora.merge(base, adapters), cfg), ids, jax.random.key(_SEED.value),
-                          model=Decoder(dataclasses.replace(cfg, lora_rank=0)), max_new_tokens=_TOKENS.value,
-                          sampling=sampling.SamplingConfig(temperature=g.temperature), stop_ids=task.stop_ids,
-                          prompt_lengths_B=lengths)
-  completions, _ = grpo.completions_of(np.asarray(new), task.stop_ids)
-  prompts = [row[len(row) - n:].tolist() for row, n in zip(ids, lengths)]
-  advantages = np.random.default_rng(_SEED.value).standard_normal(len(prompts)).astype(np.float32)
   out = os.path.abspath(_OUT.value)
   hf_dir = os.path.join(out, "hf")
   if not os.path.exists(os.path.join(hf_dir, "config.json")):
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts/convert_hf.py"), "export",
                     f"--checkpoint={_IMPORT.value}", f"--out={hf_dir}"], check=True, cwd=ROOT)
-  ours = project_step(cfg, base, adapters, prompts, completions, advantages, settings)
-  theirs = trl_step(hf_dir, out, adapters, prompts, completions, advantages, settings)
+  if _STEPS.value:
+    adapters = random_adapters(cfg, _SEED.value, b_std=0.0)  # as a run starts: B = 0
+    steps = sampled_steps(config, task, base, _STEPS.value)
+    ours = project_train(cfg, base, adapters, steps, settings, config.train)
+    theirs = trl_train(hf_dir, out, adapters, steps, settings, config.train)
+    print(f"{_STEPS.value} optimizer steps of {len(steps[0]['completions'])} completions, learning rate "
+          f"{config.train.learning_rate:g}")
+    print(json.dumps(compare_training(ours, theirs, to_peft(adapters)), indent=1))
+    return
+  adapters = random_adapters(cfg, _SEED.value, b_std=0.01)
+  step = sampled_steps(config, task, lora.fold(lora.merge(base, adapters), cfg), 1)[0]
+  ours = project_step(cfg, base, adapters, step["prompts"], step["completions"], step["advantages"], settings)
+  theirs = trl_step(hf_dir, out, adapters, step["prompts"], step["completions"], step["advantages"], settings)
   result = compare(ours, theirs)
-  ended = sum(c[-1] in task.stop_ids for c in completions)
-  print(f"{len(completions)} completions ({ended} ended by themselves, {sum(map(len, completions))} tokens)")
+  ended = sum(c[-1] in task.stop_ids for c in step["completions"])
+  print(f"{len(step['completions'])} completions ({ended} ended by themselves, "
+        f"{sum(map(len, step['completions']))} tokens)")
   print(json.dumps(result, indent=1))
 
 

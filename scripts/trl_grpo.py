@@ -13,7 +13,8 @@ ids); the reward is the project's own `lm.training.rewards.last_number`, importe
 adapters are initialised as the project's. Greedy
 exact match of the eval problems before and after training, with transformers' generate. Writes out/trl.json:
 {"eval_before", "eval_after": {"exact_match", "finished", "completion_length", "seconds"}, "steps": [{"reward",
-"kl", "completion_length", "seconds", "generation_seconds"}], "versions"}.
+"kl", "completion_length", "seconds", "generation_seconds"}], "versions"}; out/trl_rollouts.npz, what each step
+trained on, and out/trl_adapters.npz, the adapters it ended with (`_save`).
 """
 
 import json
@@ -95,8 +96,9 @@ def main(path: str) -> None:
   trainer = trl.GRPOTrainer(model=model, reward_funcs=last_number, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=lora)
   _project_lora_init(trainer.model, s["seed"], torch)
-  steps = _timed(trainer, transformers)
+  steps, rollouts = _timed(trainer, transformers)
   trainer.train()
+  _save(trainer, rollouts, spec["out"])
   logged = [h for h in trainer.state.log_history if "reward" in h]
   report["steps"] = [{"reward": h["reward"], "kl": h.get("kl"), "completion_length": h["completions/mean_length"],
                       **t} for h, t in zip(logged, steps)]
@@ -119,13 +121,15 @@ def _project_lora_init(model, seed: int, torch) -> None:
 def _timed(trainer, transformers) -> list[dict]:
   """Per optimizer step: its seconds, and those of generating and scoring its completions (TRL's
   _generate_and_score_completions: generation, rewards, the reference's log-probabilities)."""
-  steps, generation = [], []
+  steps, generation, rollouts = [], [], []
   inner = trainer._generate_and_score_completions
 
   def generate_and_score(*args, **kwargs):
     started = time.perf_counter()
     out = inner(*args, **kwargs)
     generation.append(time.perf_counter() - started)
+    rollouts.append({k: out[k].detach().cpu().numpy() for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                 "completion_mask", "advantages") if k in out})
     return out
   trainer._generate_and_score_completions = generate_and_score
 
@@ -137,7 +141,17 @@ def _timed(trainer, transformers) -> list[dict]:
       steps.append({"seconds": time.perf_counter() - self.started, "generation_seconds": sum(generation)})
       generation.clear()
   trainer.add_callback(Timer())
-  return steps
+  return steps, rollouts
+
+
+def _save(trainer, rollouts: list[dict], out: str) -> None:
+  """out/trl_rollouts.npz: each step's prompts, completions, masks and advantages (step{i}/{name}, as
+  TRL's _generate_and_score_completions made them); out/trl_adapters.npz: the trained adapters by PEFT name."""
+  import numpy as np
+  np.savez(os.path.join(out, "trl_rollouts.npz"),
+           **{f"step{i}/{k}": v for i, rollout in enumerate(rollouts) for k, v in rollout.items()})
+  np.savez(os.path.join(out, "trl_adapters.npz"), **{name: w.detach().cpu().numpy()
+                                                     for name, w in trainer.model.named_parameters() if "lora_" in name})
 
 
 if __name__ == "__main__":
