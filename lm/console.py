@@ -54,7 +54,8 @@ def step_line(step: int, total: int, scalars: dict[str, float], eta_seconds: flo
            f"lr {scalars['learning_rate']:.2e}", f"grad {scalars['grad_norm']:.3f}"]
   if "reward_mean" in scalars:  # GRPO: what it is trained for
     parts += [f"reward {scalars['reward_mean']:.3f}", *([f"kl {scalars['kl']:.4f}"] if "kl" in scalars else []),
-              f"length {scalars['completion_length']:.1f}"]
+              f"length {scalars['completion_length']:.1f}",
+              *([f"ended {scalars['finished']:.2f}"] if "finished" in scalars else [])]
   if "tokens_per_sec" in scalars:
     parts += [f"{scalars['tokens_per_sec']:,.0f} tok/s", f"MFU {100 * scalars['mfu']:.1f}%"]
   if eta_seconds is not None:

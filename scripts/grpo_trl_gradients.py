@@ -2,7 +2,7 @@
 gradient, or the adapters after several optimizer steps.
 
   python scripts/grpo_trl_gradients.py [--import_dir=ckpt/smollm2] [--prompts=4 --generations=4 --tokens=64]
-  python scripts/grpo_trl_gradients.py --steps=4
+  python scripts/grpo_trl_gradients.py --train_steps=4
 
 The import's model (scripts/convert_hf.py import) is exported to a Hugging Face directory; both sides get the
 same adapters (A random as the project initialises it, B random too, so that the policy is off the reference
@@ -13,11 +13,16 @@ some truncated) and the same advantages. TRL's side is tests/trl_reference.py un
 both, the largest difference of the per-token log-probabilities, and the relative error of each adapter's
 gradient (max |ours - theirs| / max |theirs|): whether an optimizer step of the two would be the same.
 
---steps=N: N optimizer steps of each side with configs/imported_grpo.py's optimizer (the project's
+--train_steps=N: N optimizer steps of each side with configs/imported_grpo.py's optimizer (the project's
 `optimizer.make_optimizer`; TRL's Trainer: AdamW, the clip by global norm), from the adapters a run starts
 with (B = 0), a batch of completions per step (its prompts' completions sampled from the base, random
 advantages: the same batches whatever the policy, so that the two can be compared step for step). Prints each
 step's loss of both and how far apart the adapters' changes end (`compare_training`).
+
+--replay=DIR: the batches a TRL run trained on (scripts/trl_grpo.py saves them, with the adapters it started
+and ended with), through the project's update from TRL's starting adapters: each step's loss, how far the
+adapters end from TRL's, and the project's greedy eval of both (the held-out problems of config.train.seed 0,
+all of them read from the run's spec.json: its seed, completion length, held-out problems, optimizer).
 """
 import os
 import sys
@@ -63,6 +68,16 @@ def to_peft(adapters: dict) -> dict[str, np.ndarray]:
         matrix = w.reshape(-1, rank).T if half == "A" else w.reshape(rank, -1).T
         out[peft_name(module, weight, layer, half)] = np.ascontiguousarray(matrix)
   return out
+
+
+def from_peft(peft: dict[str, np.ndarray], like) -> dict:
+  """PEFT's parameters as the project's adapters shaped as `like` (`to_peft`'s inverse)."""
+  def convert(path, leaf):
+    module, name = (k.key for k in path[1:3])
+    weight, half = name[:-len("_lora_a")], name[-1].upper()
+    layers = [peft[peft_name(module, weight, layer, half)].T for layer in range(leaf.shape[0])]
+    return np.stack([m.reshape(leaf.shape[1:]) for m in layers]).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(convert, like)
 
 
 def random_adapters(cfg: ModelConfig, seed: int, b_std: float) -> dict:
@@ -227,9 +242,13 @@ _PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts of the task.")
 _GENERATIONS = flags.DEFINE_integer("generations", 4, "Completions per prompt.")
 _TOKENS = flags.DEFINE_integer("tokens", 64, "Tokens per completion at most.")
 _SEED = flags.DEFINE_integer("seed", 0, "Adapters, advantages and sampling.")
-_STEPS = flags.DEFINE_integer("steps", 0, "0: one step's gradient. N: N optimizer steps of both sides from the "
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "0: one step's gradient. N: N optimizer steps of both sides from the "
                               "adapters a run starts with (B = 0), on a batch of completions each (of the steps' "
-                              "prompts, sampled from the base), and the adapters they end with.", lower_bound=0)
+                              "prompts, sampled from the base), and the adapters they end with. With "
+                              "--replay: its first N steps (0: all).", lower_bound=0)
+_REPLAY = flags.DEFINE_string("replay", "", "A TRL run's directory (scripts/trl_grpo.py's out: trl_init.npz, "
+                              "trl_rollouts.npz, trl_adapters.npz; scripts/benchmark_grpo_trl.py's --workdir): "
+                              "replay its rollouts through the project's update.")
 
 
 def sampled_steps(config, task, base, count: int) -> list[dict]:
@@ -251,6 +270,61 @@ def sampled_steps(config, task, base, count: int) -> list[dict]:
   return steps
 
 
+def trl_rollouts(path: str) -> list[dict]:
+  """The batches a TRL run trained on (scripts/trl_grpo.py's trl_rollouts.npz), one per step, unpadded."""
+  saved = np.load(path)
+  steps = []
+  for i in range(len([k for k in saved if k.endswith("/advantages")])):
+    prompts, prompt_mask, completions, completion_mask = (saved[f"step{i}/{k}"] for k in (
+        "prompt_ids", "prompt_mask", "completion_ids", "completion_mask"))
+    steps.append({"prompts": [p[m.astype(bool)].tolist() for p, m in zip(prompts, prompt_mask)],
+                  "completions": [c[m.astype(bool)].tolist() for c, m in zip(completions, completion_mask)],
+                  "advantages": saved[f"step{i}/advantages"].astype(np.float32)})
+  return steps
+
+
+def greedy_eval(config, task, base, adapters) -> dict:
+  """The project's greedy eval (as `grpo.Sampler.evaluate`) of these adapters on the task's held-out prompts."""
+  cfg, g = config.model, config.grpo
+  ids, lengths, answers = task.prompts("eval", range(g.eval_prompts))
+  new = sampling.generate(lora.fold(lora.merge(base, adapters), cfg), ids, jax.random.key(0),
+                          model=Decoder(dataclasses.replace(cfg, lora_rank=0)),
+                          max_new_tokens=g.max_completion_tokens, sampling=sampling.SamplingConfig(),
+                          stop_ids=task.stop_ids, prompt_lengths_B=lengths)
+  completions, n = grpo.completions_of(np.asarray(new), task.stop_ids)
+  texts = [task.tokenizer.decode([t for t in c if t not in task.stop_ids]) for c in completions]
+  rewards = task.score(texts, list(answers))
+  return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(np.mean(n)),
+          "finished": float(np.mean([bool(c) and c[-1] in task.stop_ids for c in completions]))}
+
+
+def replay(config, tokenizer, base, settings: dict, run: str) -> None:
+  """TRL's rollouts of a run (scripts/trl_grpo.py's files in `run`) through the project's update from TRL's
+  starting adapters: each step's loss, how far the adapters end from TRL's, and both greedy evals. The
+  run's settings (its spec.json, as scripts/benchmark_grpo_trl.py wrote it) replace the config's."""
+  with open(os.path.join(run, "spec.json")) as f:
+    spec = json.load(f)
+  s = spec["settings"]
+  settings = {**settings, **{k: s[k] for k in ("beta", "epsilon", "temperature", "kl_bias_correction") if k in s}}
+  config = dataclasses.replace(
+      config, train=dataclasses.replace(config.train, seed=s["seed"], learning_rate=s["learning_rate"], b1=s["b1"],
+                                        b2=s["b2"], max_grad_norm=s["max_grad_norm"], weight_decay=0.0),
+      grpo=dataclasses.replace(config.grpo, max_completion_tokens=s["completion_tokens"],
+                               eval_prompts=len(spec["eval"])))
+  task = grpo.make_task(config, tokenizer)
+  like = random_adapters(config.model, 0, b_std=0.0)
+  start = dict(np.load(os.path.join(run, "trl_init.npz")))
+  steps = trl_rollouts(os.path.join(run, "trl_rollouts.npz"))[:_TRAIN_STEPS.value or None]
+  ours = project_train(config.model, base, from_peft(start, like), steps, settings, config.train)
+  theirs = {"adapters": dict(np.load(os.path.join(run, "trl_adapters.npz"))), "losses": [float("nan")] * len(steps)}
+  result = compare_training(ours, theirs, start)
+  print(json.dumps({"losses": [round(x, 6) for x in ours["losses"]],
+                    **{k: v for k, v in result.items() if k != "losses"}}, indent=1))
+  print("the project's update on TRL's rollouts, greedy eval:", greedy_eval(config, task, base, from_peft(
+      ours["adapters"], like)))
+  print("TRL's adapters, the same eval:", greedy_eval(config, task, base, from_peft(theirs["adapters"], like)))
+
+
 def main(argv):
   del argv
   from configs import imported_grpo
@@ -262,18 +336,22 @@ def main(argv):
   settings = {"beta": g.beta, "epsilon": g.epsilon, "temperature": g.temperature, "lora_rank": cfg.lora_rank,
               "lora_alpha": cfg.lora_alpha, "kl_bias_correction": g.kl_bias_correction}
   base, _ = param_files.load_params_on_host(_IMPORT.value)
-  task = grpo.make_task(config, corpus.load_tokenizer(config.data, cfg.vocab_size))
+  tokenizer = corpus.load_tokenizer(config.data, cfg.vocab_size)
+  if _REPLAY.value:
+    replay(config, tokenizer, base, settings, _REPLAY.value)
+    return
+  task = grpo.make_task(config, tokenizer)
   out = os.path.abspath(_OUT.value)
   hf_dir = os.path.join(out, "hf")
   if not os.path.exists(os.path.join(hf_dir, "config.json")):
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts/convert_hf.py"), "export",
                     f"--checkpoint={_IMPORT.value}", f"--out={hf_dir}"], check=True, cwd=ROOT)
-  if _STEPS.value:
+  if _TRAIN_STEPS.value:
     adapters = random_adapters(cfg, _SEED.value, b_std=0.0)  # as a run starts: B = 0
-    steps = sampled_steps(config, task, base, _STEPS.value)
+    steps = sampled_steps(config, task, base, _TRAIN_STEPS.value)
     ours = project_train(cfg, base, adapters, steps, settings, config.train)
     theirs = trl_train(hf_dir, out, adapters, steps, settings, config.train)
-    print(f"{_STEPS.value} optimizer steps of {len(steps[0]['completions'])} completions, learning rate "
+    print(f"{_TRAIN_STEPS.value} optimizer steps of {len(steps[0]['completions'])} completions, learning rate "
           f"{config.train.learning_rate:g}")
     print(json.dumps(compare_training(ours, theirs, to_peft(adapters)), indent=1))
     return

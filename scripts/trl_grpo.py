@@ -14,13 +14,15 @@ adapters are initialised as the project's. Greedy
 exact match of the eval problems before and after training, with transformers' generate. Writes out/trl.json:
 {"eval_before", "eval_after": {"exact_match", "finished", "completion_length", "seconds"}, "steps": [{"reward",
 "kl", "completion_length", "seconds", "generation_seconds"}], "versions"}; out/trl_rollouts.npz, what each step
-trained on, and out/trl_adapters.npz, the adapters it ended with (`_save`).
+trained on, out/trl_init.npz and out/trl_adapters.npz, the adapters it started and ended with (`_save`).
 """
 
 import json
 import os
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,6 +98,7 @@ def main(path: str) -> None:
   trainer = trl.GRPOTrainer(model=model, reward_funcs=last_number, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=lora)
   _project_lora_init(trainer.model, s["seed"], torch)
+  np.savez(os.path.join(spec["out"], "trl_init.npz"), **_adapters(trainer.model))
   steps, rollouts = _timed(trainer, transformers)
   trainer.train()
   _save(trainer, rollouts, spec["out"])
@@ -144,14 +147,17 @@ def _timed(trainer, transformers) -> list[dict]:
   return steps, rollouts
 
 
+def _adapters(model) -> dict:
+  return {name: w.detach().cpu().numpy() for name, w in model.named_parameters() if "lora_" in name}
+
+
 def _save(trainer, rollouts: list[dict], out: str) -> None:
   """out/trl_rollouts.npz: each step's prompts, completions, masks and advantages (step{i}/{name}, as
-  TRL's _generate_and_score_completions made them); out/trl_adapters.npz: the trained adapters by PEFT name."""
-  import numpy as np
+  TRL's _generate_and_score_completions made them); out/trl_adapters.npz: the trained adapters by PEFT name
+  (out/trl_init.npz: those it started from). scripts/grpo_trl_gradients.py --replay reads them."""
   np.savez(os.path.join(out, "trl_rollouts.npz"),
            **{f"step{i}/{k}": v for i, rollout in enumerate(rollouts) for k, v in rollout.items()})
-  np.savez(os.path.join(out, "trl_adapters.npz"), **{name: w.detach().cpu().numpy()
-                                                     for name, w in trainer.model.named_parameters() if "lora_" in name})
+  np.savez(os.path.join(out, "trl_adapters.npz"), **_adapters(trainer.model))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def test_grpo_on_two_processes_logs_the_figures_of_one(tmp_path, corpus):
   assert "Sampling:             each process samples and rewards the 4 prompts of its 16 rows" in log
   expected, logged = metrics.read_jsonl(str(one)), metrics.read_jsonl(str(two))
   assert sorted(logged) == [1, 2, 3]
-  exact = ("reward_mean", "reward_std", "completion_length", "reward/exact_answer", "reward/_parity_reward")
+  exact = ("reward_mean", "reward_std", "completion_length", "finished", "flat_groups", "reward/exact_answer",
+           "reward/_parity_reward")
   for step, row in expected.items():
     assert {k: logged[step][k] for k in exact} == {k: row[k] for k in exact}, step
     for figure in ("loss", "kl", "grad_norm"):

@@ -113,8 +113,8 @@ def test_without_old_log_probabilities_the_ratio_is_the_updates_own_held_constan
   figures = grpo.policy_losses(model, params, rows, beta=0.0, epsilon=0.2, temperature=1.0)
   assert "sequence_kl" not in figures and set(figures) == {"sequence_loss", "sequence_tokens", "sequence_clipped"}
   line = console.step_line(3, 10, {"loss": 0.1, "loss_ema": 0.2, "learning_rate": 1e-3, "grad_norm": 1.0,
-                                   "reward_mean": 0.25, "completion_length": 7.5}, None)
-  assert "reward 0.250" in line and "length 7.5" in line and "kl" not in line
+                                   "reward_mean": 0.25, "completion_length": 7.5, "finished": 0.75}, None)
+  assert "reward 0.250" in line and "length 7.5 | ended 0.75" in line and "kl" not in line
 
 
 def test_the_completion_window_gives_the_loss_and_gradient_of_whole_rows():
@@ -264,8 +264,8 @@ def test_a_lora_grpo_run_logs_its_figures_saves_the_adapters_and_resumes(tmp_pat
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
   logged = metrics.read_jsonl(workdir)
   assert sorted(logged) == [1, 2, 3, 4]
-  for figure in ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length",
-                 "reward/exact_answer", "reward/_parity_reward", "grad_norm"):
+  for figure in ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length", "finished",
+                 "flat_groups", "reward/exact_answer", "reward/_parity_reward", "grad_norm"):
     assert all(np.isfinite(row[figure]) for row in logged.values()), figure
   assert logged[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
   assert logged[4]["kl"] > 0 and logged[1]["grad_norm"] > 0  # the adapters moved away from it

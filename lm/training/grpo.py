@@ -273,6 +273,7 @@ class Rollout:
   batch: dict[str, np.ndarray]
   rewards: dict[str, np.ndarray]  # per reward function, per row of the step (every process's)
   lengths: np.ndarray  # completion tokens per row of the step (every process's)
+  finished: np.ndarray  # whether each row's completion ended by itself, with a stop id (every process's)
   seconds: float
 
 
@@ -317,11 +318,13 @@ class Sampler:
           prompt_lengths_B=placed["lengths"])
     return sharding.get_batch(new_BxT, mesh)
 
-  def _complete(self, new_BxT: np.ndarray) -> tuple[list[list[int]], list[str], np.ndarray]:
-    """(each row's completion, its text without the stop ids, its length)."""
+  def _complete(self, new_BxT: np.ndarray) -> tuple[list[list[int]], list[str], dict[str, np.ndarray]]:
+    """(each row's completion, its text without the stop ids, {"lengths", "finished": whether it ended by
+    itself, with a stop id within max_completion_tokens})."""
     completions, lengths = completions_of(new_BxT, self.stop_ids)
     texts = [self.task.tokenizer.decode([t for t in c if t not in self.stop_ids]) for c in completions]
-    return completions, texts, lengths
+    finished = np.asarray([bool(c) and c[-1] in self.stop_ids for c in completions])
+    return completions, texts, {"lengths": lengths, "finished": finished}
 
   def rollout(self, state, reference, step: int) -> Rollout:
     """The completions of rollout `step` (from 0; the optimizer step / num_iterations): its prompts depend
@@ -334,7 +337,7 @@ class Sampler:
     rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
     new_BxT = self._generate(state.model_params, prompts[order // group], prompt_lengths[order // group], rng,
                              self.g.temperature, plan.global_sequences)
-    completions, texts, lengths = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
+    completions, texts, shape = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
     rewards = self.task.score(texts, [answers[p] for p in mine // group])
     batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len,
                      window=self.window)
@@ -344,8 +347,9 @@ class Sampler:
         batch[name] = np.concatenate([
             sharding.get_batch(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh, plan.micro_rows)),
                                self.rt.mesh) for micro in _micro(batch, len(mine) // plan.accumulation_steps)])
-    everyone = gather_rows({"lengths": lengths, **rewards}, mine, plan.global_sequences)
-    return Rollout(batch, {k: everyone[k] for k in rewards}, everyone["lengths"], time.perf_counter() - started)
+    everyone = gather_rows({**shape, **rewards}, mine, plan.global_sequences)
+    return Rollout(batch, {k: everyone[k] for k in rewards}, everyone["lengths"], everyone["finished"],
+                   time.perf_counter() - started)
 
   def _scored_by(self, state, reference) -> list[tuple[str, object]]:
     """The forward passes a rollout needs besides sampling: the sampling policy's log-probabilities only when
@@ -369,11 +373,9 @@ class Sampler:
     prompt_of = np.minimum(mine, count - 1)
     new_BxT = self._generate(state.model_params, prompts[prompt_of], prompt_lengths[prompt_of], jax.random.key(0),
                              0.0, rows)
-    completions, texts, lengths = self._complete(new_BxT)
+    _, texts, shape = self._complete(new_BxT)
     rewards = self.task.score(texts, [answers[p] for p in prompt_of])
-    finished = np.asarray([bool(c) and c[-1] in self.stop_ids for c in completions])
-    everyone = {k: v[:count] for k, v in
-                gather_rows({"lengths": lengths, "finished": finished, **rewards}, mine, rows).items()}
+    everyone = {k: v[:count] for k, v in gather_rows({**shape, **rewards}, mine, rows).items()}
     rewards = {k: everyone[k] for k in rewards}
     return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(everyone["lengths"].mean()),
             "finished": float(everyone["finished"].mean()), **per_reward(rewards)}
@@ -457,7 +459,9 @@ class GRPO:
     out = self._rollout
     total = sum(out.rewards.values())
     figures = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
-               "completion_length": float(out.lengths.mean()), "generation_seconds": out.seconds,
+               "completion_length": float(out.lengths.mean()), "finished": float(out.finished.mean()),
+               "flat_groups": float(np.mean(np.ptp(total.reshape(-1, self.g.num_generations), axis=1) == 0)),
+               "generation_seconds": out.seconds,
                **per_reward(out.rewards)}
     return batching.micro_batches(out.batch, self.rt.plan), figures
 
