@@ -23,6 +23,16 @@ step's loss of both and how far apart the adapters' changes end (`compare_traini
 and ended with), through the project's update from TRL's starting adapters: each step's loss, how far the
 adapters end from TRL's, and the project's greedy eval of both (the held-out problems of config.train.seed 0,
 all of them read from the run's spec.json: its seed, completion length, held-out problems, optimizer).
+
+--sampling=DIR: whether a TRL run's completions were drawn from the policy that sampled them (its adapters at
+the step's start, scripts/trl_grpo.py's trl_policies.npz) at the temperature: per step, the mean over the
+completion tokens of log p(token) + H, the entropy of the token's distribution (the project's forward pass).
+Tokens drawn from the distribution make it 0 in expectation; the standard error comes with it.
+
+--loop=N: N optimizer steps of the project's own GRPO loop (`train.train_and_evaluate` of configs/imported_grpo.py
+with --prompts, --generations, --tokens, --seed), each step's rollout and the adapters that sampled it recorded:
+the same figure for the project's sampler, and the adapters the loop ends with against `project_train`'s (the
+update checked against TRL's above) from the loop's first adapters on the loop's own rollouts.
 """
 import os
 import sys
@@ -42,8 +52,9 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from lm.config import ModelConfig, TrainConfig  # noqa: E402
+from lm.data import batching  # noqa: E402
 from lm.model import lora, sampling  # noqa: E402
-from lm.model.decoder import Decoder  # noqa: E402
+from lm.model.decoder import Decoder, output_logits, output_weight  # noqa: E402
 from lm.training import grpo, optimizer, train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,16 +107,21 @@ def random_adapters(cfg: ModelConfig, seed: int, b_std: float) -> dict:
   return jax.tree_util.tree_map_with_path(draw, adapters)
 
 
+def left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts as `grpo.assemble` takes them: left-padded with 0 to the longest [B, width], and their lengths."""
+  lengths = np.asarray([len(p) for p in prompts])
+  padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
+  for row, p in zip(padded, prompts):
+    row[len(row) - len(p):] = p
+  return padded, lengths
+
+
 def step_batch(cfg: ModelConfig, base, adapters, prompts: list[list[int]], completions: list[list[int]],
                advantages, settings: dict) -> dict:
   """These completions as a rollout hands them to the update (one micro-batch): `grpo.assemble` with the
   logits of the completions' positions alone (`logit_positions`), the reference's log-probabilities (the
   base: the adapters at zero) and the advantages."""
-  lengths = np.asarray([len(p) for p in prompts])
-  width = int(lengths.max())
-  padded = np.zeros((len(prompts), width), np.int32)
-  for row, p in zip(padded, prompts):
-    row[width - len(p):] = p
+  padded, lengths = left_padded(prompts)
   seq_len = int(max(len(p) + len(c) for p, c in zip(prompts, completions)))
   batch = grpo.assemble(padded, lengths, completions, seq_len, window=max(len(c) for c in completions))
   zeros = jax.tree.map(jnp.zeros_like, adapters)
@@ -249,6 +265,10 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "0: one step's gradient. N
 _REPLAY = flags.DEFINE_string("replay", "", "A TRL run's directory (scripts/trl_grpo.py's out: trl_init.npz, "
                               "trl_rollouts.npz, trl_adapters.npz; scripts/benchmark_grpo_trl.py's --workdir): "
                               "replay its rollouts through the project's update.")
+_LOOP = flags.DEFINE_integer("loop", 0, "N: N steps of the project's GRPO loop, its rollouts checked against the "
+                             "policy that sampled them and its update against project_train's.", lower_bound=0)
+_SAMPLING = flags.DEFINE_string("sampling", "", "A TRL run's directory: the log-probabilities of each step's sampled "
+                                "tokens under the policy that sampled them, against minus the entropy.")
 
 
 def sampled_steps(config, task, base, count: int) -> list[dict]:
@@ -298,6 +318,99 @@ def greedy_eval(config, task, base, adapters) -> dict:
           "finished": float(np.mean([bool(c) and c[-1] in task.stop_ids for c in completions]))}
 
 
+@functools.cache
+def _token_entropies(cfg: ModelConfig, temperature: float):
+  """(log p of each position's next token, the entropy of the position's distribution, the variance of log p
+  under it) [B, L], of the logits / temperature."""
+  model = Decoder(cfg)
+
+  def run(params, batch):
+    x = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
+                    method=Decoder.hidden)
+    logp = jax.nn.log_softmax(output_logits(x, output_weight(params, cfg), cfg) / temperature, axis=-1)
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(p * logp, axis=-1)
+    drawn = jnp.take_along_axis(logp, batching.targets(batch["tokens"])[..., None], axis=-1)[..., 0]
+    return drawn, entropy, jnp.sum(p * logp ** 2, axis=-1) - entropy ** 2
+  return jax.jit(run)
+
+
+def sampling_bias(cfg: ModelConfig, params, step: dict, temperature: float, rows: int = 8) -> dict:
+  """The mean over a step's completion tokens of log p(token) + H under `params` at `temperature` (0 in
+  expectation for tokens drawn from that distribution), its standard error and the token count."""
+  prompts, completions = step["prompts"], step["completions"]
+  padded, lengths = left_padded(prompts)
+  batch = grpo.assemble(padded, lengths, completions, int(max(map(len, prompts)) + max(map(len, completions))))
+  total, variance, count = 0.0, 0.0, 0
+  for start in range(0, len(completions), rows):
+    part = {k: v[start:start + rows] for k, v in batch.items()}
+    drawn, entropy, var = (np.asarray(x, np.float64) for x in _token_entropies(cfg, temperature)(params, part))
+    mask = part["mask"]
+    total, variance, count = total + np.sum((drawn + entropy)[mask]), variance + np.sum(var[mask]), count + mask.sum()
+  return {"bias": total / count, "standard_error": variance ** 0.5 / count, "tokens": int(count)}
+
+
+def sampling_check(config, base, run: str) -> None:
+  """`sampling_bias` of each step of a TRL run (`--sampling`), under the adapters that sampled it."""
+  like = random_adapters(config.model, 0, b_std=0.0)
+  policies = np.load(os.path.join(run, "trl_policies.npz"))
+  for i, step in enumerate(trl_rollouts(os.path.join(run, "trl_rollouts.npz"))):
+    adapters = from_peft({k.partition("/")[2]: policies[k] for k in policies if k.startswith(f"step{i}/")}, like)
+    figures = sampling_bias(config.model, lora.merge(base, adapters), step, config.grpo.temperature)
+    print(f"step {i}: log p + H = {figures['bias']:+.4f} +- {figures['standard_error']:.4f} over {figures['tokens']} "
+          "sampled tokens", flush=True)
+
+
+def recorded_loop(config, workdir: str) -> list[dict]:
+  """Each step of the project's GRPO loop (`train.train_and_evaluate` of `config`, in a fresh `workdir`): its
+  rollout as it was trained on ({"prompts", "completions", "advantages"}) and the adapters that sampled it."""
+  import shutil
+  from lm.training import train
+  shutil.rmtree(workdir, ignore_errors=True)  # a run from the start, not a resumed one
+  recorded, batch = [], grpo.GRPO.batch
+
+  def recording(kind, step, state):
+    adapters = jax.tree.map(np.asarray, state.params)
+    out = batch(kind, step, state)
+    rows = kind._rollout.batch
+    starts = [int(np.flatnonzero(m)[0]) + 1 for m in rows["mask"]]  # each completion's first position
+    recorded.append({"adapters": adapters, "advantages": rows["advantages"],
+                     "prompts": [t[:p].tolist() for t, p in zip(rows["tokens"], starts)],
+                     "completions": [t[p:p + m.sum()].tolist() for t, p, m in zip(rows["tokens"], starts, rows["mask"])]})
+    return out
+  grpo.GRPO.batch = recording
+  try:
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  finally:
+    grpo.GRPO.batch = batch
+  return recorded
+
+
+def loop_check(base, settings: dict, workdir: str) -> None:
+  """`--loop`: N + 1 steps of the project's loop recorded (the last one's adapters are those after N updates);
+  each rollout's `sampling_bias` under the adapters that sampled it; the loop's adapters after N steps against
+  `project_train`'s on the loop's first N rollouts."""
+  from configs import imported_grpo
+  from lm.config import from_config_dict
+  steps, c = _LOOP.value, imported_grpo.get_config(_IMPORT.value)
+  c.grpo.num_generations, c.grpo.max_completion_tokens, c.grpo.eval_prompts = _GENERATIONS.value, _TOKENS.value, 4
+  c.train.micro_batch_size, c.train.gradient_accumulation_steps = _PROMPTS.value * _GENERATIONS.value, 1
+  c.train.seq_len, c.train.seed, c.train.num_train_steps = 64 + _TOKENS.value, _SEED.value, steps + 1
+  c.train.save_interval_steps = c.train.eval_interval_steps = steps + 1
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  config = from_config_dict(c)
+  recorded = recorded_loop(config, workdir)
+  for i, step in enumerate(recorded[:steps]):
+    figures = sampling_bias(config.model, lora.merge(base, step["adapters"]), step, config.grpo.temperature)
+    print(f"loop step {i}: log p + H = {figures['bias']:+.4f} +- {figures['standard_error']:.4f} over "
+          f"{figures['tokens']} sampled tokens", flush=True)
+  ours = project_train(config.model, base, recorded[0]["adapters"], recorded[:steps], settings, config.train)
+  result = compare_training(ours, {"adapters": to_peft(recorded[steps]["adapters"]), "losses": ours["losses"]},
+                            to_peft(recorded[0]["adapters"]))
+  print(f"the loop's adapters after {steps} steps against project_train's on the loop's rollouts: relative error "
+        f"{result['change_relative_error']:.2e} of a change of norm {result['change_norm']:.3f}")
+
+
 def replay(config, tokenizer, base, settings: dict, run: str) -> None:
   """TRL's rollouts of a run (scripts/trl_grpo.py's files in `run`) through the project's update from TRL's
   starting adapters: each step's loss, how far the adapters end from TRL's, and both greedy evals. The
@@ -339,6 +452,12 @@ def main(argv):
   tokenizer = corpus.load_tokenizer(config.data, cfg.vocab_size)
   if _REPLAY.value:
     replay(config, tokenizer, base, settings, _REPLAY.value)
+    return
+  if _SAMPLING.value:
+    sampling_check(config, base, _SAMPLING.value)
+    return
+  if _LOOP.value:
+    loop_check(base, settings, os.path.join(os.path.abspath(_OUT.value), "loop"))
     return
   task = grpo.make_task(config, tokenizer)
   out = os.path.abspath(_OUT.value)

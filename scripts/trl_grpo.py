@@ -14,7 +14,8 @@ adapters are initialised as the project's. Greedy
 exact match of the eval problems before and after training, with transformers' generate. Writes out/trl.json:
 {"eval_before", "eval_after": {"exact_match", "finished", "completion_length", "seconds"}, "steps": [{"reward",
 "kl", "completion_length", "seconds", "generation_seconds"}], "versions"}; out/trl_rollouts.npz, what each step
-trained on, out/trl_init.npz and out/trl_adapters.npz, the adapters it started and ended with (`_save`).
+trained on, out/trl_policies.npz, the adapters that sampled each step's completions, out/trl_init.npz and
+out/trl_adapters.npz, the adapters it started and ended with (`_save`).
 """
 
 import json
@@ -99,9 +100,9 @@ def main(path: str) -> None:
                             processing_class=tokenizer, peft_config=lora)
   _project_lora_init(trainer.model, s["seed"], torch)
   np.savez(os.path.join(spec["out"], "trl_init.npz"), **_adapters(trainer.model))
-  steps, rollouts = _timed(trainer, transformers)
+  steps, rollouts, policies = _timed(trainer, transformers)
   trainer.train()
-  _save(trainer, rollouts, spec["out"])
+  _save(trainer, rollouts, policies, spec["out"])
   logged = [h for h in trainer.state.log_history if "reward" in h]
   report["steps"] = [{"reward": h["reward"], "kl": h.get("kl"), "completion_length": h["completions/mean_length"],
                       **t} for h, t in zip(logged, steps)]
@@ -121,13 +122,15 @@ def _project_lora_init(model, seed: int, torch) -> None:
         weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5)
 
 
-def _timed(trainer, transformers) -> list[dict]:
+def _timed(trainer, transformers) -> tuple[list[dict], list[dict], list[dict]]:
   """Per optimizer step: its seconds, and those of generating and scoring its completions (TRL's
-  _generate_and_score_completions: generation, rewards, the reference's log-probabilities)."""
-  steps, generation, rollouts = [], [], []
+  _generate_and_score_completions: generation, rewards, the reference's log-probabilities); the rollout it
+  trained on; the adapters that sampled it."""
+  steps, generation, rollouts, policies = [], [], [], []
   inner = trainer._generate_and_score_completions
 
   def generate_and_score(*args, **kwargs):
+    policies.append(_adapters(trainer.model))  # the adapters that sample this step's completions
     started = time.perf_counter()
     out = inner(*args, **kwargs)
     generation.append(time.perf_counter() - started)
@@ -144,20 +147,24 @@ def _timed(trainer, transformers) -> list[dict]:
       steps.append({"seconds": time.perf_counter() - self.started, "generation_seconds": sum(generation)})
       generation.clear()
   trainer.add_callback(Timer())
-  return steps, rollouts
+  return steps, rollouts, policies
 
 
 def _adapters(model) -> dict:
-  return {name: w.detach().cpu().numpy() for name, w in model.named_parameters() if "lora_" in name}
+  """The LoRA weights by PEFT name, copied (a CPU tensor's .numpy() is a view of the live parameter)."""
+  return {name: w.detach().cpu().numpy().copy() for name, w in model.named_parameters() if "lora_" in name}
 
 
-def _save(trainer, rollouts: list[dict], out: str) -> None:
+def _save(trainer, rollouts: list[dict], policies: list[dict], out: str) -> None:
   """out/trl_rollouts.npz: each step's prompts, completions, masks and advantages (step{i}/{name}, as
-  TRL's _generate_and_score_completions made them); out/trl_adapters.npz: the trained adapters by PEFT name
-  (out/trl_init.npz: those it started from). scripts/grpo_trl_gradients.py --replay reads them."""
+  TRL's _generate_and_score_completions made them); out/trl_policies.npz: the adapters each step's completions
+  were sampled with (step{i}/{name}); out/trl_adapters.npz: the trained adapters by PEFT name (out/trl_init.npz:
+  those it started from). scripts/grpo_trl_gradients.py --replay reads them."""
   np.savez(os.path.join(out, "trl_rollouts.npz"),
            **{f"step{i}/{k}": v for i, rollout in enumerate(rollouts) for k, v in rollout.items()})
   np.savez(os.path.join(out, "trl_adapters.npz"), **_adapters(trainer.model))
+  np.savez(os.path.join(out, "trl_policies.npz"),
+           **{f"step{i}/{k}": v for i, adapters in enumerate(policies) for k, v in adapters.items()})
 
 
 if __name__ == "__main__":

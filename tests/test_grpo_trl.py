@@ -99,3 +99,25 @@ def test_optimizer_steps_end_with_trls_adapters(trained):
     assert mine == pytest.approx(trls, abs=1e-6)
   assert result["change_relative_error"] < 1e-4, result["change_by_weight"]
   assert result["change_norm"] > 0.1  # the steps did move the adapters: the comparison can fail
+
+
+def test_sampling_bias_tells_the_policy_that_sampled(tiny):
+  """scripts/grpo_trl_gradients.py's check that completions were drawn from a policy (log p + H, 0 in
+  expectation): the project's sampler, the adapters folded in, passes under the adapted model at the
+  sampling temperature, and fails at another one."""
+  import jax
+  from lm.model import lora, sampling
+  from lm.model.decoder import Decoder
+  _, base, cfg, eos = tiny
+  params = lora.merge(base, gradients.random_adapters(cfg, seed=2, b_std=0.05))
+  prompts = np.random.default_rng(2).integers(1, 290, (64, 5)).astype(np.int32)
+  new = np.asarray(sampling.generate(lora.fold(params, cfg), prompts, jax.random.key(2),
+                                     model=Decoder(dataclasses.replace(cfg, lora_rank=0)), max_new_tokens=24,
+                                     sampling=sampling.SamplingConfig(temperature=0.7), stop_ids=(eos,)))
+  completions, _ = gradients.grpo.completions_of(new, (eos,))
+  step = {"prompts": prompts.tolist(), "completions": completions}
+  drawn = gradients.sampling_bias(cfg, params, step, temperature=0.7)
+  assert drawn["tokens"] > 1000
+  assert abs(drawn["bias"]) < 4 * drawn["standard_error"], drawn
+  other = gradients.sampling_bias(cfg, params, step, temperature=1.0)  # flatter than the draws: log p + H > 0
+  assert other["bias"] > 6 * other["standard_error"], other
