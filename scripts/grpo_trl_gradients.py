@@ -311,11 +311,10 @@ def greedy_eval(config, task, base, adapters) -> dict:
                           model=Decoder(dataclasses.replace(cfg, lora_rank=0)),
                           max_new_tokens=g.max_completion_tokens, sampling=sampling.SamplingConfig(),
                           stop_ids=task.stop_ids, prompt_lengths_B=lengths)
-  completions, n = grpo.completions_of(np.asarray(new), task.stop_ids)
-  texts = [task.tokenizer.decode([t for t in c if t not in task.stop_ids]) for c in completions]
+  _, texts, shape = grpo.complete(np.asarray(new), task.tokenizer, task.stop_ids)
   rewards = task.score(texts, list(answers))
-  return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(np.mean(n)),
-          "finished": float(np.mean([bool(c) and c[-1] in task.stop_ids for c in completions]))}
+  return {"reward": float(np.mean(sum(rewards.values()))), "completion_length": float(np.mean(shape["lengths"])),
+          "finished": float(np.mean(shape["finished"]))}
 
 
 @functools.cache
@@ -374,9 +373,10 @@ def recorded_loop(config, workdir: str) -> list[dict]:
     out = batch(kind, step, state)
     rows = kind._rollout.batch
     starts = [int(np.flatnonzero(m)[0]) + 1 for m in rows["mask"]]  # each completion's first position
+    tokens, counts = rows["tokens"], rows["mask"].sum(1)
     recorded.append({"adapters": adapters, "advantages": rows["advantages"],
-                     "prompts": [t[:p].tolist() for t, p in zip(rows["tokens"], starts)],
-                     "completions": [t[p:p + m.sum()].tolist() for t, p, m in zip(rows["tokens"], starts, rows["mask"])]})
+                     "prompts": [t[:p].tolist() for t, p in zip(tokens, starts)],
+                     "completions": [t[p:p + n].tolist() for t, p, n in zip(tokens, starts, counts)]})
     return out
   grpo.GRPO.batch = recording
   try:

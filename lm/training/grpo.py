@@ -196,6 +196,16 @@ def completions_of(new_BxT: np.ndarray, stop_ids: tuple[int, ...]) -> tuple[list
   return rows, np.asarray([len(r) for r in rows])
 
 
+def complete(new_BxT: np.ndarray, tokenizer, stop_ids: tuple[int, ...]
+             ) -> tuple[list[list[int]], list[str], dict[str, np.ndarray]]:
+  """Sampled rows as the rewards see them: (each row's completion, its text without the stop ids, {"lengths",
+  "finished": whether it ended by itself, with a stop id within the tokens sampled})."""
+  completions, lengths = completions_of(new_BxT, stop_ids)
+  texts = [tokenizer.decode([t for t in c if t not in stop_ids]) for c in completions]
+  finished = np.asarray([bool(c) and c[-1] in stop_ids for c in completions])
+  return completions, texts, {"lengths": lengths, "finished": finished}
+
+
 def per_reward(rewards: dict[str, np.ndarray]) -> dict[str, float]:
   """Each reward function's mean, logged apart (`reward/<function>`): a rise of the format reward alone shows."""
   return {f"reward/{name.rpartition('.')[2]}": float(v.mean()) for name, v in rewards.items()}
@@ -318,14 +328,6 @@ class Sampler:
           prompt_lengths_B=placed["lengths"])
     return sharding.get_batch(new_BxT, mesh)
 
-  def _complete(self, new_BxT: np.ndarray) -> tuple[list[list[int]], list[str], dict[str, np.ndarray]]:
-    """(each row's completion, its text without the stop ids, {"lengths", "finished": whether it ended by
-    itself, with a stop id within max_completion_tokens})."""
-    completions, lengths = completions_of(new_BxT, self.stop_ids)
-    texts = [self.task.tokenizer.decode([t for t in c if t not in self.stop_ids]) for c in completions]
-    finished = np.asarray([bool(c) and c[-1] in self.stop_ids for c in completions])
-    return completions, texts, {"lengths": lengths, "finished": finished}
-
   def rollout(self, state, reference, step: int) -> Rollout:
     """The completions of rollout `step` (from 0; the optimizer step / num_iterations): its prompts depend
     on the seed and the step, the sampling on the seed, the step and the policy. Every process renders all
@@ -337,7 +339,8 @@ class Sampler:
     rng = jax.random.fold_in(jax.random.key(self.rt.config.train.seed), step)
     new_BxT = self._generate(state.model_params, prompts[order // group], prompt_lengths[order // group], rng,
                              self.g.temperature, plan.global_sequences)
-    completions, texts, shape = self._complete(new_BxT[np.argsort(order)])  # in the step's order: mine
+    # in the step's order: this process's rows
+    completions, texts, shape = complete(new_BxT[np.argsort(order)], self.task.tokenizer, self.stop_ids)
     rewards = self.task.score(texts, [answers[p] for p in mine // group])
     batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len,
                      window=self.window)
@@ -373,7 +376,7 @@ class Sampler:
     prompt_of = np.minimum(mine, count - 1)
     new_BxT = self._generate(state.model_params, prompts[prompt_of], prompt_lengths[prompt_of], jax.random.key(0),
                              0.0, rows)
-    _, texts, shape = self._complete(new_BxT)
+    _, texts, shape = complete(new_BxT, self.task.tokenizer, self.stop_ids)
     rewards = self.task.score(texts, [answers[p] for p in prompt_of])
     everyone = {k: v[:count] for k, v in gather_rows({**shape, **rewards}, mine, rows).items()}
     rewards = {k: everyone[k] for k in rewards}
