@@ -350,12 +350,15 @@ def sampling_bias(cfg: ModelConfig, params, step: dict, temperature: float, rows
 
 
 def sampling_check(config, base, run: str) -> None:
-  """`sampling_bias` of each step of a TRL run (`--sampling`), under the adapters that sampled it."""
+  """`sampling_bias` of each step of a TRL run (`--sampling`), under the adapters that sampled it, at the run's
+  temperature (its spec.json)."""
+  with open(os.path.join(run, "spec.json")) as f:
+    temperature = json.load(f)["settings"]["temperature"]
   like = random_adapters(config.model, 0, b_std=0.0)
   policies = np.load(os.path.join(run, "trl_policies.npz"))
   for i, step in enumerate(trl_rollouts(os.path.join(run, "trl_rollouts.npz"))):
     adapters = from_peft({k.partition("/")[2]: policies[k] for k in policies if k.startswith(f"step{i}/")}, like)
-    figures = sampling_bias(config.model, lora.merge(base, adapters), step, config.grpo.temperature)
+    figures = sampling_bias(config.model, lora.merge(base, adapters), step, temperature)
     print(f"step {i}: log p + H = {figures['bias']:+.4f} +- {figures['standard_error']:.4f} over {figures['tokens']} "
           "sampled tokens", flush=True)
 
