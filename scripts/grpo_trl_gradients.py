@@ -290,17 +290,22 @@ def sampled_steps(config, task, base, count: int) -> list[dict]:
   return steps
 
 
+def by_step(path: str) -> list[dict[str, np.ndarray]]:
+  """An .npz of scripts/trl_grpo.py keyed step{i}/{name} (`_by_step`): each step's arrays by name, in order."""
+  steps = {}
+  with np.load(path) as saved:
+    for key in saved.files:
+      step, _, name = key.partition("/")
+      steps.setdefault(int(step[len("step"):]), {})[name] = saved[key]
+  return [steps[i] for i in range(len(steps))]
+
+
 def trl_rollouts(path: str) -> list[dict]:
   """The batches a TRL run trained on (scripts/trl_grpo.py's trl_rollouts.npz), one per step, unpadded."""
-  saved = np.load(path)
-  steps = []
-  for i in range(len([k for k in saved if k.endswith("/advantages")])):
-    prompts, prompt_mask, completions, completion_mask = (saved[f"step{i}/{k}"] for k in (
-        "prompt_ids", "prompt_mask", "completion_ids", "completion_mask"))
-    steps.append({"prompts": [p[m.astype(bool)].tolist() for p, m in zip(prompts, prompt_mask)],
-                  "completions": [c[m.astype(bool)].tolist() for c, m in zip(completions, completion_mask)],
-                  "advantages": saved[f"step{i}/advantages"].astype(np.float32)})
-  return steps
+  return [{"prompts": [p[m.astype(bool)].tolist() for p, m in zip(saved["prompt_ids"], saved["prompt_mask"])],
+           "completions": [c[m.astype(bool)].tolist()
+                           for c, m in zip(saved["completion_ids"], saved["completion_mask"])],
+           "advantages": saved["advantages"].astype(np.float32)} for saved in by_step(path)]
 
 
 def greedy_eval(config, task, base, adapters) -> dict:
@@ -355,9 +360,9 @@ def sampling_check(config, base, run: str) -> None:
   with open(os.path.join(run, "spec.json")) as f:
     temperature = json.load(f)["settings"]["temperature"]
   like = random_adapters(config.model, 0, b_std=0.0)
-  policies = np.load(os.path.join(run, "trl_policies.npz"))
-  for i, step in enumerate(trl_rollouts(os.path.join(run, "trl_rollouts.npz"))):
-    adapters = from_peft({k.partition("/")[2]: policies[k] for k in policies if k.startswith(f"step{i}/")}, like)
+  policies = by_step(os.path.join(run, "trl_policies.npz"))
+  for i, (step, policy) in enumerate(zip(trl_rollouts(os.path.join(run, "trl_rollouts.npz")), policies)):
+    adapters = from_peft(policy, like)
     figures = sampling_bias(config.model, lora.merge(base, adapters), step, temperature)
     print(f"step {i}: log p + H = {figures['bias']:+.4f} +- {figures['standard_error']:.4f} over {figures['tokens']} "
           "sampled tokens", flush=True)

@@ -160,11 +160,14 @@ def _save(trainer, rollouts: list[dict], policies: list[dict], out: str) -> None
   TRL's _generate_and_score_completions made them); out/trl_policies.npz: the adapters each step's completions
   were sampled with (step{i}/{name}); out/trl_adapters.npz: the trained adapters by PEFT name (out/trl_init.npz:
   those it started from). scripts/grpo_trl_gradients.py --replay reads them."""
-  np.savez(os.path.join(out, "trl_rollouts.npz"),
-           **{f"step{i}/{k}": v for i, rollout in enumerate(rollouts) for k, v in rollout.items()})
+  np.savez(os.path.join(out, "trl_rollouts.npz"), **_by_step(rollouts))
   np.savez(os.path.join(out, "trl_adapters.npz"), **_adapters(trainer.model))
-  np.savez(os.path.join(out, "trl_policies.npz"),
-           **{f"step{i}/{k}": v for i, adapters in enumerate(policies) for k, v in adapters.items()})
+  np.savez(os.path.join(out, "trl_policies.npz"), **_by_step(policies))
+
+
+def _by_step(steps: list[dict]) -> dict:
+  """One array per step and name, keyed step{i}/{name} (scripts/grpo_trl_gradients.py's `by_step` reads them)."""
+  return {f"step{i}/{k}": v for i, arrays in enumerate(steps) for k, v in arrays.items()}
 
 
 if __name__ == "__main__":
