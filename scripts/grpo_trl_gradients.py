@@ -55,40 +55,11 @@ from lm.config import ModelConfig, TrainConfig  # noqa: E402
 from lm.data import batching  # noqa: E402
 from lm.model import lora, sampling  # noqa: E402
 from lm.model.decoder import Decoder, output_logits, output_weight  # noqa: E402
+from lm.tools.hf import from_peft, to_peft  # noqa: E402
 from lm.training import grpo, optimizer, train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.path.join(ROOT, ".venv-hf", "bin", "python")
-_HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
-
-
-def peft_name(module: str, weight: str, layer: int, half: str) -> str:
-  return f"base_model.model.model.layers.{layer}.{_HF_MODULE[module]}.{weight}.lora_{half}.default.weight"
-
-
-def to_peft(adapters: dict) -> dict[str, np.ndarray]:
-  """The project's adapters (scanned layers: [layers, *in, rank] and [layers, rank, *out]) as PEFT's
-  parameters: lora_A [rank, in], lora_B [out, rank] per layer."""
-  out = {}
-  for module, weights in adapters["layers"].items():
-    for name, value in weights.items():
-      weight, half = name[:-len("_lora_a")], name[-1].upper()
-      value = np.asarray(value, np.float32)
-      for layer, w in enumerate(value):
-        rank = w.shape[-1] if half == "A" else w.shape[0]
-        matrix = w.reshape(-1, rank).T if half == "A" else w.reshape(rank, -1).T
-        out[peft_name(module, weight, layer, half)] = np.ascontiguousarray(matrix)
-  return out
-
-
-def from_peft(peft: dict[str, np.ndarray], like) -> dict:
-  """PEFT's parameters as the project's adapters shaped as `like` (`to_peft`'s inverse)."""
-  def convert(path, leaf):
-    module, name = (k.key for k in path[1:3])
-    weight, half = name[:-len("_lora_a")], name[-1].upper()
-    layers = [peft[peft_name(module, weight, layer, half)].T for layer in range(leaf.shape[0])]
-    return np.stack([m.reshape(leaf.shape[1:]) for m in layers]).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(convert, like)
 
 
 def random_adapters(cfg: ModelConfig, seed: int, b_std: float) -> dict:

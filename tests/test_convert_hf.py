@@ -445,3 +445,22 @@ def test_reading_a_step_logs_no_missing_metadata_warning(small_qwen3, tmp_path, 
   from absl import logging
   logging.warning("Metadata file does not exist: %s", "elsewhere/_CHECKPOINT_METADATA")  # others still pass
   assert "Metadata file does not exist: elsewhere" in caplog.text
+
+
+def test_lora_adapters_round_trip_through_peft_names():
+  """Every adapter of a LoRA model becomes one PEFT matrix per layer (lora_A [rank, in], lora_B [out, rank])
+  and comes back unchanged."""
+  from flax import linen as nn
+
+  from lm.model import lora
+  cfg = tiny_model(lora_rank=4, lora_alpha=8.0)
+  params = Decoder(cfg).init(jax.random.key(0), *(jnp.zeros((1, 4), jnp.int32),) * 3)["params"]
+  adapters = jax.tree.map(np.asarray, lora.split(nn.unbox(params))[1])
+  adapters = jax.tree.map(lambda a: np.random.default_rng(a.size).standard_normal(a.shape).astype(np.float32), adapters)
+  peft = hf.to_peft(adapters)
+  assert len(peft) == 2 * 7 * cfg.num_layers  # A and B of q, k, v, o, gate, up, down in every layer
+  q_a = peft["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+  down_b = peft["base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"]
+  assert q_a.shape == (4, cfg.d_model) and down_b.shape == (cfg.d_model, 4)
+  back = hf.from_peft(peft, adapters)
+  jax.tree.map(np.testing.assert_array_equal, back, adapters)

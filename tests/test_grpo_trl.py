@@ -11,6 +11,7 @@ import pytest
 from configs import base as base_config
 from lm.checkpoints import param_files
 from lm.config import from_config_dict
+from lm.tools import hf
 from tests.helpers import load_script
 from tests.test_convert_hf import HF_PYTHON, OURS, convert, ours_config, random_params, write_hf_tokenizer
 
@@ -71,7 +72,7 @@ def trained(tiny):
                                   warmup_steps=0, schedule="constant", weight_decay=0.1, max_grad_norm=0.05)
   ours = gradients.project_train(cfg, base, adapters, steps, SETTINGS, train_cfg)
   theirs = gradients.trl_train(str(root / "hf"), str(root / "trl_train"), adapters, steps, SETTINGS, train_cfg)
-  return ours, theirs, gradients.to_peft(adapters)
+  return ours, theirs, hf.to_peft(adapters)
 
 
 def test_the_loss_log_probabilities_and_gradient_are_trls(step):

@@ -444,3 +444,38 @@ def write_tensors(hf_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: 
   total = sum(t.nbytes for t in tensors.values())
   with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA adapters as PEFT names them (a PeftModel of a CausalLM with the default adapter)
+
+_PEFT_MODULE = {"attn": "self_attn", "mlp": "mlp"}
+
+
+def peft_name(module: str, weight: str, layer: int, half: str) -> str:
+  return f"base_model.model.model.layers.{layer}.{_PEFT_MODULE[module]}.{weight}.lora_{half}.default.weight"
+
+
+def to_peft(adapters: dict) -> dict[str, np.ndarray]:
+  """The project's adapters (scanned layers: [layers, *in, rank] and [layers, rank, *out]) as PEFT's
+  parameters: lora_A [rank, in], lora_B [out, rank] per layer."""
+  out = {}
+  for module, weights in adapters["layers"].items():
+    for name, value in weights.items():
+      weight, half = name[:-len("_lora_a")], name[-1].upper()
+      value = np.asarray(value, np.float32)
+      for layer, w in enumerate(value):
+        rank = w.shape[-1] if half == "A" else w.shape[0]
+        matrix = w.reshape(-1, rank).T if half == "A" else w.reshape(rank, -1).T
+        out[peft_name(module, weight, layer, half)] = np.ascontiguousarray(matrix)
+  return out
+
+
+def from_peft(peft: Mapping[str, np.ndarray], like: dict) -> dict:
+  """PEFT's parameters as the project's adapters shaped as `like` (`to_peft`'s inverse)."""
+  def convert(module: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    weight, half = name[:-len("_lora_a")], name[-1].upper()
+    layers = [peft[peft_name(module, weight, layer, half)].T for layer in range(shape[0])]
+    return np.stack([m.reshape(shape[1:]) for m in layers]).astype(np.float32)
+  return {"layers": {module: {name: convert(module, name, tuple(leaf.shape)) for name, leaf in weights.items()}
+                     for module, weights in like["layers"].items()}}
