@@ -14,6 +14,15 @@ after. Prints the side-by-side table: exact match before/after, the share of com
 themselves, the KL at the end, seconds per step (medians after the first), completions/s of generation and of
 the update. The two run one after the other, each on all the machine's cores; figures are written to
 WORKDIR/summary.json.
+
+--common_draws: a paired comparison. Each side's single run differs from the other's by the luck of its
+sampling as much as by anything else (on one seed, another sampling stream moved the rise by 0.03-0.05). With
+this flag both start from the project's initial adapters (TRL's are copied from them) and draw token i of
+completion r of step s by inverse-CDF sampling from the same uniform number, WORKDIR/common_draws.npy[s, i, r]:
+the project's sampler through a host callback in place of its Gumbel draw, TRL's in place of torch.multinomial.
+Both are exact draws from the policy at the temperature. Two implementations of the same algorithm then
+sample the same completions as long as their policies agree to rounding, and part only where rounding flips a
+draw; the per-step lengths and rewards show where.
 """
 
 import os
@@ -41,6 +50,8 @@ _BETA = flags.DEFINE_float("beta", 0.04, "Weight of the KL penalty to the import
 _SEED = flags.DEFINE_integer("seed", 0, "config.train.seed of both sides: the problems (training and held-out), "
                              "the adapters' initialisation and the sampling. Repeat the benchmark with several "
                              "seeds (and a --workdir each) to tell a difference from the spread of single runs.")
+_COMMON = flags.DEFINE_bool("common_draws", False, "Both sides start from the same adapters and sample with the "
+                            "same uniform numbers (see above): a paired comparison.")
 _ONLY = flags.DEFINE_enum("only", "both", ["both", "project", "trl"], "Run one side (the other's figures are "
                           "read from WORKDIR when there).")
 
@@ -61,17 +72,103 @@ def project_config(seq_len: int):
   return from_config_dict(c)
 
 
-def run_project(config, workdir: str) -> dict:
-  """The project's run (main.py's training, in this process) and its figures from metrics.jsonl."""
+def run_project(config, workdir: str, draws=None) -> dict:
+  """The project's run (main.py's training, in this process) and its figures from metrics.jsonl; with `draws`
+  (`common_draws`), its completions sampled from them."""
   import jax
   from lm.training import metrics, train
+  sampled = drawing_from(draws) if draws is not None else []
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  if sampled:
+    import numpy as np
+    np.savez(os.path.join(os.path.dirname(workdir), "project_rollouts.npz"),
+             **{f"step{i}/new_tokens": new for i, new in enumerate(sampled)})
   steps, evals = metrics.read_jsonl(workdir), metrics.read_jsonl(workdir, "eval")
   first, last = evals[0], evals[max(evals)]
   return {"eval_before": _project_eval(first), "eval_after": _project_eval(last),
           "steps": [{"reward": r["reward_mean"], "kl": r.get("kl"), "completion_length": r["completion_length"],
                      "seconds": r.get("step_time"), "generation_seconds": r["generation_seconds"]}
                     for _, r in sorted(steps.items())]}
+
+
+def common_draws(seed: int, steps: int, tokens: int, rows: int):
+  """Uniform numbers in [0, 1), [steps, tokens, rows]: those of token i of row r of step s's completions."""
+  import numpy as np
+  return np.random.default_rng([seed, 0xD2A5]).random((steps, tokens, rows), dtype=np.float32)
+
+
+def inverse_cdf(probs_BxV, u_B):
+  """The token whose cumulative probability first exceeds u of the total: a draw from probs when u is uniform
+  (scripts/trl_grpo.py draws TRL's tokens with the same formula)."""
+  import jax.numpy as jnp
+  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+  token_B = jnp.sum(cdf_BxV <= u_B[:, None] * cdf_BxV[:, -1:], axis=-1)
+  return jnp.minimum(token_B, probs_BxV.shape[-1] - 1).astype(jnp.int32)
+
+
+def drawing_from(draws) -> list:
+  """The project's sampler (lm.model.sampling.next_token, at a temperature) drawing each token from `draws`:
+  the rollouts' generate calls in order, each from its first token, through an ordered host callback. Returns
+  the list to which each rollout's new tokens [rows, completion tokens] are added."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import io_callback
+  from lm.model import sampling
+  from lm.training import grpo
+  at = {"step": -1, "token": 0}
+
+  def uniforms() -> np.ndarray:
+    at["token"] += 1
+    return draws[at["step"], at["token"] - 1]
+
+  gumbel = sampling.next_token
+
+  def next_token(logits_BxV, rng, cfg):
+    if cfg.temperature == 0:  # the greedy eval
+      return gumbel(logits_BxV, rng, cfg)
+    u_B = io_callback(uniforms, jax.ShapeDtypeStruct(logits_BxV.shape[:1], jnp.float32),
+                                       ordered=True)
+    return inverse_cdf(jax.nn.softmax(logits_BxV.astype(jnp.float32) / cfg.temperature, axis=-1), u_B)
+
+  rollout, sampled = grpo.Sampler._generate, []
+
+  def generate(self, params, prompts_BxP, lengths_B, rng, temperature: float, rows: int):
+    if temperature == 0:
+      return rollout(self, params, prompts_BxP, lengths_B, rng, temperature, rows)
+    at["step"], at["token"] = at["step"] + 1, 0
+    sampled.append(rollout(self, params, prompts_BxP, lengths_B, rng, temperature, rows))
+    return sampled[-1]
+  sampling.next_token, grpo.Sampler._generate = next_token, generate
+  return sampled
+
+
+def initial_adapters(config) -> dict:
+  """The adapters the project's run starts from (its seed's), by PEFT name."""
+  import jax
+  from lm.model import sharding
+  from lm.tools import hf
+  from lm.training import runtime
+  rt = runtime.setup(config, jax.devices()[:1])
+  with sharding.activate(rt.mesh):
+    adapters = jax.jit(lambda rng: sharding.strip_boxes(runtime.trainable(rt.init_params(rng), config.model)[0]))(
+        rt.rng)
+  return hf.to_peft(jax.tree.map(jax.device_get, adapters))
+
+
+def same_completions(workdir: str, stop_ids: tuple[int, ...]) -> list[float]:
+  """Per step, the share of completions the two sides sampled token for token alike (--common_draws: the
+  project's completions, its new tokens up to their first stop id, against TRL's within its mask)."""
+  import numpy as np
+  from lm.training import grpo
+  ours, theirs = (np.load(os.path.join(workdir, f"{side}_rollouts.npz")) for side in ("project", "trl"))
+  shares = []
+  for step in range(len(ours.files)):
+    mine, _ = grpo.completions_of(ours[f"step{step}/new_tokens"], stop_ids)
+    trl = [ids[:int(m.sum())].tolist() for ids, m in zip(theirs[f"step{step}/completion_ids"],
+                                                          theirs[f"step{step}/completion_mask"])]
+    shares.append(sum(a == b for a, b in zip(mine, trl)) / len(mine))
+  return shares
 
 
 def _project_eval(row: dict) -> dict:
@@ -99,6 +196,14 @@ def trl_spec(config, hf_dir: str, out: str) -> dict:
                        "temperature": g.temperature, "lora_rank": config.model.lora_rank,
                        "lora_alpha": config.model.lora_alpha, "b1": t.b1,
                        "b2": t.b2, "max_grad_norm": t.max_grad_norm, "seed": t.seed, "threads": os.cpu_count()}}
+
+
+def paired(spec: dict, config, workdir: str) -> dict:
+  """`spec` with the project's initial adapters (WORKDIR/project_init.npz) and the common draws for TRL."""
+  import numpy as np
+  np.savez(os.path.join(workdir, "project_init.npz"), **initial_adapters(config))
+  return {**spec, "init_adapters": os.path.join(workdir, "project_init.npz"),
+          "draws": os.path.join(workdir, "common_draws.npy")}
 
 
 def run_trl(spec: dict, out: str) -> dict:
@@ -138,33 +243,54 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   config = project_config(seq_len=64 + _TOKENS.value)  # the chat prompts are at most 64 tokens
+  draws = None
+  if _COMMON.value:
+    import numpy as np
+    draws = common_draws(_SEED.value, _STEPS.value, _TOKENS.value, _PROMPTS.value * _GENERATIONS.value)
+    np.save(os.path.join(workdir, "common_draws.npy"), draws)
+  results = run_sides(config, workdir, draws)
+  completions = _PROMPTS.value * _GENERATIONS.value
+  table = {side: summary(r, completions) for side, r in results.items()}
+  alike = None
+  if _COMMON.value and len(results) == 2:
+    from lm.data import corpus
+    from lm.training import grpo
+    alike = same_completions(workdir, grpo.make_task(config, corpus.load_tokenizer(
+        config.data, config.model.vocab_size)).stop_ids)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({**table, **({"completions sampled alike, per step": alike} if alike else {})}, f, indent=1)
+  print(f"\nGRPO on {_IMPORT.value}: {_STEPS.value} steps x {_PROMPTS.value} prompts x {_GENERATIONS.value} "
+        f"generations, <= {_TOKENS.value} tokens, temperature {_TEMPERATURE.value:g}, lr {_LR.value:g}, beta "
+        f"{_BETA.value:g}; greedy exact match on {_EVAL.value} held-out problems"
+        + (" (common draws)" if _COMMON.value else ""))
+  print("| figure | " + " | ".join(table) + " |\n|---|" + "---|" * len(table))
+  for figure in next(iter(table.values())):
+    print(f"| {figure} | " + " | ".join(_cell(t[figure]) for t in table.values()) + " |")
+  if alike:
+    print("completions sampled alike on both sides, per step: " + " ".join(f"{share:.3f}" for share in alike))
+  for side, r in results.items():
+    print(f"{side} train rewards per step: " + " ".join(f"{s['reward']:.3f}" for s in r["steps"]))
+    print(f"{side} mean completion length per step: " + " ".join(f"{s['completion_length']:.2f}" for s in r["steps"]))
+
+
+def run_sides(config, workdir: str, draws) -> dict:
+  """Each side's figures: run (--only) or read from WORKDIR/<side>.json."""
   results = {}
   for side in ("project", "trl"):
     path = os.path.join(workdir, f"{side}.json")
     if _ONLY.value in ("both", side):
       if side == "project":
-        results[side] = run_project(config, os.path.join(workdir, "project"))
+        results[side] = run_project(config, os.path.join(workdir, "project"), draws)
       else:
         export(_IMPORT.value, os.path.join(workdir, "hf"))
-        results[side] = run_trl(trl_spec(config, os.path.join(workdir, "hf"), workdir), workdir)
+        spec = trl_spec(config, os.path.join(workdir, "hf"), workdir)
+        results[side] = run_trl(paired(spec, config, workdir) if draws is not None else spec, workdir)
       with open(path, "w") as f:
         json.dump(results[side], f, indent=1)
     elif os.path.exists(path):
       with open(path) as f:
         results[side] = json.load(f)
-  completions = _PROMPTS.value * _GENERATIONS.value
-  table = {side: summary(r, completions) for side, r in results.items()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(table, f, indent=1)
-  print(f"\nGRPO on {_IMPORT.value}: {_STEPS.value} steps x {_PROMPTS.value} prompts x {_GENERATIONS.value} "
-        f"generations, <= {_TOKENS.value} tokens, temperature {_TEMPERATURE.value:g}, lr {_LR.value:g}, beta "
-        f"{_BETA.value:g}; greedy exact match on "
-        f"{_EVAL.value} held-out problems")
-  print("| figure | " + " | ".join(table) + " |\n|---|" + "---|" * len(table))
-  for figure in next(iter(table.values())):
-    print(f"| {figure} | " + " | ".join(_cell(t[figure]) for t in table.values()) + " |")
-  for side, r in results.items():
-    print(f"{side} train rewards per step: " + " ".join(f"{s['reward']:.3f}" for s in r["steps"]))
+  return results
 
 
 def _cell(value) -> str:

@@ -6,7 +6,9 @@ trl, peft; no jax):
 SPEC: {"model": a Hugging Face directory, "out": a directory, "train": [{"prompt", "answer"}] in the order of the
 steps (prompts_per_step a step), "eval": [{"prompt", "answer"}], "prompt_ids": the project's ids of the first
 train prompts, "settings": {steps, prompts_per_step, generations, completion_tokens, learning_rate, beta,
-epsilon, temperature, lora_rank, lora_alpha, b1, b2, max_grad_norm, seed, threads, kl_bias_correction}}.
+epsilon, temperature, lora_rank, lora_alpha, b1, b2, max_grad_norm, seed, threads, kl_bias_correction}};
+with benchmark_grpo_trl.py --common_draws also "init_adapters" (an .npz of the adapters to start from, by PEFT
+name) and "draws" (an .npy [steps, tokens, rows] of the uniform numbers each step's tokens are drawn from).
 
 Each prompt is the user's message, rendered by TRL with the model's chat template (checked against the project's
 ids); the reward is the project's own `lm.training.rewards.last_number`, imported (it needs numpy alone); the
@@ -98,7 +100,12 @@ def main(path: str) -> None:
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
   trainer = trl.GRPOTrainer(model=model, reward_funcs=last_number, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=lora)
-  _project_lora_init(trainer.model, s["seed"], torch)
+  if "init_adapters" in spec:  # benchmark_grpo_trl.py --common_draws: the project's own
+    _copy_adapters(trainer.model, dict(np.load(spec["init_adapters"])), torch)
+  else:
+    _project_lora_init(trainer.model, s["seed"], torch)
+  if "draws" in spec:
+    _drawing_from(trainer, np.load(spec["draws"]), torch)
   np.savez(os.path.join(spec["out"], "trl_init.npz"), **_adapters(trainer.model))
   steps, rollouts, policies = _timed(trainer, transformers)
   trainer.train()
@@ -120,6 +127,41 @@ def _project_lora_init(model, seed: int, torch) -> None:
     for name, weight in model.named_parameters():
       if "lora_A" in name:  # [rank, fan_in]
         weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[1] ** -0.5)
+
+
+def _copy_adapters(model, adapters: dict[str, np.ndarray], torch) -> None:
+  """The model's LoRA weights set to `adapters` (by PEFT name), every one of them."""
+  mine = {name: w for name, w in model.named_parameters() if "lora_" in name}
+  if set(mine) != set(adapters):
+    raise SystemExit(f"init_adapters: {sorted(set(mine) ^ set(adapters))[:4]} ... are not the model's adapters")
+  with torch.no_grad():
+    for name, w in mine.items():
+      w.copy_(torch.from_numpy(adapters[name]))
+
+
+def _drawing_from(trainer, draws: np.ndarray, torch) -> None:
+  """Each step's completions drawn from draws[step, token, row] by inverse-CDF sampling (the formula of
+  benchmark_grpo_trl.py's `inverse_cdf`) in place of torch.multinomial, which transformers' sampling calls
+  once per token with the probabilities of every row."""
+  at = {"step": -1, "token": 0}
+  multinomial, inner = torch.multinomial, trainer._generate_and_score_completions
+
+  def draw(probs, num_samples=1, *args, **kwargs):
+    if probs.shape[0] != draws.shape[2] or num_samples != 1:
+      raise SystemExit(f"common draws: {draws.shape[2]} rows a step, sampling asked for {tuple(probs.shape)}")
+    u = torch.from_numpy(draws[at["step"], at["token"]]).to(probs.dtype)
+    at["token"] += 1
+    cdf = probs.cumsum(-1)
+    return (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)[:, None]
+
+  def generate_and_score(*args, **kwargs):
+    at["step"], at["token"] = at["step"] + 1, 0
+    torch.multinomial = draw
+    try:
+      return inner(*args, **kwargs)
+    finally:
+      torch.multinomial = multinomial
+  trainer._generate_and_score_completions = generate_and_score
 
 
 def _timed(trainer, transformers) -> tuple[list[dict], list[dict], list[dict]]:

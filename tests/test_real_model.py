@@ -233,19 +233,31 @@ def test_smollm2_imported_samples_the_tokens_of_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_grpo_benchmark_runs_the_project_and_trl_on_the_same_prompts(tmp_path):
+@pytest.mark.parametrize("common_draws", [False, True])
+def test_the_grpo_benchmark_runs_the_project_and_trl_on_the_same_prompts(tmp_path, common_draws):
   """scripts/benchmark_grpo_trl.py in miniature: SmolLM2 imported from its GGUF, two GRPO steps of each side;
   TRL's chat prompts are the project's, token for token (trl_grpo.py stops otherwise), and both score the
-  same greedy completions of the untrained model."""
+  same greedy completions of the untrained model. With --common_draws TRL starts from the project's adapters
+  and the first step's completions (both policies the imported model) are sampled token for token alike."""
   imported, workdir = tmp_path / "imported", tmp_path / "bench"
   subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), "import",
                   f"--gguf={os.path.join(GGUF_DIR, GGUF)}", f"--out={imported}"], check=True, cwd=ROOT, timeout=600)
   run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_grpo_trl.py"),
                         f"--import_dir={imported}", f"--workdir={workdir}", "--steps=2", "--prompts=1",
-                        "--generations=2", "--completion_tokens=32", "--eval_prompts=8"],
+                        f"--generations={4 if common_draws else 2}", "--completion_tokens=32", "--eval_prompts=8",
+                        f"--common_draws={common_draws}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=1200)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| exact match before |" in run.stdout and "| seconds per step |" in run.stdout
   project, trl = (json.load(open(workdir / f"{side}.json")) for side in ("project", "trl"))
   assert project["eval_before"] == pytest.approx({k: trl["eval_before"][k] for k in project["eval_before"]})
   assert len(project["steps"]) == len(trl["steps"]) == 2
+  if common_draws:
+    ours, theirs = np.load(workdir / "project_init.npz"), np.load(workdir / "trl_init.npz")
+    assert sorted(ours.files) == sorted(theirs.files)
+    for name in ours.files:
+      np.testing.assert_array_equal(ours[name], theirs[name])
+    alike = json.load(open(workdir / "summary.json"))["completions sampled alike, per step"]
+    assert alike[0] == 1.0
+    new = np.load(workdir / "project_rollouts.npz")["step0/new_tokens"]
+    assert len({tuple(row) for row in new.tolist()}) > 1  # the rows' draws differ
