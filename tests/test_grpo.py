@@ -2,8 +2,11 @@
 main.py's entry that logs every figure, saves the adapters and resumes."""
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,8 @@ from lm.training import grpo, metrics, rewards, train, train_step
 from tests.helpers import apply_overrides, needs_libtpu
 from tests.test_plan import tpu_config
 from tests.test_train import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_advantages_are_normalised_within_each_group():
@@ -255,6 +260,63 @@ def test_bad_grpo_settings_stop_at_startup(tmp_path, change, message):
 def _parity_reward(completions, answers):
   """Rewards that differ within a group even for a random model (the answers it never gets right)."""
   return [float(ord(c[0]) % 2) if c else 0.0 for c in completions]
+
+
+def test_at_the_reference_the_kl_term_takes_the_policys_own_log_probabilities():
+  """Rows marked `at_reference` (the policy is the reference) take the update's own log-probabilities as the
+  reference's: with zero advantages the loss and its gradient are exactly 0, where reference log-probabilities
+  off by rounding (1e-6) give a gradient of rounding."""
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from lm.model.decoder import Decoder
+  from tests.helpers import tiny_model
+  model = Decoder(tiny_model())
+  rows = grpo.assemble(np.array([[1, 5, 6], [0, 1, 9]], np.int32), np.array([3, 2]), [[7, 8, 2], [4, 2]], 16)
+  rows["advantages"] = np.zeros(2, np.float32)
+  params = nn.unbox(model.init(jax.random.key(0), rows["tokens"], rows["segment_ids"], rows["positions"])["params"])
+  rounded = np.asarray(train_step.token_logprobs(model, params, rows)) * (1 + 1e-6)
+
+  def grads(at_reference: bool):
+    batch = {**rows, "ref_logprobs": rounded, "at_reference": np.full(2, at_reference)}
+    return jax.grad(lambda p: jnp.sum(grpo.policy_losses(model, p, batch, beta=0.04, epsilon=0.2,
+                                                           temperature=1.0)["sequence_loss"]))(params)
+  assert all(not np.any(g) for g in jax.tree.leaves(grads(True)))
+  assert any(np.any(g) for g in jax.tree.leaves(grads(False)))
+
+
+def test_at_the_reference_with_zero_advantages_the_step_is_exactly_zero(tmp_path):
+  """Every reward 0 (zero advantages) from the adapters' start (B = 0: the policy is the reference): the
+  gradient is exactly 0, as in TRL, and the adapters stay where they are. With the reference's
+  log-probabilities from a reference pass, XLA's optimised programs (not the suite's fast-compile flags, hence
+  a process of its own) rounded them otherwise than the update: a gradient norm of 7e-9, which Adam blew up
+  into a step of B."""
+  code = f"""
+import json, os, sys
+sys.path.insert(0, {ROOT!r})
+import jax, numpy as np
+from flax import traverse_util
+from lm.checkpoints import param_files
+from lm.config import from_config_dict
+from lm.training import metrics, train
+from tests.test_grpo import _config
+config = from_config_dict(_config({str(tmp_path)!r}, **{{"grpo.rewards": "tests.test_grpo._no_reward", "grpo.beta": 0.1,
+    "train.num_train_steps": 2, "train.save_interval_steps": 2, "train.eval_interval_steps": 2}}))
+workdir = {str(tmp_path / "run")!r}
+train.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+adapters, _ = param_files.load_params_on_host(os.path.join(workdir, "checkpoints"), 2, adapters=True)
+b = [float(np.abs(v).max()) for k, v in traverse_util.flatten_dict(adapters, sep="/").items() if k.endswith("_lora_b")]
+print(json.dumps({{"grad_norm": [r["grad_norm"] for r in metrics.read_jsonl(workdir).values()], "b": b}}))
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  figures = json.loads(run.stdout.strip().splitlines()[-1])
+  assert figures["grad_norm"] == [0.0, 0.0]
+  assert figures["b"] and max(figures["b"]) == 0.0
+
+
+def _no_reward(completions, answers):
+  return [0.0] * len(completions)
 
 
 @pytest.mark.slow  # ~45 s: two LoRA GRPO runs (the default suite has the full-parameter one of the test below)

@@ -87,6 +87,15 @@ def merge(base, adapters):
   return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)})
 
 
+def no_change(adapters) -> jax.Array:
+  """Whether the adapters change nothing: every adapted weight's B (or its A) is all zeros, as at
+  initialisation (B = 0). The adapted model then computes exactly the base model's function (x A B adds 0)."""
+  flat = traverse_util.flatten_dict(adapters)
+  pairs = [(v, flat[k[:-1] + (k[-1][:-len("_lora_a")] + "_lora_b",)]) for k, v in flat.items()
+           if str(k[-1]).endswith("_lora_a")]
+  return jnp.all(jnp.stack([jnp.all(a == 0) | jnp.all(b == 0) for a, b in pairs]))
+
+
 def fold(params, cfg: ModelConfig):
   """The parameters without adapters, each adapted weight replaced by W + alpha/rank A B (in float32, then
   the weight's dtype): the same function as the adapted model, up to rounding."""

@@ -86,7 +86,11 @@ def policy_losses(model: Decoder, params, batch, *, beta: float, epsilon: float,
   figures = {"sequence_tokens": total(jnp.ones_like(mask_BxL, jnp.int32)),
              "sequence_clipped": total((clipped < unclipped).astype(jnp.int32))}
   if "ref_logprobs" in batch:
-    log_ratio_ref_BxL = batch["ref_logprobs"] - logp_BxL
+    ref_BxL = batch["ref_logprobs"]
+    if "at_reference" in batch:  # the policy is the reference: its own log-probabilities, so that the KL and
+      # its gradient are exactly 0 (a reference pass, another program, rounds otherwise: `Sampler._at_reference`)
+      ref_BxL = jnp.where(batch["at_reference"][:, None], jax.lax.stop_gradient(logp_BxL), ref_BxL)
+    log_ratio_ref_BxL = ref_BxL - logp_BxL
     kl_BxL = jnp.exp(log_ratio_ref_BxL) - log_ratio_ref_BxL - 1
     figures["sequence_kl"] = total(kl_BxL)  # the KL to the reference, whatever the weighing
     per_token_BxL = per_token_BxL + beta * (kl_BxL * ratio_BxL if kl_bias_correction else kl_BxL)
@@ -308,6 +312,9 @@ class Sampler:
       self._decoder = Decoder(dataclasses.replace(cfg, lora_rank=0))
       self._fold = jax.jit(functools.partial(lora.fold, cfg=cfg), in_shardings=(rt.param_sharding,),
                            out_shardings=lora.split(rt.param_sharding)[0])
+    self._unchanged = jax.jit(lora.no_change)
+    self._same = jax.jit(lambda params, reference: jnp.all(jnp.stack(jax.tree.leaves(
+        jax.tree.map(lambda a, b: jnp.array_equal(a, b), params, reference)))))
     self._mine = batching.step_rows(rt.mesh, rt.plan)  # this process's rows of every step's batch, ascending
     # The positions whose logits the update and the reference compute: max_completion_tokens of them, rounded
     # up to whole chunks where the logits come in chunks (config.model.logits_chunk then divides seq_len, so
@@ -345,7 +352,12 @@ class Sampler:
     batch = assemble(prompts[mine // group], prompt_lengths[mine // group], completions, plan.seq_len,
                      window=self.window)
     batch["advantages"] = advantages(sum(rewards.values()), group).astype(np.float32)
-    for name, weights in self._scored_by(state, reference):
+    at_reference = self._at_reference(state, reference)
+    if self.g.beta > 0:
+      batch["at_reference"] = np.full(len(mine), at_reference)
+      if at_reference:  # no reference pass: the update takes the policy's own log-probabilities
+        batch["ref_logprobs"] = np.zeros(batch.get("logit_positions", batch["tokens"]).shape, np.float32)
+    for name, weights in self._scored_by(state, reference, at_reference):
       with sharding.activate(self.rt.mesh):  # the training layout (and splash attention under shard_map)
         batch[name] = np.concatenate([
             sharding.get_batch(self._logprobs(weights, sharding.put_batch(micro, self.rt.mesh, plan.micro_rows)),
@@ -354,11 +366,24 @@ class Sampler:
     return Rollout(batch, {k: everyone[k] for k in rewards}, everyone["lengths"], everyone["finished"],
                    time.perf_counter() - started)
 
-  def _scored_by(self, state, reference) -> list[tuple[str, object]]:
+  def _at_reference(self, state, reference) -> bool:
+    """Whether the policy is the reference itself, as at a run's start (LoRA: B = 0; else the reference is a
+    copy of the parameters). Its log-probabilities from a reference pass, a program of their own, would differ
+    from the update's by rounding: with zero advantages (every group's rewards equal) the gradient would be that
+    rounding, and Adam would blow it up into a step of as much as the learning rate on some weights. TRL's
+    eager reference pass rounds as its policy's does, and its step is exactly zero there."""
+    if self.g.beta == 0:
+      return False
+    if reference is None:
+      return bool(self._unchanged(state.params))
+    return bool(self._same(state.params, reference))
+
+  def _scored_by(self, state, reference, at_reference: bool) -> list[tuple[str, object]]:
     """The forward passes a rollout needs besides sampling: the sampling policy's log-probabilities only when
-    they are reused by later updates (num_iterations > 1), the reference's only with a KL term (beta > 0)."""
+    they are reused by later updates (num_iterations > 1), the reference's only with a KL term (beta > 0) and a
+    policy that is not the reference itself."""
     passes = [("old_logprobs", state.model_params)] if self.g.num_iterations > 1 else []
-    if self.g.beta > 0:
+    if self.g.beta > 0 and not at_reference:
       if reference is None:  # LoRA: the reference is the base, the adapters at zero
         reference = lora.merge(state.frozen, jax.tree.map(jnp.zeros_like, state.params))
       passes.append(("ref_logprobs", reference))
