@@ -127,8 +127,7 @@ def drawing_from(draws) -> list:
   def next_token(logits_BxV, rng, cfg):
     if cfg.temperature == 0:  # the greedy eval
       return gumbel(logits_BxV, rng, cfg)
-    u_B = io_callback(uniforms, jax.ShapeDtypeStruct(logits_BxV.shape[:1], jnp.float32),
-                                       ordered=True)
+    u_B = io_callback(uniforms, jax.ShapeDtypeStruct(logits_BxV.shape[:1], jnp.float32), ordered=True)
     return inverse_cdf(jax.nn.softmax(logits_BxV.astype(jnp.float32) / cfg.temperature, axis=-1), u_B)
 
   rollout, sampled = grpo.Sampler._generate, []
